@@ -1,0 +1,42 @@
+"""The on-device interest vector: a weighted mean of the embeddings of engaged items."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+WATCH_WEIGHT = 1.0
+LIKE_WEIGHT = 2.0
+COMMENT_WEIGHT = 3.0
+
+
+@dataclass(frozen=True)
+class Engagement:
+    item_id: str
+    watched: float = 1.0  # fraction of the video watched, 0..1
+    liked: bool = False
+    commented: bool = False
+    recency_rank: int = 0  # 0 = most recent; older engagements count less
+
+    @property
+    def weight(self) -> float:
+        strength = WATCH_WEIGHT * min(max(self.watched, 0.0), 1.0)
+        strength += LIKE_WEIGHT * self.liked + COMMENT_WEIGHT * self.commented
+        return strength / (1.0 + 0.1 * max(self.recency_rank, 0))
+
+
+def interest_vector(embeddings: np.ndarray, engagements: list[Engagement]) -> np.ndarray:
+    """Unit-norm weighted mean of ``embeddings`` (one row per engagement, same order)."""
+    if len(engagements) == 0:
+        raise ValueError("an interest vector needs at least one engagement")
+    if embeddings.shape[0] != len(engagements):
+        raise ValueError("one embedding per engagement is required")
+    weights = np.array([e.weight for e in engagements])
+    if not np.any(weights > 0):
+        raise ValueError("every engagement has zero weight")
+    u = weights @ np.asarray(embeddings, dtype=np.float64)
+    norm = np.linalg.norm(u)
+    if norm == 0:
+        raise ValueError("engaged items' embeddings cancel out")
+    return u / norm

@@ -1,0 +1,97 @@
+"""The client's CKKS key pair on disk. The secret key file is 0600 in a 0700 directory and is never
+sent anywhere; only the public key and the rotation key map are uploaded."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import openfhe
+
+from cipherfeed.he.codec import serialize
+from cipherfeed.he.params import HEParams, build_context, context_fingerprint
+
+SECRET_FILE = "secret.key"
+PUBLIC_FILE = "public.key"
+ROTATION_FILE = "rotation.keys"
+META_FILE = "keys.json"
+
+
+class KeyStoreError(RuntimeError):
+    """The key directory is missing, unsafe or made for other parameters."""
+
+
+@dataclass
+class ClientKeys:
+    params: HEParams
+    cc: openfhe.CryptoContext
+    secret_key: openfhe.PrivateKey
+    public_key: openfhe.PublicKey
+    public_key_bytes: bytes
+    rotation_key_bytes: bytes
+
+
+def generate(params: HEParams) -> ClientKeys:
+    cc = build_context(params)
+    kp = cc.KeyGen()
+    tag = kp.publicKey.GetKeyTag()
+    cc.EvalRotateKeyGen(kp.secretKey, params.rotation_indices)
+    rotation = serialize(cc.GetEvalAutomorphismKeyMap(tag))
+    cc.InsertEvalAutomorphismKey(openfhe.EvalKeyMap(), tag)  # the client never rotates
+    return ClientKeys(params, cc, kp.secretKey, kp.publicKey, serialize(kp.publicKey), rotation)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.chmod(path, 0o600)
+
+
+def save(keys: ClientKeys, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    _write_private(directory / SECRET_FILE, serialize(keys.secret_key))
+    _write_private(directory / PUBLIC_FILE, keys.public_key_bytes)
+    _write_private(directory / ROTATION_FILE, keys.rotation_key_bytes)
+    meta = {"context_sha256": context_fingerprint(keys.cc).hex(), "params": keys.params.__dict__}
+    _write_private(directory / META_FILE, json.dumps(meta, sort_keys=True).encode())
+
+
+def load(directory: Path, params: HEParams) -> ClientKeys:
+    secret = directory / SECRET_FILE
+    if not secret.is_file():
+        raise KeyStoreError(f"no client keys in {directory}; run 'cipherfeed keys init'")
+    mode = secret.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise KeyStoreError(f"{secret} is readable by others (mode {mode:o}); chmod 600 it or make new keys")
+    meta = json.loads((directory / META_FILE).read_text())
+    cc = build_context(params)
+    if meta["context_sha256"] != context_fingerprint(cc).hex():
+        raise KeyStoreError(
+            f"keys in {directory} were made for other HE parameters; run 'cipherfeed keys init --force'"
+        )
+    try:
+        sk = openfhe.DeserializePrivateKeyString(secret.read_bytes(), openfhe.BINARY)
+    except Exception as exc:
+        raise KeyStoreError(f"{secret} is not a readable OpenFHE secret key") from exc
+    public = (directory / PUBLIC_FILE).read_bytes()
+    return ClientKeys(
+        params=params,
+        cc=cc,
+        secret_key=sk,
+        public_key=openfhe.DeserializePublicKeyString(public, openfhe.BINARY),
+        public_key_bytes=public,
+        rotation_key_bytes=(directory / ROTATION_FILE).read_bytes(),
+    )
+
+
+def load_or_generate(directory: Path, params: HEParams) -> tuple[ClientKeys, bool]:
+    """Existing keys for these parameters, or new ones saved to ``directory``; True if new."""
+    if (directory / SECRET_FILE).is_file():
+        return load(directory, params), False
+    keys = generate(params)
+    save(keys, directory)
+    return keys, True

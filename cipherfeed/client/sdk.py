@@ -1,0 +1,218 @@
+"""The client SDK: talks to a recommender over gRPC; encryption and decryption happen here only."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from cipherfeed.client import keystore
+from cipherfeed.client.interest import Engagement, interest_vector
+from cipherfeed.client.keystore import ClientKeys
+from cipherfeed.client.ranking import rank_feed
+from cipherfeed.config import ClientConfig
+from cipherfeed.grpcutil import channel
+from cipherfeed.he import packing
+from cipherfeed.he.codec import MaterialCodec, ciphertext_sha256, serialize
+from cipherfeed.he.params import HEParams, ParameterError, build_context, context_fingerprint
+from cipherfeed.v1 import common_pb2, recommender_pb2, recommender_pb2_grpc
+
+
+class ClientError(RuntimeError):
+    """The server's answer cannot be trusted or used."""
+
+
+@dataclass(frozen=True)
+class EncryptedScores:
+    model_version: str
+    scores: np.ndarray  # decrypted, one per catalogue item, in catalogue order
+    server_millis: float
+    query_bytes: int
+    response_bytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_version: str
+    item_ids: list[str]
+    creator_of: np.ndarray
+    creator_ids: list[str]
+    index_of: dict[str, int] = field(repr=False)
+
+    def items_of_creator(self, creator_id: str) -> list[int]:
+        try:
+            c = self.creator_ids.index(creator_id)
+        except ValueError:
+            raise ClientError(f"creator {creator_id!r} is not in the catalogue") from None
+        return [int(i) for i in np.flatnonzero(self.creator_of == c)]
+
+
+def params_from_proto(p: common_pb2.HEParameters) -> HEParams:
+    """The server's published parameters, refused unless 128-bit secure and self-consistent."""
+    try:
+        params = HEParams(
+            ring_dimension=p.ring_dimension,
+            first_mod_bits=p.first_mod_bits,
+            scaling_mod_bits=p.scaling_mod_bits,
+            multiplicative_depth=p.multiplicative_depth,
+            key_switch_digit_bits=p.key_switch_digit_bits,
+            security_level=p.security_level,
+            scaling_technique=p.scaling_technique,
+            key_switch_technique=p.key_switch_technique,
+            embedding_dim=p.embedding_dim,
+        )
+    except (ParameterError, AttributeError) as exc:
+        raise ClientError(f"server published unusable HE parameters: {exc}") from exc
+    if list(p.rotation_indices) != params.rotation_indices:
+        raise ClientError("server's rotation indices do not match its parameter set")
+    if context_fingerprint(build_context(params)) != p.context_sha256:
+        raise ClientError("server's crypto context fingerprint does not match its published parameters")
+    return params
+
+
+class RecommenderClient:
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self._channel = channel(config.target, config.limits)
+        self.stub = recommender_pb2_grpc.RecommenderStub(self._channel)
+        self._params: HEParams | None = None
+        self._codec: MaterialCodec | None = None
+        self.keys: ClientKeys | None = None
+        self.key_id: str | None = None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RecommenderClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def _deadline(self) -> float:
+        return self.config.deadline_seconds
+
+    def wait_ready(self, timeout: float) -> None:
+        grpc.channel_ready_future(self._channel).result(timeout=timeout)
+
+    def params(self) -> HEParams:
+        if self._params is None:
+            response = self.stub.GetParams(recommender_pb2.GetParamsRequest(), timeout=self._deadline)
+            self._params = params_from_proto(response.params)
+            self._codec = MaterialCodec(self._params)
+        return self._params
+
+    def model_info(self) -> common_pb2.ModelVersion:
+        return self.stub.GetModelInfo(recommender_pb2.GetModelInfoRequest(), timeout=self._deadline)
+
+    def use_keys(self, directory: Path | None = None) -> bool:
+        """Loads the key pair from ``directory`` (default: the client home), making one if needed."""
+        self.keys, created = keystore.load_or_generate(directory or self.config.home / "keys", self.params())
+        return created
+
+    def register(self) -> str:
+        keys = self._require_keys()
+        response = self.stub.RegisterEvalKeys(
+            recommender_pb2.RegisterEvalKeysRequest(
+                public_key=keys.public_key_bytes, rotation_key_map=keys.rotation_key_bytes
+            ),
+            timeout=self._deadline,
+        )
+        expected = hashlib.sha256(keys.public_key_bytes).hexdigest()
+        if response.key.key_id != expected:
+            raise ClientError("server returned a key id that is not the hash of our public key")
+        self.key_id = response.key.key_id
+        return self.key_id
+
+    def _require_keys(self) -> ClientKeys:
+        if self.keys is None:
+            raise ClientError("no client keys loaded; call use_keys() first")
+        return self.keys
+
+    def encrypt_query(self, u: np.ndarray) -> bytes:
+        keys = self._require_keys()
+        p = self.params()
+        slots = packing.replicate_query(u, p.padded_dim, p.slots)
+        pt = keys.cc.MakeCKKSPackedPlaintext(slots)
+        return serialize(keys.cc.Encrypt(keys.public_key, pt))
+
+    def score(self, u: np.ndarray, pin_model: str = "") -> EncryptedScores:
+        """Encrypts ``u``, has the whole catalogue scored, and decrypts the scores locally."""
+        keys = self._require_keys()
+        if self.key_id is None:
+            self.register()
+        query = self.encrypt_query(u)
+        response = self.stub.Score(
+            recommender_pb2.ScoreRequest(
+                key=common_pb2.KeyRef(key_id=self.key_id or "", version=1),
+                query_ciphertext=query,
+                model_version=pin_model,
+            ),
+            timeout=self._deadline,
+        )
+        blobs = list(response.score_ciphertexts)
+        if response.query_sha256 != hashlib.sha256(query).digest():
+            raise ClientError("server's receipt names another query")
+        if response.response_sha256 != ciphertext_sha256(blobs):
+            raise ClientError("server's response hash does not match the ciphertexts received")
+        layout = response.layout
+        p = self.params()
+        if layout.slots != p.slots or layout.items_per_ciphertext != p.items_per_ciphertext:
+            raise ClientError("server's score layout does not match the parameter set")
+        if len(blobs) != packing.block_count(layout.item_count, layout.items_per_ciphertext):
+            raise ClientError(f"{len(blobs)} score ciphertexts for {layout.item_count} items")
+        assert self._codec is not None
+        decrypted = []
+        for blob in blobs:
+            ct = self._codec.load_scores(blob)
+            pt = keys.cc.Decrypt(keys.secret_key, ct)
+            pt.SetLength(p.slots)
+            decrypted.append(np.asarray(pt.GetCKKSPackedValue()))
+        return EncryptedScores(
+            model_version=response.model_version,
+            scores=packing.unpack_scores(decrypted, layout.item_count, p.slots),
+            server_millis=response.server_millis,
+            query_bytes=len(query),
+            response_bytes=sum(len(b) for b in blobs),
+        )
+
+    def items(
+        self, indices: list[int] = (), item_ids: list[str] = (), include_embedding: bool = False
+    ) -> list[recommender_pb2.Item]:
+        response = self.stub.GetItems(
+            recommender_pb2.GetItemsRequest(
+                indices=list(indices), item_ids=list(item_ids), include_embedding=include_embedding
+            ),
+            timeout=self._deadline,
+        )
+        return list(response.items)
+
+    def manifest(self) -> Manifest:
+        m = self.stub.GetCatalogueManifest(
+            recommender_pb2.GetCatalogueManifestRequest(), timeout=self._deadline
+        )
+        ids = list(m.item_ids)
+        return Manifest(
+            model_version=m.model_version,
+            item_ids=ids,
+            creator_of=np.asarray(m.creator_index, dtype=np.int64),
+            creator_ids=list(m.creator_ids),
+            index_of={item_id: i for i, item_id in enumerate(ids)},
+        )
+
+    def recommend(
+        self, history: list[Engagement], k: int = 10, per_creator_cap: int = 2
+    ) -> tuple[list[recommender_pb2.Item], EncryptedScores]:
+        """The private feed for an engagement history: top ``k`` unseen items, capped per creator."""
+        manifest = self.manifest()
+        engaged = self.items(item_ids=[e.item_id for e in history], include_embedding=True)
+        embeddings = np.array([list(item.embedding) for item in engaged])
+        u = interest_vector(embeddings, history)
+        scored = self.score(u, pin_model=manifest.model_version)
+        seen = [manifest.index_of[e.item_id] for e in history if e.item_id in manifest.index_of]
+        feed = rank_feed(scored.scores, k, manifest.creator_of, seen=seen, per_creator_cap=per_creator_cap)
+        return (self.items(indices=feed) if feed else []), scored

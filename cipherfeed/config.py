@@ -1,0 +1,117 @@
+"""All runtime configuration, in one typed place, read from CIPHERFEED_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed."""
+
+
+def _env_str(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _env_int(name: str, default: int, minimum: int = 0) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from exc
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not a number") from exc
+
+
+def default_dataset_path() -> Path:
+    return Path(
+        _env_str("CIPHERFEED_DATASET", str(REPO_ROOT.parent / "shared" / "data" / "tiktok_profiles.csv"))
+    )
+
+
+def default_state_dir() -> Path:
+    return Path(_env_str("CIPHERFEED_STATE_DIR", str(REPO_ROOT / "var")))
+
+
+@dataclass(frozen=True)
+class GrpcLimits:
+    """Message limits: ciphertexts and key sets are far above grpcio's 4 MiB default."""
+
+    max_message_bytes: int = 64 * MiB
+    max_query_bytes: int = 2 * MiB  # one query ciphertext; the mesh's is ~263 KB
+    max_eval_key_bytes: int = 48 * MiB  # one client's rotation key set; the mesh's is ~19 MB
+
+    @classmethod
+    def from_env(cls) -> GrpcLimits:
+        return cls(
+            max_message_bytes=_env_int("CIPHERFEED_GRPC_MAX_MESSAGE_BYTES", cls.max_message_bytes, 4 * MiB),
+            max_query_bytes=_env_int("CIPHERFEED_MAX_QUERY_BYTES", cls.max_query_bytes, 1),
+            max_eval_key_bytes=_env_int("CIPHERFEED_MAX_EVAL_KEY_BYTES", cls.max_eval_key_bytes, 1),
+        )
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+        ]
+
+
+@dataclass(frozen=True)
+class RecommenderConfig:
+    listen: str = "127.0.0.1:50051"
+    grpc_workers: int = 8
+    scoring_threads: int = 2  # OpenFHE releases the GIL: one thread per core
+    max_registered_keys: int = 64  # rotation key sets held in process (~19 MB each)
+    model_path: Path | None = None  # a saved artifact; None trains from the dataset
+    dataset: Path = field(default_factory=default_dataset_path)
+    state_dir: Path = field(default_factory=default_state_dir)
+    limits: GrpcLimits = field(default_factory=GrpcLimits)
+
+    @classmethod
+    def from_env(cls) -> RecommenderConfig:
+        model = os.environ.get("CIPHERFEED_MODEL_PATH")
+        return cls(
+            listen=_env_str("CIPHERFEED_RECOMMENDER_LISTEN", cls.listen),
+            grpc_workers=_env_int("CIPHERFEED_GRPC_WORKERS", cls.grpc_workers, 1),
+            scoring_threads=_env_int("CIPHERFEED_SCORING_THREADS", cls.scoring_threads, 1),
+            max_registered_keys=_env_int("CIPHERFEED_MAX_REGISTERED_KEYS", cls.max_registered_keys, 1),
+            model_path=Path(model) if model else None,
+            dataset=default_dataset_path(),
+            state_dir=default_state_dir(),
+            limits=GrpcLimits.from_env(),
+        )
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    target: str = "127.0.0.1:50051"
+    deadline_seconds: float = 30.0
+    home: Path = field(default_factory=lambda: default_state_dir() / "client")
+    limits: GrpcLimits = field(default_factory=GrpcLimits)
+
+    @classmethod
+    def from_env(cls) -> ClientConfig:
+        return cls(
+            target=_env_str("CIPHERFEED_TARGET", cls.target),
+            deadline_seconds=_env_float("CIPHERFEED_DEADLINE_SECONDS", cls.deadline_seconds),
+            home=Path(_env_str("CIPHERFEED_CLIENT_HOME", str(default_state_dir() / "client"))),
+            limits=GrpcLimits.from_env(),
+        )

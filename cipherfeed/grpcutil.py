@@ -1,0 +1,76 @@
+"""Shared gRPC plumbing: servers with health and reflection, channels with raised limits."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cipherfeed.config import GrpcLimits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    service_names: Sequence[str]
+
+    def stop(self, grace: float = 5.0) -> None:
+        for name in (*self.service_names, ""):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.stop(grace).wait()
+
+
+def start_server(
+    register: Callable[[grpc.Server], None],
+    service_names: Sequence[str],
+    listen: str,
+    limits: GrpcLimits,
+    workers: int,
+) -> RunningServer:
+    """Starts a server with the given servicers plus grpc.health.v1 and reflection.
+
+    ``listen`` may end in ``:0`` for an ephemeral port; the bound port is returned.
+    """
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+        options=limits.channel_options(),
+    )
+    register(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    server.start()
+    for name in (*service_names, ""):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server=server, port=port, health=health_servicer, service_names=service_names)
+
+
+def wait_for_shutdown(running: RunningServer) -> None:
+    """Blocks until SIGINT or SIGTERM, then drains: NOT_SERVING first, then a graceful stop."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down")
+    running.stop()
+
+
+def channel(target: str, limits: GrpcLimits) -> grpc.Channel:
+    return grpc.insecure_channel(target, options=limits.channel_options())

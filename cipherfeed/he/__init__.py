@@ -1,0 +1,1 @@
+"""The mesh's CKKS parameter set, slot layout and ciphertext (de)serialization."""

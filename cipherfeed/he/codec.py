@@ -1,0 +1,167 @@
+"""Checked (de)serialization of queries, score ciphertexts, public keys and rotation-key maps.
+
+OpenFHE registers the crypto context embedded in anything it deserializes in a process-wide
+registry and never forgets it, and it evaluates whatever ring size a ciphertext carries. So
+untrusted bytes are checked against a template before OpenFHE sees them: for this parameter set a
+fresh query, a public key and a rotation-key map each have one exact header (context, ring and
+moduli) before their first random coefficient, and a length fixed up to a little trailing metadata
+(OpenFHE writes ~200 bytes more when the public key was itself deserialized); another ring size or
+level changes the length by at least one limb (64 KiB). After deserializing, the
+embedded context's fingerprint, level, scale degree and slot count are checked again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+import openfhe
+
+from cipherfeed.he.params import HEParams, build_context, context_fingerprint
+
+
+class MaterialError(ValueError):
+    """Untrusted HE material was refused; the message says why and is safe to return to a caller."""
+
+
+class Kind(Enum):
+    QUERY = "query ciphertext"
+    PUBLIC_KEY = "public key"
+    ROTATION_KEYS = "rotation key map"
+
+
+METADATA_SLACK = 4096  # bytes of trailing metadata allowed above the reference length
+
+
+@dataclass(frozen=True)
+class ByteTemplate:
+    length: int
+    header: bytes
+
+    @classmethod
+    def learn(cls, first: bytes, second: bytes) -> ByteTemplate:
+        """The common length and header of two independently generated serializations."""
+        if len(first) != len(second):
+            raise RuntimeError("reference serializations differ in length; OpenFHE layout changed")
+        n = 0
+        limit = min(len(first), 4096)
+        while n < limit and first[n] == second[n]:
+            n += 1
+        return cls(length=len(first), header=first[:n])
+
+    def check(self, data: bytes, kind: Kind) -> None:
+        if not self.length <= len(data) <= self.length + METADATA_SLACK:
+            raise MaterialError(
+                f"{kind.value} is {len(data)} bytes; this parameter set's is {self.length} bytes"
+                " (truncated, padded, or from another ring size or level)"
+            )
+        if not data.startswith(self.header):
+            raise MaterialError(f"{kind.value} was not made with the mesh's crypto parameters")
+
+
+def serialize(obj: object) -> bytes:
+    return openfhe.Serialize(obj, openfhe.BINARY)
+
+
+def ciphertext_sha256(blobs: list[bytes]) -> bytes:
+    h = hashlib.sha256()
+    for blob in blobs:
+        h.update(len(blob).to_bytes(8, "big"))
+        h.update(blob)
+    return h.digest()
+
+
+class MaterialCodec:
+    """Validating loader for one parameter set; templates are learned once, lazily."""
+
+    def __init__(self, params: HEParams) -> None:
+        self.params = params
+        self.cc = build_context(params)
+        self.fingerprint = context_fingerprint(self.cc)
+        self._templates: dict[Kind, ByteTemplate] = {}
+        self._lock = threading.Lock()
+
+    def _reference(self, kind: Kind) -> bytes:
+        kp = self.cc.KeyGen()
+        if kind is Kind.PUBLIC_KEY:
+            return serialize(kp.publicKey)
+        if kind is Kind.QUERY:
+            zeros = np.zeros(self.params.slots, dtype=np.complex128)
+            return serialize(self.cc.Encrypt(kp.publicKey, self.cc.MakeCKKSPackedPlaintext(zeros)))
+        tag = kp.publicKey.GetKeyTag()
+        self.cc.EvalRotateKeyGen(kp.secretKey, self.params.rotation_indices)
+        try:
+            return serialize(self.cc.GetEvalAutomorphismKeyMap(tag))
+        finally:
+            # Reference keys live in OpenFHE's global map under a random tag; drop them at once.
+            self.cc.InsertEvalAutomorphismKey(openfhe.EvalKeyMap(), tag)
+
+    def template(self, kind: Kind) -> ByteTemplate:
+        with self._lock:
+            found = self._templates.get(kind)
+            if found is None:
+                found = ByteTemplate.learn(self._reference(kind), self._reference(kind))
+                self._templates[kind] = found
+            return found
+
+    def warm_up(self) -> None:
+        """Learns every template now, so that no request pays for it."""
+        for kind in Kind:
+            self.template(kind)
+
+    def _check_context(self, obj_context: openfhe.CryptoContext, kind: Kind) -> None:
+        if context_fingerprint(obj_context) != self.fingerprint:
+            raise MaterialError(f"{kind.value} belongs to another crypto context")
+
+    def load_query(self, data: bytes) -> openfhe.Ciphertext:
+        self.template(Kind.QUERY).check(data, Kind.QUERY)
+        try:
+            ct = openfhe.DeserializeCiphertextString(data, openfhe.BINARY)
+        except Exception as exc:  # OpenFHE raises RuntimeError or cereal errors on garbage
+            raise MaterialError(f"{Kind.QUERY.value} does not deserialize: {type(exc).__name__}") from None
+        self._check_context(ct.GetCryptoContext(), Kind.QUERY)
+        if ct.NumberCiphertextElements() != 2:
+            raise MaterialError(f"query has {ct.NumberCiphertextElements()} elements; expected 2")
+        if ct.GetLevel() != 0 or ct.GetNoiseScaleDeg() != 1:
+            raise MaterialError(
+                f"query is at level {ct.GetLevel()} with scale degree {ct.GetNoiseScaleDeg()}; "
+                "expected a fresh ciphertext (level 0, degree 1)"
+            )
+        if ct.GetSlots() != self.params.slots:
+            raise MaterialError(f"query uses {ct.GetSlots()} slots; the mesh uses {self.params.slots}")
+        if ct.GetEncodingType() != openfhe.PlaintextEncodings.CKKS_PACKED_ENCODING:
+            raise MaterialError("query is not a CKKS packed ciphertext")
+        return ct
+
+    def load_public_key(self, data: bytes) -> openfhe.PublicKey:
+        self.template(Kind.PUBLIC_KEY).check(data, Kind.PUBLIC_KEY)
+        try:
+            pk = openfhe.DeserializePublicKeyString(data, openfhe.BINARY)
+        except Exception as exc:
+            raise MaterialError(
+                f"{Kind.PUBLIC_KEY.value} does not deserialize: {type(exc).__name__}"
+            ) from None
+        self._check_context(pk.GetCryptoContext(), Kind.PUBLIC_KEY)
+        return pk
+
+    def load_rotation_keys(self, data: bytes) -> openfhe.EvalKeyMap:
+        self.template(Kind.ROTATION_KEYS).check(data, Kind.ROTATION_KEYS)
+        try:
+            return openfhe.DeserializeEvalKeyMapString(data, openfhe.BINARY)
+        except Exception as exc:
+            raise MaterialError(
+                f"{Kind.ROTATION_KEYS.value} does not deserialize: {type(exc).__name__}"
+            ) from None
+
+    def load_scores(self, data: bytes) -> openfhe.Ciphertext:
+        """Client side: a score ciphertext from the server (checked against the context too)."""
+        try:
+            ct = openfhe.DeserializeCiphertextString(data, openfhe.BINARY)
+        except Exception as exc:
+            raise MaterialError(f"score ciphertext does not deserialize: {type(exc).__name__}") from None
+        if context_fingerprint(ct.GetCryptoContext()) != self.fingerprint:
+            raise MaterialError("score ciphertext belongs to another crypto context")
+        return ct

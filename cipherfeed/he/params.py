@@ -1,0 +1,128 @@
+"""The CKKS parameter set of the mesh and the crypto context it produces.
+
+Chosen by measurement on a 2-core machine (see README, "Parameter choice"):
+
+* ring 2^13, q0 = 60 bits, scale 2^50, depth 1: a query is ~263 KB and a score ciphertext one
+  60-bit limb (~132 KB for 8,192 items). 128-bit security (HEStd_128_classic) is enforced by
+  OpenFHE: BV key switching needs no auxiliary modulus, so log Q = 110 bits, under the 218-bit
+  bound for N = 8192.
+* BV key switching with 15-bit digits: a hoisted rotation costs ~0.5 ms against ~1.2 ms for
+  HYBRID, and the key-switching noise keeps scores within ~2e-6 of the plaintext.
+* FIXEDMANUAL scaling: the default FLEXIBLEAUTOEXT makes ciphertext x plaintext products ~14x
+  slower. COMPLEX data: two items per slot (real and imaginary part).
+* Rotations by 1..63 are built as a radix-4 tree of hoisted rotations, so a client generates
+  9 rotation keys (~19 MB) instead of 63 (~130 MB).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+
+import openfhe
+
+# OpenFHE's context factory and its static maps are not thread-safe while a context is created.
+_CONTEXT_LOCK = threading.Lock()
+_CONTEXTS: dict[HEParams, openfhe.CryptoContext] = {}
+
+ALLOWED_SECURITY_LEVELS = frozenset({"HEStd_128_classic", "HEStd_192_classic", "HEStd_256_classic"})
+
+
+class ParameterError(ValueError):
+    """A parameter set is unsafe, unsupported or does not match the mesh's."""
+
+
+@dataclass(frozen=True)
+class HEParams:
+    ring_dimension: int = 8192
+    first_mod_bits: int = 60
+    scaling_mod_bits: int = 50
+    multiplicative_depth: int = 1
+    key_switch_digit_bits: int = 15
+    security_level: str = "HEStd_128_classic"
+    scaling_technique: str = "FIXEDMANUAL"
+    key_switch_technique: str = "BV"
+    embedding_dim: int = 64
+    rotation_radix: int = 4
+
+    def __post_init__(self) -> None:
+        if self.security_level not in ALLOWED_SECURITY_LEVELS:
+            raise ParameterError(f"security level {self.security_level!r} is not allowed (128-bit or more)")
+        if self.ring_dimension & (self.ring_dimension - 1) or self.ring_dimension < 1024:
+            raise ParameterError(f"ring dimension {self.ring_dimension} is not a power of two >= 1024")
+        if self.embedding_dim < 1 or self.padded_dim > self.slots:
+            raise ParameterError(f"embedding dimension {self.embedding_dim} does not fit {self.slots} slots")
+        if self.rotation_radix < 2:
+            raise ParameterError("rotation radix must be at least 2")
+
+    @property
+    def slots(self) -> int:
+        """Complex slots per ciphertext."""
+        return self.ring_dimension // 2
+
+    @property
+    def items_per_ciphertext(self) -> int:
+        """Two items per complex slot."""
+        return 2 * self.slots
+
+    @property
+    def padded_dim(self) -> int:
+        """The embedding dimension rounded up to a power of two (the query's period in slots)."""
+        return 1 << max(0, (self.embedding_dim - 1).bit_length())
+
+    def rotation_levels(self) -> list[list[int]]:
+        """The rotation tree, widest steps first: level l rotates by multiples of radix^l."""
+        levels: list[list[int]] = []
+        step = 1
+        while step < self.padded_dim:
+            levels.append([step * i for i in range(1, min(self.rotation_radix, self.padded_dim // step))])
+            step *= self.rotation_radix
+        return levels[::-1]
+
+    @property
+    def rotation_indices(self) -> list[int]:
+        return sorted(k for level in self.rotation_levels() for k in level)
+
+
+MESH_PARAMS = HEParams()
+
+
+def build_context(params: HEParams = MESH_PARAMS) -> openfhe.CryptoContext:
+    """The crypto context for a parameter set (created once per process and shared)."""
+    with _CONTEXT_LOCK:
+        cached = _CONTEXTS.get(params)
+        if cached is not None:
+            return cached
+        p = openfhe.CCParamsCKKSRNS()
+        p.SetMultiplicativeDepth(params.multiplicative_depth)
+        p.SetScalingModSize(params.scaling_mod_bits)
+        p.SetFirstModSize(params.first_mod_bits)
+        p.SetRingDim(params.ring_dimension)
+        p.SetBatchSize(params.slots)
+        p.SetSecurityLevel(getattr(openfhe.SecurityLevel, params.security_level))
+        p.SetScalingTechnique(getattr(openfhe.ScalingTechnique, params.scaling_technique))
+        p.SetKeySwitchTechnique(getattr(openfhe.KeySwitchTechnique, params.key_switch_technique))
+        p.SetDigitSize(params.key_switch_digit_bits)
+        p.SetCKKSDataType(openfhe.CKKSDataType.COMPLEX)
+        try:
+            cc = openfhe.GenCryptoContext(p)
+        except RuntimeError as exc:  # OpenFHE refuses parameters below the security level
+            raise ParameterError(f"OpenFHE refused the parameter set: {exc}") from exc
+        for feature in (
+            openfhe.PKESchemeFeature.PKE,
+            openfhe.PKESchemeFeature.KEYSWITCH,
+            openfhe.PKESchemeFeature.LEVELEDSHE,
+        ):
+            cc.Enable(feature)
+        if cc.GetRingDimension() != params.ring_dimension:
+            raise ParameterError(
+                f"OpenFHE chose ring dimension {cc.GetRingDimension()}, not {params.ring_dimension}"
+            )
+        _CONTEXTS[params] = cc
+        return cc
+
+
+def context_fingerprint(cc: openfhe.CryptoContext) -> bytes:
+    """SHA-256 of the serialized context: equal exactly when every parameter and modulus is."""
+    return hashlib.sha256(openfhe.Serialize(cc, openfhe.BINARY)).digest()

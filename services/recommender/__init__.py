@@ -1,0 +1,1 @@
+"""Recommender: model training, model versions, encrypted scoring and the catalogue."""

@@ -1,0 +1,104 @@
+"""Encrypted scoring: E(s) = sum_k diag_k * rot(E(u), k) + w * popularity, over the whole catalogue.
+
+* The model's diagonals are encoded once, at load, as plaintexts at level 0 (two limbs).
+* The 63 query rotations are computed once per request as a tree of hoisted rotations (one
+  ``EvalFastRotationPrecompute`` per node) and shared by every block.
+* Each block multiplies and accumulates in two limbs, rescales to the last limb (q0, the smallest
+  modulus of the chain) and adds the popularity prior there, so a score ciphertext is one limb.
+* OpenFHE releases the GIL: rotations, blocks and encoding run on a pool of ``threads`` threads.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import openfhe
+
+from cipherfeed.he import packing
+from cipherfeed.he.params import HEParams, build_context
+from services.recommender.artifact import ModelArtifact
+
+
+@dataclass(frozen=True)
+class ScoreTiming:
+    rotations_ms: float
+    blocks_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        return self.rotations_ms + self.blocks_ms
+
+
+class EncryptedScorer:
+    """Holds one model's pre-encoded plaintexts and scores encrypted queries against them."""
+
+    def __init__(self, model: ModelArtifact, params: HEParams, pool: ThreadPoolExecutor) -> None:
+        if model.dim > params.padded_dim:
+            raise ValueError(f"model dimension {model.dim} exceeds the parameter set's {params.padded_dim}")
+        self.model = model
+        self.params = params
+        self.cc = build_context(params)
+        self._pool = pool
+        self._cyclotomic_order = 2 * self.cc.GetRingDimension()
+        per_block = params.items_per_ciphertext
+        self.block_count = packing.block_count(model.item_count, per_block)
+        starts = [b * per_block for b in range(self.block_count)]
+        self._diagonals: list[list[openfhe.Plaintext]] = list(pool.map(self._encode_block, starts))
+        self._popularity: list[openfhe.Plaintext] = list(pool.map(self._encode_popularity, starts))
+
+    def _encode_block(self, start: int) -> list[openfhe.Plaintext]:
+        block = self.model.embeddings[start : start + self.params.items_per_ciphertext].astype(np.float64)
+        diagonals = packing.block_diagonals(block, self.params.padded_dim, self.params.slots)
+        return [self.cc.MakeCKKSPackedPlaintext(d, 1, 0, None, self.params.slots) for d in diagonals]
+
+    def _encode_popularity(self, start: int) -> openfhe.Plaintext:
+        prior = (
+            self.model.popularity_weight
+            * self.model.popularity[start : start + self.params.items_per_ciphertext]
+        )
+        values = packing.block_values(prior, self.params.slots)
+        # Level 1: added after the rescale, where the scores live in q0 alone.
+        return self.cc.MakeCKKSPackedPlaintext(values, 1, 1, None, self.params.slots)
+
+    def _rotations(self, query: openfhe.Ciphertext) -> list[openfhe.Ciphertext]:
+        """rot(query, k) for k in 0..dp-1, as a tree of hoisted rotations."""
+        current: dict[int, openfhe.Ciphertext] = {0: query}
+        for steps in self.params.rotation_levels():
+            nodes = list(current.items())
+            precomputed = list(
+                self._pool.map(lambda node: self.cc.EvalFastRotationPrecompute(node[1]), nodes)
+            )
+            jobs = [(i, step) for i in range(len(nodes)) for step in steps]
+
+            def rotate(
+                job: tuple[int, int], nodes: list = nodes, pre: list = precomputed
+            ) -> openfhe.Ciphertext:
+                i, step = job
+                return self.cc.EvalFastRotation(nodes[i][1], step, self._cyclotomic_order, pre[i])
+
+            rotated = list(self._pool.map(rotate, jobs))
+            for (i, step), ct in zip(jobs, rotated, strict=True):
+                current[nodes[i][0] + step] = ct
+        return [current[k] for k in range(self.params.padded_dim)]
+
+    def _block(self, b: int, rotations: list[openfhe.Ciphertext]) -> openfhe.Ciphertext:
+        diagonals = self._diagonals[b]
+        acc = self.cc.EvalMult(rotations[0], diagonals[0])
+        for k in range(1, len(diagonals)):
+            self.cc.EvalAddInPlace(acc, self.cc.EvalMult(rotations[k], diagonals[k]))
+        acc = self.cc.Rescale(acc)
+        self.cc.EvalAddInPlace(acc, self._popularity[b])
+        return acc
+
+    def score(self, query: openfhe.Ciphertext) -> tuple[list[openfhe.Ciphertext], ScoreTiming]:
+        """The encrypted scores of every block; rotation keys must be registered under the
+        query's key tag (the caller holds the key registry's read lock)."""
+        t0 = time.perf_counter()
+        rotations = self._rotations(query)
+        t1 = time.perf_counter()
+        outputs = list(self._pool.map(lambda b: self._block(b, rotations), range(self.block_count)))
+        t2 = time.perf_counter()
+        return outputs, ScoreTiming(rotations_ms=1e3 * (t1 - t0), blocks_ms=1e3 * (t2 - t1))

@@ -1,0 +1,69 @@
+"""Runs the recommender: ``python -m services.recommender.server``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from cipherfeed.config import ConfigError, RecommenderConfig
+from cipherfeed.grpcutil import RunningServer, start_server, wait_for_shutdown
+from cipherfeed.he.params import MESH_PARAMS, HEParams
+from cipherfeed.v1 import recommender_pb2, recommender_pb2_grpc
+from services.recommender import artifact
+from services.recommender.artifact import ModelArtifact
+from services.recommender.core import RecommenderCore
+from services.recommender.dataset import load_profiles
+from services.recommender.model import train
+from services.recommender.servicer import RecommenderServicer
+
+log = logging.getLogger("cipherfeed.recommender")
+SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
+
+
+def load_or_train(config: RecommenderConfig) -> ModelArtifact:
+    """The configured artifact, or a model trained from the dataset and saved under state_dir."""
+    if config.model_path is not None:
+        model = artifact.load(config.model_path)
+        log.info("loaded model %s from %s", model.version[:16], config.model_path)
+        return model
+    log.info("training the content model from %s", config.dataset)
+    model = train(load_profiles(config.dataset), created_by=f"tiktok-profiles:{Path(config.dataset).name}")
+    path = config.state_dir / "models" / f"{model.version}.cfmodel"
+    if not path.exists():
+        model.save(path)
+    log.info("model %s: %d items, saved to %s", model.version[:16], model.item_count, path)
+    return model
+
+
+def serve(
+    config: RecommenderConfig, model: ModelArtifact, params: HEParams = MESH_PARAMS
+) -> tuple[RunningServer, RecommenderCore]:
+    core = RecommenderCore(model, params, config.scoring_threads, config.max_registered_keys, config.limits)
+    servicer = RecommenderServicer(core)
+    running = start_server(
+        lambda server: recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, server),
+        [SERVICE_NAME],
+        config.listen,
+        config.limits,
+        config.grpc_workers,
+    )
+    log.info("recommender serving model %s on port %d", core.model_version[:16], running.port)
+    return running, core
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = RecommenderConfig.from_env()
+        running, core = serve(config, load_or_train(config))
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"recommender: {exc}", file=sys.stderr)
+        return 2
+    wait_for_shutdown(running)
+    core.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""gRPC transport for the recommender: proto <-> domain, domain errors -> status codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from cipherfeed.he.codec import MaterialError
+from cipherfeed.v1 import common_pb2, recommender_pb2, recommender_pb2_grpc
+from services.recommender.core import (
+    ModelMismatchError,
+    OversizeError,
+    RecommenderCore,
+    UnknownItemError,
+)
+from services.recommender.evalkeys import UnknownKeyError
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+STATUS_FOR = (
+    (MaterialError, grpc.StatusCode.INVALID_ARGUMENT),
+    (OversizeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UnknownKeyError, grpc.StatusCode.NOT_FOUND),
+    (UnknownItemError, grpc.StatusCode.NOT_FOUND),
+    (ModelMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+
+def grpc_errors(method: Callable[..., R]) -> Callable[..., R]:
+    """Maps domain errors to precise status codes; anything else is INTERNAL without details."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> R:
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            for error_type, code in STATUS_FOR:
+                if isinstance(exc, error_type):
+                    context.abort(code, str(exc))
+            log.exception("unexpected error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
+    def __init__(self, core: RecommenderCore) -> None:
+        self.core = core
+        p = core.params
+        self._params = common_pb2.HEParameters(
+            ring_dimension=p.ring_dimension,
+            first_mod_bits=p.first_mod_bits,
+            scaling_mod_bits=p.scaling_mod_bits,
+            multiplicative_depth=p.multiplicative_depth,
+            key_switch_digit_bits=p.key_switch_digit_bits,
+            security_level=p.security_level,
+            scaling_technique=p.scaling_technique,
+            key_switch_technique=p.key_switch_technique,
+            embedding_dim=p.embedding_dim,
+            rotation_indices=p.rotation_indices,
+            context_sha256=core.codec.fingerprint,
+        )
+
+    @grpc_errors
+    def GetParams(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return recommender_pb2.GetParamsResponse(params=self._params, model_version=self.core.model_version)
+
+    @grpc_errors
+    def GetModelInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
+        m = self.core.model
+        return common_pb2.ModelVersion(
+            version=self.core.model_version,
+            created_by=m.created_by,
+            item_count=m.item_count,
+            embedding_dim=m.dim,
+            popularity_weight=m.popularity_weight,
+        )
+
+    @grpc_errors
+    def RegisterEvalKeys(self, request: Any, context: grpc.ServicerContext) -> Any:
+        key_id = self.core.register_keys(request.public_key, request.rotation_key_map)
+        return recommender_pb2.RegisterEvalKeysResponse(key=common_pb2.KeyRef(key_id=key_id, version=1))
+
+    @grpc_errors
+    def Score(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if not request.key.key_id:
+            raise MaterialError("key.key_id is required")
+        result = self.core.score(request.key.key_id, request.query_ciphertext, request.model_version)
+        return recommender_pb2.ScoreResponse(
+            model_version=result.model_version,
+            layout=common_pb2.ScoreLayout(
+                item_count=result.item_count,
+                items_per_ciphertext=result.items_per_ciphertext,
+                slots=result.slots,
+            ),
+            score_ciphertexts=result.ciphertexts,
+            query_sha256=result.query_sha256,
+            response_sha256=result.response_sha256,
+            server_millis=result.server_millis,
+        )
+
+    @grpc_errors
+    def GetItems(self, request: Any, context: grpc.ServicerContext) -> Any:
+        views = self.core.items(list(request.indices), list(request.item_ids), request.include_embedding)
+        return recommender_pb2.GetItemsResponse(
+            model_version=self.core.model_version,
+            items=[
+                recommender_pb2.Item(
+                    index=v.index,
+                    item_id=v.item_id,
+                    creator_id=v.creator_id,
+                    creator_nickname=v.creator_nickname,
+                    url=v.url,
+                    popularity=v.popularity,
+                    posted_unix=v.posted_unix,
+                    embedding=v.embedding or [],
+                )
+                for v in views
+            ],
+        )
+
+    @grpc_errors
+    def GetCatalogueManifest(self, request: Any, context: grpc.ServicerContext) -> Any:
+        m = self.core.model
+        return recommender_pb2.CatalogueManifest(
+            model_version=self.core.model_version,
+            item_ids=m.item_ids,
+            creator_index=m.creator_index.tolist(),
+            creator_ids=m.creator_ids,
+        )
