@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 
 from cipherfeed.client.interest import Engagement
+from cipherfeed.client.keystore import KeyStoreError
 from cipherfeed.client.sdk import ClientError, RecommenderClient
 from cipherfeed.config import ClientConfig, ConfigError, RecommenderConfig
 
@@ -66,7 +67,8 @@ def recommend(client: RecommenderClient, account_id: str, k: int, per_creator: i
     elapsed = 1e3 * (time.perf_counter() - t0)
     print(
         f"scored {scored.scores.shape[0]} items under encryption for @{account_id} "
-        f"({len(history)} engaged videos): server {scored.server_millis:.0f} ms, round trip {elapsed:.0f} ms, "
+        f"({len(history)} engaged videos): server {scored.server_millis:.0f} ms, "
+        f"round trip {elapsed:.0f} ms, "
         f"query {scored.query_bytes / 1024:.0f} KiB, response {scored.response_bytes / 1024:.0f} KiB, "
         f"model {scored.model_version[:16]}",
         file=sys.stderr,
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:
         print(f"cipherfeed: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 3
-    except (ClientError, ConfigError, ValueError, OSError) as exc:
+    except (ClientError, KeyStoreError, ConfigError, ValueError, OSError) as exc:
         print(f"cipherfeed: {exc}", file=sys.stderr)
         return 2
 

@@ -42,15 +42,20 @@ class ByteTemplate:
     header: bytes
 
     @classmethod
-    def learn(cls, first: bytes, second: bytes) -> ByteTemplate:
-        """The common length and header of two independently generated serializations."""
-        if len(first) != len(second):
-            raise RuntimeError("reference serializations differ in length; OpenFHE layout changed")
-        n = 0
-        limit = min(len(first), 4096)
-        while n < limit and first[n] == second[n]:
-            n += 1
-        return cls(length=len(first), header=first[:n])
+    def learn(cls, first: tuple[bytes, str], second: tuple[bytes, str]) -> ByteTemplate:
+        """The length and header of two serializations made under two different key pairs.
+
+        The header ends where the per-key part begins: OpenFHE writes the key tag (a random hex
+        string) first, then random coefficients. Cutting at the tag, rather than at the first
+        differing byte, matters: two random tags share a first character one time in sixteen.
+        """
+        (a, a_tag), (b, b_tag) = first, second
+        if len(a) != len(b):
+            raise RuntimeError("reference serializations differ in length; OpenFHE's layout changed")
+        cut = a.find(a_tag.encode())
+        if cut <= 0 or b.find(b_tag.encode()) != cut or a[:cut] != b[:cut]:
+            raise RuntimeError("key tag not where expected in OpenFHE's serialization; its layout changed")
+        return cls(length=len(a), header=a[:cut])
 
     def check(self, data: bytes, kind: Kind) -> None:
         if not self.length <= len(data) <= self.length + METADATA_SLACK:
@@ -84,17 +89,18 @@ class MaterialCodec:
         self._templates: dict[Kind, ByteTemplate] = {}
         self._lock = threading.Lock()
 
-    def _reference(self, kind: Kind) -> bytes:
+    def _reference(self, kind: Kind) -> tuple[bytes, str]:
+        """A serialization of ``kind`` under a fresh key pair, and that key pair's tag."""
         kp = self.cc.KeyGen()
+        tag = kp.publicKey.GetKeyTag()
         if kind is Kind.PUBLIC_KEY:
-            return serialize(kp.publicKey)
+            return serialize(kp.publicKey), tag
         if kind is Kind.QUERY:
             zeros = np.zeros(self.params.slots, dtype=np.complex128)
-            return serialize(self.cc.Encrypt(kp.publicKey, self.cc.MakeCKKSPackedPlaintext(zeros)))
-        tag = kp.publicKey.GetKeyTag()
+            return serialize(self.cc.Encrypt(kp.publicKey, self.cc.MakeCKKSPackedPlaintext(zeros))), tag
         self.cc.EvalRotateKeyGen(kp.secretKey, self.params.rotation_indices)
         try:
-            return serialize(self.cc.GetEvalAutomorphismKeyMap(tag))
+            return serialize(self.cc.GetEvalAutomorphismKeyMap(tag)), tag
         finally:
             # Reference keys live in OpenFHE's global map under a random tag; drop them at once.
             self.cc.InsertEvalAutomorphismKey(openfhe.EvalKeyMap(), tag)

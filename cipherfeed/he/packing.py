@@ -22,6 +22,8 @@ def block_count(item_count: int, items_per_block: int) -> int:
 
 def replicate_query(u: npt.ArrayLike, padded_dim: int, slots: int) -> ComplexArray:
     """The query vector zero-padded to ``padded_dim`` and repeated across every slot."""
+    if padded_dim < 1 or slots % padded_dim:
+        raise ValueError(f"{slots} slots are not a whole number of {padded_dim}-value periods")
     v = np.asarray(u, dtype=np.float64)
     if v.ndim != 1 or v.shape[0] > padded_dim:
         raise ValueError(f"query must be a vector of at most {padded_dim} values, got shape {v.shape}")

@@ -55,9 +55,17 @@ def load_profiles(path: Path) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+TIKTOK_LAUNCH_UNIX = 1_472_688_000  # 2016-09-01; earlier "times" come from non-snowflake ids
+UNKNOWN_TIME = 0
+
+
 def tiktok_id_unix_seconds(video_id: str) -> int:
-    """TikTok ids are snowflakes: the top 32 bits are the posting time in Unix seconds."""
-    return int(video_id) >> 32
+    """The posting time in Unix seconds (the top 32 bits of a snowflake id), or ``UNKNOWN_TIME``.
+
+    A few ids in the dataset are not snowflakes (they would decode to 1970); those are unknown.
+    """
+    seconds = int(video_id) >> 32
+    return seconds if seconds >= TIKTOK_LAUNCH_UNIX else UNKNOWN_TIME
 
 
 def explode_videos(profiles: pd.DataFrame) -> pd.DataFrame:

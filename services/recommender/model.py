@@ -10,7 +10,8 @@ Pipeline (scikit-learn), and why:
   heavy-tailed (followers up to 1.45e7, median in the thousands): ``log1p`` then
   ``StandardScaler``; plus verified and has-link flags.
 * Per video: age at snapshot time (from the TikTok snowflake id), position in the creator's top
-  list, and posting hour on the circle, so that a creator's videos are near, not identical.
+  list, and posting hour on the circle, so that a creator's videos are near, not identical. The 33
+  ids that are not snowflakes get the median age.
 
 Blocks are scaled to unit norm, weighted (text 0.80, numbers 0.45, video 0.35) and the
 concatenation L2-normalised, so a score is a cosine similarity in [-1, 1]. The popularity prior is
@@ -26,7 +27,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.preprocessing import StandardScaler
 
 from services.recommender.artifact import ModelArtifact
-from services.recommender.dataset import explode_videos
+from services.recommender.dataset import UNKNOWN_TIME, explode_videos
 
 EMBEDDING_DIM = 64
 TEXT_DIMS = 48
@@ -69,8 +70,12 @@ def _numeric_block(profiles: pd.DataFrame) -> np.ndarray:
 
 def _video_block(items: pd.DataFrame, profiles: pd.DataFrame) -> np.ndarray:
     snapshot = profiles["snapshot_unix"].to_numpy()[items["creator_row"].to_numpy()]
-    age_days = np.clip(snapshot - items["posted_unix"].to_numpy(), 0, None) / 86400.0
-    hour = (items["posted_unix"].to_numpy() % 86400) / 86400.0 * 2 * np.pi
+    posted = items["posted_unix"].to_numpy()
+    known = posted != UNKNOWN_TIME
+    age_days = np.clip(snapshot - posted, 0, None) / 86400.0
+    age_days[~known] = np.median(age_days[known]) if known.any() else 0.0
+    hour = (posted % 86400) / 86400.0 * 2 * np.pi
+    hour[~known] = 0.0
     rel_position = items["position"].to_numpy() / np.maximum(items["listed"].to_numpy() - 1, 1)
     features = np.column_stack([np.log1p(age_days), rel_position, np.sin(hour), np.cos(hour)])
     scaled = StandardScaler().fit_transform(features)

@@ -1,0 +1,107 @@
+"""The command line end to end, as separate processes against a real recommender."""
+
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+
+from cipherfeed.config import REPO_ROOT
+
+
+def run_cli(*args, env_extra=None, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "cipherfeed.cli", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def feed_rows(stdout: str) -> list[list[str]]:
+    lines = [line.split() for line in stdout.strip().splitlines()]
+    assert lines[0][:3] == ["#", "creator", "video"]
+    return lines[1:]
+
+
+def test_recommend_for_a_dataset_user(recommender, tiktok_model, tmp_path):
+    port, _ = recommender
+    user = tiktok_model.creator_ids[42]
+    home = tmp_path / "home"
+    first = run_cli(
+        "--target", f"127.0.0.1:{port}", "--home", str(home), "recommend", "--user", user, "-k", "8"
+    )
+    assert first.returncode == 0, first.stderr
+    assert "generated a CKKS key pair" in first.stderr
+    rows = feed_rows(first.stdout)
+    assert len(rows) == 8
+    own = {tiktok_model.item_ids[i] for i in np.flatnonzero(tiktok_model.creator_index == 42)}
+    assert not own & {row[2] for row in rows}  # seen items are dropped
+    creators = [row[1] for row in rows]
+    assert max(creators.count(c) for c in creators) <= 2
+    secret = home / "keys" / "secret.key"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert stat.S_IMODE((home / "keys").stat().st_mode) == 0o700
+    # The second run reuses the stored keys and gives the same feed.
+    second = run_cli(
+        "--target", f"127.0.0.1:{port}", "--home", str(home), "recommend", "--user", user, "-k", "8"
+    )
+    assert second.returncode == 0 and "generated" not in second.stderr
+    assert feed_rows(second.stdout) == rows
+
+
+def test_unknown_user_and_unreachable_server_fail_clearly(recommender, tmp_path):
+    port, _ = recommender
+    unknown = run_cli(
+        "--target", f"127.0.0.1:{port}", "--home", str(tmp_path), "recommend", "--user", "nobody-here"
+    )
+    assert unknown.returncode == 2 and "not in the catalogue" in unknown.stderr
+    down = run_cli(
+        "--target",
+        "127.0.0.1:1",
+        "--home",
+        str(tmp_path),
+        "recommend",
+        "--user",
+        "x",
+        env_extra={"CIPHERFEED_DEADLINE_SECONDS": "3"},
+    )
+    assert down.returncode == 3 and "UNAVAILABLE" in down.stderr
+
+
+def test_unsafe_key_file_is_refused(recommender, tiktok_model, tmp_path):
+    port, _ = recommender
+    home = tmp_path / "home"
+    ok = run_cli("--target", f"127.0.0.1:{port}", "--home", str(home), "keys", "init")
+    assert ok.returncode == 0, ok.stderr
+    again = run_cli("--target", f"127.0.0.1:{port}", "--home", str(home), "keys", "init")
+    assert again.returncode == 1 and "--force" in again.stderr
+    os.chmod(home / "keys" / "secret.key", 0o644)
+    refused = run_cli(
+        "--target",
+        f"127.0.0.1:{port}",
+        "--home",
+        str(home),
+        "recommend",
+        "--user",
+        tiktok_model.creator_ids[0],
+    )
+    assert refused.returncode == 2 and "readable by others" in refused.stderr
+
+
+def test_demo_runs_the_whole_path(tmp_path, dataset_path):
+    demo = run_cli(
+        "demo",
+        "--user",
+        "a.r.m.y664",
+        env_extra={"CIPHERFEED_STATE_DIR": str(tmp_path), "CIPHERFEED_DATASET": str(dataset_path)},
+    )
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    assert len(feed_rows(demo.stdout)) == 10
+    assert "top-10 identical: True" in demo.stderr
+    assert list((tmp_path / "models").glob("*.cfmodel"))

@@ -1,0 +1,209 @@
+"""Bad input gets a precise status and the recommender keeps serving."""
+
+import os
+
+import grpc
+import numpy as np
+import openfhe
+import pytest
+
+from cipherfeed.client import keystore
+from cipherfeed.he.codec import Kind, serialize
+from cipherfeed.he.params import MESH_PARAMS, HEParams, build_context
+from cipherfeed.v1 import common_pb2, recommender_pb2, recommender_pb2_grpc
+
+STATUS = grpc.StatusCode
+
+
+@pytest.fixture(scope="module")
+def stub(recommender):
+    port, _ = recommender
+    ch = grpc.insecure_channel(
+        f"127.0.0.1:{port}",
+        options=[
+            ("grpc.max_send_message_length", 200 * 2**20),
+            ("grpc.max_receive_message_length", 200 * 2**20),
+        ],
+    )
+    yield recommender_pb2_grpc.RecommenderStub(ch)
+    ch.close()
+
+
+@pytest.fixture(scope="module")
+def valid_query(client):
+    return client.encrypt_query(np.eye(64)[0])
+
+
+def score(stub, client, query, key_id=None, model_version=""):
+    key = common_pb2.KeyRef(key_id=client.key_id if key_id is None else key_id)
+    return stub.Score(
+        recommender_pb2.ScoreRequest(key=key, query_ciphertext=query, model_version=model_version), timeout=60
+    )
+
+
+def expect(code, fn, *args, match="", **kwargs):
+    with pytest.raises(grpc.RpcError) as info:
+        fn(*args, **kwargs)
+    assert info.value.code() == code, info.value.details()
+    assert match in info.value.details()
+    return info.value.details()
+
+
+def assert_still_serving(stub, client, valid_query, core):
+    reply = score(stub, client, valid_query)
+    assert len(reply.score_ciphertexts) == core.scorer.block_count
+
+
+def foreign_ciphertext(params: HEParams) -> bytes:
+    cc = build_context(params)
+    kp = cc.KeyGen()
+    return serialize(
+        cc.Encrypt(kp.publicKey, cc.MakeCKKSPackedPlaintext(np.zeros(params.slots, dtype=complex)))
+    )
+
+
+def test_garbage_truncated_and_padded_queries(stub, client, valid_query, recommender):
+    _, core = recommender
+    cases = {
+        "empty": b"",
+        "random short": os.urandom(100),
+        "random right length": os.urandom(len(valid_query)),
+        "truncated": valid_query[:-1000],
+        "header only": valid_query[:5000],
+        "padded": valid_query + b"\x00" * 10_000,
+    }
+    for name, query in cases.items():
+        details = expect(STATUS.INVALID_ARGUMENT, score, stub, client, query)
+        assert "query" in details, name
+    assert_still_serving(stub, client, valid_query, core)
+
+
+def test_valid_header_with_random_body_is_refused_or_harmless(stub, client, valid_query, recommender):
+    _, core = recommender
+    template = core.codec.template(Kind.QUERY)
+    body = os.urandom(len(valid_query) - len(template.header))
+    try:
+        score(stub, client, template.header + body)
+    except grpc.RpcError as exc:
+        assert exc.code() == STATUS.INVALID_ARGUMENT, exc.details()
+    assert_still_serving(stub, client, valid_query, core)
+
+
+def test_ciphertexts_from_other_contexts_never_reach_openfhe(stub, client, valid_query, recommender):
+    _, core = recommender
+    other_ring = foreign_ciphertext(HEParams(ring_dimension=16384))
+    other_moduli = foreign_ciphertext(HEParams(scaling_mod_bits=45))
+    contexts_before = len(openfhe.GetAllContexts())
+    expect(STATUS.INVALID_ARGUMENT, score, stub, client, other_ring, match="bytes")
+    expect(STATUS.INVALID_ARGUMENT, score, stub, client, other_moduli, match="crypto parameters")
+    assert len(openfhe.GetAllContexts()) == contexts_before  # nothing foreign was registered
+    assert_still_serving(stub, client, valid_query, core)
+
+
+def test_wrong_level_and_wrong_slot_count(stub, client, valid_query, recommender):
+    _, core = recommender
+    keys = client.keys
+    cc = keys.cc
+    level1 = cc.Encrypt(keys.public_key, cc.MakeCKKSPackedPlaintext(np.zeros(4096, dtype=complex), 1, 1))
+    expect(STATUS.INVALID_ARGUMENT, score, stub, client, serialize(level1), match="bytes")
+    few_slots = cc.Encrypt(
+        keys.public_key, cc.MakeCKKSPackedPlaintext(np.zeros(1024, dtype=complex), 1, 0, None, 1024)
+    )
+    expect(STATUS.INVALID_ARGUMENT, score, stub, client, serialize(few_slots), match="1024 slots")
+    assert_still_serving(stub, client, valid_query, core)
+
+
+def test_oversize_messages(stub, client, valid_query, recommender):
+    _, core = recommender
+    expect(STATUS.RESOURCE_EXHAUSTED, score, stub, client, b"\x00" * (2 * 2**20), match="limit")
+    # Above the transport limit (64 MiB): grpc refuses it before the servicer runs.
+    expect(STATUS.RESOURCE_EXHAUSTED, score, stub, client, b"\x00" * (65 * 2**20))
+    assert_still_serving(stub, client, valid_query, core)
+
+
+def test_unknown_and_missing_key_ids_and_pinned_model(stub, client, valid_query, recommender):
+    _, core = recommender
+    expect(STATUS.NOT_FOUND, score, stub, client, valid_query, key_id="ab" * 32, match="no rotation keys")
+    expect(STATUS.INVALID_ARGUMENT, score, stub, client, valid_query, key_id="", match="key_id")
+    expect(
+        STATUS.FAILED_PRECONDITION, score, stub, client, valid_query, model_version="0" * 64, match="serves"
+    )
+    assert_still_serving(stub, client, valid_query, core)
+
+
+def test_unknown_items(stub, tiktok_model):
+    get = stub.GetItems
+    expect(
+        STATUS.NOT_FOUND,
+        get,
+        recommender_pb2.GetItemsRequest(item_ids=["no-such-video"]),
+        timeout=5,
+        match="no-such-video",
+    )
+    expect(
+        STATUS.NOT_FOUND,
+        get,
+        recommender_pb2.GetItemsRequest(indices=[tiktok_model.item_count]),
+        timeout=5,
+        match="outside",
+    )
+    expect(
+        STATUS.RESOURCE_EXHAUSTED, get, recommender_pb2.GetItemsRequest(indices=list(range(1001))), timeout=5
+    )
+    ok = get(recommender_pb2.GetItemsRequest(indices=[0], item_ids=[tiktok_model.item_ids[1]]), timeout=5)
+    assert [i.index for i in ok.items] == [0, 1] and not ok.items[0].embedding
+
+
+def register(stub, public_key, rotation_keys):
+    return stub.RegisterEvalKeys(
+        recommender_pb2.RegisterEvalKeysRequest(public_key=public_key, rotation_key_map=rotation_keys),
+        timeout=60,
+    )
+
+
+def test_invalid_key_material_is_refused(stub, client, valid_query, recommender):
+    _, core = recommender
+    keys = client.keys
+    expect(
+        STATUS.INVALID_ARGUMENT, register, stub, os.urandom(1000), keys.rotation_key_bytes, match="public key"
+    )
+    expect(
+        STATUS.INVALID_ARGUMENT,
+        register,
+        stub,
+        keys.public_key_bytes,
+        os.urandom(5000),
+        match="rotation key map",
+    )
+    truncated = keys.rotation_key_bytes[: len(keys.rotation_key_bytes) // 2]
+    expect(
+        STATUS.INVALID_ARGUMENT, register, stub, keys.public_key_bytes, truncated, match="rotation key map"
+    )
+    # Same size as a valid map but the wrong rotations (a 9-key set missing 48): the trial rotation fails.
+    cc = keys.cc
+    kp = cc.KeyGen()
+    cc.EvalRotateKeyGen(kp.secretKey, [1, 2, 3, 4, 8, 12, 16, 32, 5])
+    wrong = serialize(cc.GetEvalAutomorphismKeyMap(kp.publicKey.GetKeyTag()))
+    cc.InsertEvalAutomorphismKey(openfhe.EvalKeyMap(), kp.publicKey.GetKeyTag())
+    expect(STATUS.INVALID_ARGUMENT, register, stub, serialize(kp.publicKey), wrong, match="required indices")
+    # Keys for another ring size.
+    other = keystore.generate(HEParams(ring_dimension=16384))
+    expect(
+        STATUS.INVALID_ARGUMENT,
+        register,
+        stub,
+        other.public_key_bytes,
+        keys.rotation_key_bytes,
+        match="public key",
+    )
+    expect(
+        STATUS.INVALID_ARGUMENT,
+        register,
+        stub,
+        keys.public_key_bytes,
+        other.rotation_key_bytes,
+        match="rotation key map",
+    )
+    assert core.registry.capacity >= len(core.registry)
+    assert_still_serving(stub, client, valid_query, core)
+    assert MESH_PARAMS.rotation_indices[-1] == 48
