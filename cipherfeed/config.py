@@ -57,7 +57,7 @@ class GrpcLimits:
 
     max_message_bytes: int = 64 * MiB
     max_query_bytes: int = 2 * MiB  # one query ciphertext; the mesh's is ~263 KB
-    max_eval_key_bytes: int = 48 * MiB  # one client's rotation key set; the mesh's is ~19 MB
+    max_eval_key_bytes: int = 32 * MiB  # one client's rotation key set; the mesh's is ~14 MB
 
     @classmethod
     def from_env(cls) -> GrpcLimits:
@@ -79,7 +79,7 @@ class RecommenderConfig:
     listen: str = "127.0.0.1:50051"
     grpc_workers: int = 8
     scoring_threads: int = 2  # OpenFHE releases the GIL: one thread per core
-    max_registered_keys: int = 64  # rotation key sets held in process (~19 MB each)
+    max_registered_keys: int = 64  # rotation key sets held in process (~14 MB each)
     model_path: Path | None = None  # a saved artifact; None trains from the dataset
     dataset: Path = field(default_factory=default_dataset_path)
     state_dir: Path = field(default_factory=default_state_dir)

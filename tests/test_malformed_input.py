@@ -92,7 +92,7 @@ def test_valid_header_with_random_body_is_refused_or_harmless(stub, client, vali
 def test_ciphertexts_from_other_contexts_never_reach_openfhe(stub, client, valid_query, recommender):
     _, core = recommender
     other_ring = foreign_ciphertext(HEParams(ring_dimension=16384))
-    other_moduli = foreign_ciphertext(HEParams(scaling_mod_bits=45))
+    other_moduli = foreign_ciphertext(HEParams(scaling_mod_bits=50))
     contexts_before = len(openfhe.GetAllContexts())
     expect(STATUS.INVALID_ARGUMENT, score, stub, client, other_ring, match="bytes")
     expect(STATUS.INVALID_ARGUMENT, score, stub, client, other_moduli, match="crypto parameters")
