@@ -164,13 +164,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        t = r.get("tenseal")
+        t = r.get("tenseal") or {"p50_ms": float("nan"), "speedup_of_cipherfeed": float("nan")}
         print(
             f"{r['items']:>9,} {r['server']['p50_ms']:>8.1f} {r['server']['p95_ms']:>8.1f} "
             f"{r['us_per_item_p50']:>8.3f} {r['round_trip']['p50_ms']:>8.1f} {r['query_bytes'] / 1e3:>9.0f} "
-            f"{r['response_bytes_per_item']:>11.2f} {r['eval_key_bytes'] / 1e6:>10.1f} {r['max_abs_error']:>9.1e} "
-            f"{'yes' if r['top10_identical'] else 'NO':>5} {r['numpy']['p50_ms']:>9.2f} "
-            f"{(t['p50_ms'] if t else float('nan')):>11.0f} {(t['speedup_of_cipherfeed'] if t else float('nan')):>7.0f}x"
+            f"{r['response_bytes_per_item']:>11.2f} {r['eval_key_bytes'] / 1e6:>10.1f} "
+            f"{r['max_abs_error']:>9.1e} {'yes' if r['top10_identical'] else 'NO':>5} "
+            f"{r['numpy']['p50_ms']:>9.2f} {t['p50_ms']:>11.0f} {t['speedup_of_cipherfeed']:>7.0f}x"
         )
 
 
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--reps", type=int, default=20, help="timed Score calls per size")
     parser.add_argument("--tenseal-reps", type=int, default=1, help="TenSEAL runs per size (0 to skip)")
+    parser.add_argument("--out", default="scoring", help="results file name under bench/results/ (no .json)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if args.million:
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_size(n, reps, args.tenseal_reps))
     print_table(rows)
     path = write_json(
-        "scoring", {"machine": machine(), "params": MESH_PARAMS.__dict__, "targets": TARGETS, "rows": rows}
+        args.out, {"machine": machine(), "params": MESH_PARAMS.__dict__, "targets": TARGETS, "rows": rows}
     )
     log(f"wrote {path}")
     return 0

@@ -1,0 +1,1 @@
+"""HTTP gateway: HTTP/JSON to gRPC, driven by the google.api.http annotations in protos/."""

@@ -1,0 +1,1 @@
+"""Key service: clients' public HE keys and the mesh's signing keys (contract in protos/)."""

@@ -1,0 +1,1 @@
+"""Ledger: the transparency log of recommendations (contract in protos/)."""
