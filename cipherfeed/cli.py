@@ -6,33 +6,27 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import numpy as np
 
-from cipherfeed.client.interest import Engagement
+from cipherfeed.client.interest import Engagement, interest_vector
 from cipherfeed.client.keystore import KeyStoreError
 from cipherfeed.client.sdk import ClientError, RecommenderClient
 from cipherfeed.config import ClientConfig, ConfigError, RecommenderConfig
+from cipherfeed.he.packing import plaintext_scores
 
 
 def _client(args: argparse.Namespace) -> RecommenderClient:
     config = ClientConfig.from_env()
-    if args.target:
-        config = ClientConfig(
-            target=args.target,
-            deadline_seconds=config.deadline_seconds,
-            home=config.home,
-            limits=config.limits,
-        )
-    if args.home:
-        config = ClientConfig(
-            target=config.target,
-            deadline_seconds=config.deadline_seconds,
-            home=args.home,
-            limits=config.limits,
-        )
+    config = replace(
+        config,
+        target=args.target or config.target,
+        keyservice_target=args.keyservice or config.keyservice_target,
+        home=args.home or config.home,
+    )
     return RecommenderClient(config)
 
 
@@ -60,7 +54,7 @@ def recommend(client: RecommenderClient, account_id: str, k: int, per_creator: i
             file=sys.stderr,
         )
     key_id = client.register()
-    print(f"rotation keys registered as {key_id[:16]}…", file=sys.stderr)
+    print(f"rotation keys registered with the key service as {key_id[:16]}…", file=sys.stderr)
     history = creator_history(client, account_id)
     t0 = time.perf_counter()
     feed, scored = client.recommend(history, k=k, per_creator_cap=per_creator)
@@ -97,37 +91,55 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from services.recommender import server
+    if args.service == "keyservice":
+        from services.keyservice import server as keyservice_server
 
-    return server.main()
+        return keyservice_server.main()
+    from services.recommender import server as recommender_server
+
+    return recommender_server.main()
+
+
+def start_local_mesh(base: RecommenderConfig) -> tuple[object, ...]:
+    """Redis (if a server binary is around), the key service and the recommender on loopback."""
+    from cipherfeed.config import KeyServiceConfig, RedisConfig
+    from cipherfeed.devredis import LocalRedis, redis_server_binary
+    from services.keyservice.server import serve as serve_keyservice
+    from services.recommender.server import load_or_train
+    from services.recommender.server import serve as serve_recommender
+
+    redis_server = LocalRedis.start() if redis_server_binary() else None
+    redis_config = RedisConfig(url=redis_server.url) if redis_server else RedisConfig()
+    print(
+        f"== cache: {redis_server.url if redis_server else 'none (no redis-server found)'}", file=sys.stderr
+    )
+    ks_config = replace(
+        KeyServiceConfig.from_env(), listen="127.0.0.1:0", state_dir=base.state_dir, redis=redis_config
+    )
+    keyservice, ks_core = serve_keyservice(ks_config)
+    config = replace(
+        base,
+        listen="127.0.0.1:0",
+        keyservice_target=f"127.0.0.1:{keyservice.port}",
+        redis=redis_config,
+    )
+    model = load_or_train(config)
+    recommender, rec_core = serve_recommender(config, model)
+    return redis_server, keyservice, ks_core, recommender, rec_core, model
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Starts the recommender in-process on a loopback port and runs one private recommendation."""
-    from services.recommender.server import load_or_train, serve
-
+    """Starts the mesh in-process on loopback ports and runs one private recommendation."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    base = RecommenderConfig.from_env()
-    config = RecommenderConfig(
-        listen="127.0.0.1:0",
-        grpc_workers=base.grpc_workers,
-        scoring_threads=base.scoring_threads,
-        max_registered_keys=base.max_registered_keys,
-        model_path=base.model_path,
-        dataset=base.dataset,
-        state_dir=base.state_dir,
-        limits=base.limits,
-    )
     print("== cipherfeed demo: local mesh with embedded defaults", file=sys.stderr)
-    model = load_or_train(config)
-    running, core = serve(config, model)
+    redis_server, keyservice, ks_core, recommender, rec_core, model = start_local_mesh(
+        RecommenderConfig.from_env()
+    )
     try:
-        client_config = ClientConfig.from_env()
-        client_config = ClientConfig(
-            target=f"127.0.0.1:{running.port}",
-            deadline_seconds=client_config.deadline_seconds,
-            home=client_config.home,
-            limits=client_config.limits,
+        client_config = replace(
+            ClientConfig.from_env(),
+            target=f"127.0.0.1:{recommender.port}",
+            keyservice_target=f"127.0.0.1:{keyservice.port}",
         )
         user = args.user or model.creator_ids[0]
         with RecommenderClient(client_config) as client:
@@ -137,9 +149,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
             # Demo-only cross-check: the demo owns the server's model, a real client never does.
             history = creator_history(client, user)
             engaged = client.items(item_ids=[e.item_id for e in history], include_embedding=True)
-            from cipherfeed.client.interest import interest_vector
-            from cipherfeed.he.packing import plaintext_scores
-
             u = interest_vector(np.array([list(i.embedding) for i in engaged]), history)
             scored = client.score(u)
             clear = plaintext_scores(model.embeddings, u, model.popularity, model.popularity_weight)
@@ -151,8 +160,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     finally:
-        running.stop(grace=1)
-        core.close()
+        recommender.stop(grace=1)
+        rec_core.close()
+        keyservice.stop(grace=1)
+        ks_core.close()
+        if redis_server is not None:
+            redis_server.stop()
     return 0
 
 
@@ -161,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--target", help="recommender address (default $CIPHERFEED_TARGET or 127.0.0.1:50051)"
     )
+    parser.add_argument("--keyservice", help="key service address (default $CIPHERFEED_KEYSERVICE_TARGET)")
     parser.add_argument("--home", type=Path, help="client key directory (default $CIPHERFEED_CLIENT_HOME)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -176,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true")
     init.set_defaults(func=cmd_keys_init)
 
-    serve = sub.add_parser("serve", help="run the recommender (configured by CIPHERFEED_* variables)")
+    serve = sub.add_parser("serve", help="run a service (configured by CIPHERFEED_* variables)")
+    serve.add_argument("service", choices=["recommender", "keyservice"])
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="local mesh + one private recommendation, end to end")

@@ -75,15 +75,88 @@ class GrpcLimits:
 
 
 @dataclass(frozen=True)
+class RedisConfig:
+    """The optional ciphertext cache. No URL: no cache (every lookup goes to the source)."""
+
+    url: str | None = None
+    socket_timeout: float = 5.0  # multi-MB values; redis-py's default would also be 5 s
+    connect_timeout: float = 0.5
+    min_backoff: float = 0.5  # seconds the cache is bypassed after a failure, doubling...
+    max_backoff: float = 5.0  # ...up to this
+    max_value_bytes: int = 64 * MiB
+    eval_keys_ttl: int = 24 * 3600
+    key_state_ttl: int = 60
+    profile_ttl: int = 3600
+    result_ttl: int = 600
+
+    @classmethod
+    def from_env(cls) -> RedisConfig:
+        return cls(
+            url=os.environ.get("CIPHERFEED_REDIS_URL") or None,
+            socket_timeout=_env_float("CIPHERFEED_REDIS_SOCKET_TIMEOUT", cls.socket_timeout),
+            connect_timeout=_env_float("CIPHERFEED_REDIS_CONNECT_TIMEOUT", cls.connect_timeout),
+            max_value_bytes=_env_int("CIPHERFEED_REDIS_MAX_VALUE_BYTES", cls.max_value_bytes, 1),
+            eval_keys_ttl=_env_int("CIPHERFEED_EVAL_KEYS_TTL", cls.eval_keys_ttl, 1),
+            key_state_ttl=_env_int("CIPHERFEED_KEY_STATE_TTL", cls.key_state_ttl, 1),
+            profile_ttl=_env_int("CIPHERFEED_PROFILE_TTL", cls.profile_ttl, 1),
+            result_ttl=_env_int("CIPHERFEED_RESULT_TTL", cls.result_ttl, 1),
+        )
+
+
+@dataclass(frozen=True)
+class KeyServiceConfig:
+    listen: str = "127.0.0.1:50052"
+    grpc_workers: int = 8
+    dsn: str = ""  # sqlite:///path; empty: <state_dir>/keyservice.db
+    master_key_file: Path | None = None  # 32 raw bytes or base64; CIPHERFEED_MASTER_KEY wins
+    signing_key_names: tuple[str, ...] = ("ledger",)
+    state_dir: Path = field(default_factory=default_state_dir)
+    limits: GrpcLimits = field(default_factory=GrpcLimits)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+
+    @property
+    def sqlite_path(self) -> Path:
+        dsn = self.dsn or f"sqlite:///{self.state_dir / 'keyservice.db'}"
+        scheme, sep, rest = dsn.partition("://")
+        if not sep or scheme != "sqlite":
+            raise ConfigError(
+                f"CIPHERFEED_KEYSERVICE_DSN={dsn!r}: only sqlite:///<path> is supported by this build"
+            )
+        # SQLAlchemy's convention: sqlite:///relative/path, sqlite:////absolute/path
+        if not rest.startswith("/") or len(rest) < 2:
+            raise ConfigError(f"CIPHERFEED_KEYSERVICE_DSN={dsn!r}: expected sqlite:///<path>")
+        return Path(rest[1:])
+
+    @classmethod
+    def from_env(cls) -> KeyServiceConfig:
+        key_file = os.environ.get("CIPHERFEED_MASTER_KEY_FILE")
+        names = os.environ.get("CIPHERFEED_SIGNING_KEYS", ",".join(cls.signing_key_names))
+        return cls(
+            listen=_env_str("CIPHERFEED_KEYSERVICE_LISTEN", cls.listen),
+            grpc_workers=_env_int("CIPHERFEED_GRPC_WORKERS", cls.grpc_workers, 1),
+            dsn=_env_str("CIPHERFEED_KEYSERVICE_DSN", ""),
+            master_key_file=Path(key_file) if key_file else None,
+            signing_key_names=tuple(n for n in names.split(",") if n),
+            state_dir=default_state_dir(),
+            limits=GrpcLimits.from_env(),
+            redis=RedisConfig.from_env(),
+        )
+
+
+@dataclass(frozen=True)
 class RecommenderConfig:
     listen: str = "127.0.0.1:50051"
     grpc_workers: int = 8
     scoring_threads: int = 2  # OpenFHE releases the GIL: one thread per core
-    max_registered_keys: int = 64  # rotation key sets held in process (~14 MB each)
+    max_registered_keys: int = 64  # rotation key sets held in process (~14 MB each)...
+    max_registered_key_bytes: int = 1024 * MiB  # ...and at most this many bytes of them
+    keyservice_target: str = "127.0.0.1:50052"
+    keyservice_deadline_seconds: float = 10.0
     model_path: Path | None = None  # a saved artifact; None trains from the dataset
     dataset: Path = field(default_factory=default_dataset_path)
     state_dir: Path = field(default_factory=default_state_dir)
     limits: GrpcLimits = field(default_factory=GrpcLimits)
+    redis: RedisConfig = field(default_factory=RedisConfig)
 
     @classmethod
     def from_env(cls) -> RecommenderConfig:
@@ -93,16 +166,25 @@ class RecommenderConfig:
             grpc_workers=_env_int("CIPHERFEED_GRPC_WORKERS", cls.grpc_workers, 1),
             scoring_threads=_env_int("CIPHERFEED_SCORING_THREADS", cls.scoring_threads, 1),
             max_registered_keys=_env_int("CIPHERFEED_MAX_REGISTERED_KEYS", cls.max_registered_keys, 1),
+            max_registered_key_bytes=_env_int(
+                "CIPHERFEED_MAX_REGISTERED_KEY_BYTES", cls.max_registered_key_bytes, 1
+            ),
+            keyservice_target=_env_str("CIPHERFEED_KEYSERVICE_TARGET", cls.keyservice_target),
+            keyservice_deadline_seconds=_env_float(
+                "CIPHERFEED_KEYSERVICE_DEADLINE_SECONDS", cls.keyservice_deadline_seconds
+            ),
             model_path=Path(model) if model else None,
             dataset=default_dataset_path(),
             state_dir=default_state_dir(),
             limits=GrpcLimits.from_env(),
+            redis=RedisConfig.from_env(),
         )
 
 
 @dataclass(frozen=True)
 class ClientConfig:
     target: str = "127.0.0.1:50051"
+    keyservice_target: str = "127.0.0.1:50052"
     deadline_seconds: float = 30.0
     home: Path = field(default_factory=lambda: default_state_dir() / "client")
     limits: GrpcLimits = field(default_factory=GrpcLimits)
@@ -111,6 +193,7 @@ class ClientConfig:
     def from_env(cls) -> ClientConfig:
         return cls(
             target=_env_str("CIPHERFEED_TARGET", cls.target),
+            keyservice_target=_env_str("CIPHERFEED_KEYSERVICE_TARGET", cls.keyservice_target),
             deadline_seconds=_env_float("CIPHERFEED_DEADLINE_SECONDS", cls.deadline_seconds),
             home=Path(_env_str("CIPHERFEED_CLIENT_HOME", str(default_state_dir() / "client"))),
             limits=GrpcLimits.from_env(),

@@ -2,20 +2,52 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cipherfeed import errors
 from cipherfeed.config import GrpcLimits
 
 log = logging.getLogger(__name__)
+
+STATUS_FOR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Servicer decorator: domain errors become their status with the error's message; anything
+    else is INTERNAL with no details (it is logged here instead)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except errors.CipherfeedError as exc:
+            for error_type, code in STATUS_FOR:
+                if isinstance(exc, error_type):
+                    context.abort(code, str(exc))
+            raise
+        except Exception:
+            log.exception("unexpected error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    return wrapper
 
 
 @dataclass

@@ -1,19 +1,31 @@
-"""Shared fixtures: the real dataset, a real recommender on loopback, a registered client."""
+"""Shared fixtures: the real dataset, a real Redis, a real key service and recommender on loopback."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from cipherfeed.client.sdk import RecommenderClient
-from cipherfeed.config import ClientConfig, GrpcLimits, RecommenderConfig, default_dataset_path
+from cipherfeed.config import (
+    ClientConfig,
+    GrpcLimits,
+    KeyServiceConfig,
+    RecommenderConfig,
+    RedisConfig,
+    default_dataset_path,
+)
+from cipherfeed.devredis import LocalRedis
+from services.keyservice.core import KeyServiceCore
+from services.keyservice.server import serve as serve_keyservice
 from services.recommender.artifact import ModelArtifact
 from services.recommender.core import RecommenderCore
 from services.recommender.dataset import load_profiles
 from services.recommender.model import train
-from services.recommender.server import serve
+from services.recommender.server import serve as serve_recommender
 
 TEST_LIMITS = GrpcLimits(max_message_bytes=64 * 1024 * 1024, max_query_bytes=1024 * 1024)
 
@@ -32,37 +44,94 @@ def tiktok_model(dataset_path: Path) -> ModelArtifact:
 
 
 @pytest.fixture(scope="session")
-def recommender(
-    tiktok_model: ModelArtifact, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[int, RecommenderCore]]:
-    config = RecommenderConfig(
+def redis_server() -> Iterator[LocalRedis]:
+    server = LocalRedis.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def master_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("secrets") / "master.key"
+    path.write_bytes(os.urandom(32))
+    path.chmod(0o600)
+    return path
+
+
+def keyservice_config(state_dir: Path, master_key_file: Path, redis_url: str | None) -> KeyServiceConfig:
+    return KeyServiceConfig(
         listen="127.0.0.1:0",
-        grpc_workers=8,
-        scoring_threads=2,
-        max_registered_keys=8,
-        state_dir=tmp_path_factory.mktemp("state"),
+        dsn=f"sqlite:///{state_dir / 'keyservice.db'}",
+        master_key_file=master_key_file,
+        state_dir=state_dir,
         limits=TEST_LIMITS,
+        redis=RedisConfig(url=redis_url),
     )
-    running, core = serve(config, tiktok_model)
+
+
+@pytest.fixture(scope="session")
+def keyservice(
+    redis_server: LocalRedis, master_key_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[int, KeyServiceCore]]:
+    config = keyservice_config(tmp_path_factory.mktemp("keyservice"), master_key_file, redis_server.url)
+    running, core = serve_keyservice(config)
     yield running.port, core
     running.stop(grace=1)
     core.close()
 
 
-def client_for(port: int, home: Path) -> RecommenderClient:
-    return RecommenderClient(
-        ClientConfig(target=f"127.0.0.1:{port}", deadline_seconds=60, home=home, limits=TEST_LIMITS)
+def recommender_config(
+    state_dir: Path, keyservice_port: int, redis_url: str | None, max_keys: int = 8
+) -> RecommenderConfig:
+    return RecommenderConfig(
+        listen="127.0.0.1:0",
+        grpc_workers=8,
+        scoring_threads=2,
+        max_registered_keys=max_keys,
+        keyservice_target=f"127.0.0.1:{keyservice_port}",
+        state_dir=state_dir,
+        limits=TEST_LIMITS,
+        redis=RedisConfig(url=redis_url),
     )
 
 
 @pytest.fixture(scope="session")
+def recommender(
+    tiktok_model: ModelArtifact,
+    keyservice: tuple[int, KeyServiceCore],
+    redis_server: LocalRedis,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[int, RecommenderCore]]:
+    config = recommender_config(tmp_path_factory.mktemp("state"), keyservice[0], redis_server.url)
+    running, core = serve_recommender(config, tiktok_model)
+    yield running.port, core
+    running.stop(grace=1)
+    core.close()
+
+
+def client_for(port: int, keyservice_port: int, home: Path) -> RecommenderClient:
+    config = ClientConfig(
+        target=f"127.0.0.1:{port}",
+        keyservice_target=f"127.0.0.1:{keyservice_port}",
+        deadline_seconds=60,
+        home=home,
+        limits=TEST_LIMITS,
+    )
+    return RecommenderClient(config)
+
+
+@pytest.fixture(scope="session")
 def client(
-    recommender: tuple[int, RecommenderCore], tmp_path_factory: pytest.TempPathFactory
+    recommender: tuple[int, RecommenderCore],
+    keyservice: tuple[int, KeyServiceCore],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RecommenderClient]:
-    port, _ = recommender
-    c = client_for(port, tmp_path_factory.mktemp("client"))
+    c = client_for(recommender[0], keyservice[0], tmp_path_factory.mktemp("client"))
     c.wait_ready(timeout=10)
     c.use_keys()
     c.register()
     yield c
     c.close()
+
+
+__all__ = ["client_for", "keyservice_config", "recommender_config", "replace"]

@@ -29,12 +29,15 @@ def feed_rows(stdout: str) -> list[list[str]]:
     return lines[1:]
 
 
-def test_recommend_for_a_dataset_user(recommender, tiktok_model, tmp_path):
-    port, _ = recommender
+def targets(recommender, keyservice):
+    return ["--target", f"127.0.0.1:{recommender[0]}", "--keyservice", f"127.0.0.1:{keyservice[0]}"]
+
+
+def test_recommend_for_a_dataset_user(recommender, keyservice, tiktok_model, tmp_path):
     user = tiktok_model.creator_ids[42]
     home = tmp_path / "home"
     first = run_cli(
-        "--target", f"127.0.0.1:{port}", "--home", str(home), "recommend", "--user", user, "-k", "8"
+        *targets(recommender, keyservice), "--home", str(home), "recommend", "--user", user, "-k", "8"
     )
     assert first.returncode == 0, first.stderr
     assert "generated a CKKS key pair" in first.stderr
@@ -49,16 +52,15 @@ def test_recommend_for_a_dataset_user(recommender, tiktok_model, tmp_path):
     assert stat.S_IMODE((home / "keys").stat().st_mode) == 0o700
     # The second run reuses the stored keys and gives the same feed.
     second = run_cli(
-        "--target", f"127.0.0.1:{port}", "--home", str(home), "recommend", "--user", user, "-k", "8"
+        *targets(recommender, keyservice), "--home", str(home), "recommend", "--user", user, "-k", "8"
     )
     assert second.returncode == 0 and "generated" not in second.stderr
     assert feed_rows(second.stdout) == rows
 
 
-def test_unknown_user_and_unreachable_server_fail_clearly(recommender, tmp_path):
-    port, _ = recommender
+def test_unknown_user_and_unreachable_server_fail_clearly(recommender, keyservice, tmp_path):
     unknown = run_cli(
-        "--target", f"127.0.0.1:{port}", "--home", str(tmp_path), "recommend", "--user", "nobody-here"
+        *targets(recommender, keyservice), "--home", str(tmp_path), "recommend", "--user", "nobody-here"
     )
     assert unknown.returncode == 2 and "not in the catalogue" in unknown.stderr
     down = run_cli(
@@ -74,17 +76,15 @@ def test_unknown_user_and_unreachable_server_fail_clearly(recommender, tmp_path)
     assert down.returncode == 3 and "UNAVAILABLE" in down.stderr
 
 
-def test_unsafe_key_file_is_refused(recommender, tiktok_model, tmp_path):
-    port, _ = recommender
+def test_unsafe_key_file_is_refused(recommender, keyservice, tiktok_model, tmp_path):
     home = tmp_path / "home"
-    ok = run_cli("--target", f"127.0.0.1:{port}", "--home", str(home), "keys", "init")
+    ok = run_cli(*targets(recommender, keyservice), "--home", str(home), "keys", "init")
     assert ok.returncode == 0, ok.stderr
-    again = run_cli("--target", f"127.0.0.1:{port}", "--home", str(home), "keys", "init")
+    again = run_cli(*targets(recommender, keyservice), "--home", str(home), "keys", "init")
     assert again.returncode == 1 and "--force" in again.stderr
     os.chmod(home / "keys" / "secret.key", 0o644)
     refused = run_cli(
-        "--target",
-        f"127.0.0.1:{port}",
+        *targets(recommender, keyservice),
         "--home",
         str(home),
         "recommend",

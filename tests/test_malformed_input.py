@@ -10,7 +10,13 @@ import pytest
 from cipherfeed.client import keystore
 from cipherfeed.he.codec import Kind, serialize
 from cipherfeed.he.params import MESH_PARAMS, HEParams, build_context
-from cipherfeed.v1 import common_pb2, recommender_pb2, recommender_pb2_grpc
+from cipherfeed.v1 import (
+    common_pb2,
+    keyservice_pb2,
+    keyservice_pb2_grpc,
+    recommender_pb2,
+    recommender_pb2_grpc,
+)
 
 STATUS = grpc.StatusCode
 
@@ -35,7 +41,7 @@ def valid_query(client):
 
 
 def score(stub, client, query, key_id=None, model_version=""):
-    key = common_pb2.KeyRef(key_id=client.key_id if key_id is None else key_id)
+    key = common_pb2.KeyRef(key_id=client.key_id if key_id is None else key_id, version=client.key_version)
     return stub.Score(
         recommender_pb2.ScoreRequest(key=key, query_ciphertext=query, model_version=model_version), timeout=60
     )
@@ -123,7 +129,7 @@ def test_oversize_messages(stub, client, valid_query, recommender):
 
 def test_unknown_and_missing_key_ids_and_pinned_model(stub, client, valid_query, recommender):
     _, core = recommender
-    expect(STATUS.NOT_FOUND, score, stub, client, valid_query, key_id="ab" * 32, match="no rotation keys")
+    expect(STATUS.NOT_FOUND, score, stub, client, valid_query, key_id="ab" * 32, match="no key")
     expect(STATUS.INVALID_ARGUMENT, score, stub, client, valid_query, key_id="", match="key_id")
     expect(
         STATUS.FAILED_PRECONDITION, score, stub, client, valid_query, model_version="0" * 64, match="serves"
@@ -155,43 +161,56 @@ def test_unknown_items(stub, tiktok_model):
 
 
 def register(stub, public_key, rotation_keys):
-    return stub.RegisterEvalKeys(
-        recommender_pb2.RegisterEvalKeysRequest(public_key=public_key, rotation_key_map=rotation_keys),
-        timeout=60,
+    return stub.RegisterKey(
+        keyservice_pb2.RegisterKeyRequest(public_key=public_key, rotation_key_map=rotation_keys), timeout=60
     )
 
 
-def test_invalid_key_material_is_refused(stub, client, valid_query, recommender):
+@pytest.fixture(scope="module")
+def keyservice_stub(keyservice):
+    ch = grpc.insecure_channel(
+        f"127.0.0.1:{keyservice[0]}",
+        options=[
+            ("grpc.max_send_message_length", 200 * 2**20),
+            ("grpc.max_receive_message_length", 200 * 2**20),
+        ],
+    )
+    yield keyservice_pb2_grpc.KeyServiceStub(ch)
+    ch.close()
+
+
+def test_invalid_key_material_is_refused_by_the_key_service(
+    keyservice_stub, stub, client, valid_query, recommender
+):
     _, core = recommender
+    ks = keyservice_stub
     keys = client.keys
     expect(
-        STATUS.INVALID_ARGUMENT, register, stub, os.urandom(1000), keys.rotation_key_bytes, match="public key"
+        STATUS.INVALID_ARGUMENT, register, ks, os.urandom(1000), keys.rotation_key_bytes, match="public key"
     )
     expect(
         STATUS.INVALID_ARGUMENT,
         register,
-        stub,
+        ks,
         keys.public_key_bytes,
         os.urandom(5000),
         match="rotation key map",
     )
     truncated = keys.rotation_key_bytes[: len(keys.rotation_key_bytes) // 2]
-    expect(
-        STATUS.INVALID_ARGUMENT, register, stub, keys.public_key_bytes, truncated, match="rotation key map"
-    )
+    expect(STATUS.INVALID_ARGUMENT, register, ks, keys.public_key_bytes, truncated, match="rotation key map")
     # Same size as a valid map but the wrong rotations (a 9-key set missing 48): the trial rotation fails.
     cc = keys.cc
     kp = cc.KeyGen()
     cc.EvalRotateKeyGen(kp.secretKey, [1, 2, 3, 4, 8, 12, 16, 32, 5])
     wrong = serialize(cc.GetEvalAutomorphismKeyMap(kp.publicKey.GetKeyTag()))
     cc.InsertEvalAutomorphismKey(openfhe.EvalKeyMap(), kp.publicKey.GetKeyTag())
-    expect(STATUS.INVALID_ARGUMENT, register, stub, serialize(kp.publicKey), wrong, match="required indices")
+    expect(STATUS.INVALID_ARGUMENT, register, ks, serialize(kp.publicKey), wrong, match="required indices")
     # Keys for another ring size.
     other = keystore.generate(HEParams(ring_dimension=16384))
     expect(
         STATUS.INVALID_ARGUMENT,
         register,
-        stub,
+        ks,
         other.public_key_bytes,
         keys.rotation_key_bytes,
         match="public key",
@@ -199,11 +218,12 @@ def test_invalid_key_material_is_refused(stub, client, valid_query, recommender)
     expect(
         STATUS.INVALID_ARGUMENT,
         register,
-        stub,
+        ks,
         keys.public_key_bytes,
         other.rotation_key_bytes,
         match="rotation key map",
     )
-    assert core.registry.capacity >= len(core.registry)
-    assert_still_serving(stub, client, valid_query, core)
+    # Oversize material: above the gRPC limit of the channel's peer or the service's own limit.
+    expect(STATUS.RESOURCE_EXHAUSTED, register, ks, keys.public_key_bytes, b"\x00" * (65 * 2**20))
     assert MESH_PARAMS.rotation_indices[-1] == 48
+    assert_still_serving(stub, client, valid_query, core)

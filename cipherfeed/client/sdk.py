@@ -17,8 +17,15 @@ from cipherfeed.config import ClientConfig
 from cipherfeed.grpcutil import channel
 from cipherfeed.he import packing
 from cipherfeed.he.codec import MaterialCodec, ciphertext_sha256, serialize
+from cipherfeed.he.keymap import KeyMaterial
 from cipherfeed.he.params import HEParams, ParameterError, build_context, context_fingerprint
-from cipherfeed.v1 import common_pb2, recommender_pb2, recommender_pb2_grpc
+from cipherfeed.v1 import (
+    common_pb2,
+    keyservice_pb2,
+    keyservice_pb2_grpc,
+    recommender_pb2,
+    recommender_pb2_grpc,
+)
 
 
 class ClientError(RuntimeError):
@@ -32,6 +39,7 @@ class EncryptedScores:
     server_millis: float
     query_bytes: int
     response_bytes: int
+    from_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,14 +85,19 @@ class RecommenderClient:
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self._channel = channel(config.target, config.limits)
+        self._keyservice_channel = channel(config.keyservice_target, config.limits)
         self.stub = recommender_pb2_grpc.RecommenderStub(self._channel)
+        self.keyservice = keyservice_pb2_grpc.KeyServiceStub(self._keyservice_channel)
         self._params: HEParams | None = None
         self._codec: MaterialCodec | None = None
         self.keys: ClientKeys | None = None
         self.key_id: str | None = None
+        self.key_version: int = 0
+        self._profile: tuple[bytes, str] | None = None  # (query sha256, profile_ref)
 
     def close(self) -> None:
         self._channel.close()
+        self._keyservice_channel.close()
 
     def __enter__(self) -> RecommenderClient:
         return self
@@ -98,6 +111,7 @@ class RecommenderClient:
 
     def wait_ready(self, timeout: float) -> None:
         grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        grpc.channel_ready_future(self._keyservice_channel).result(timeout=timeout)
 
     def params(self) -> HEParams:
         if self._params is None:
@@ -115,18 +129,51 @@ class RecommenderClient:
         return created
 
     def register(self) -> str:
+        """Registers the public key and rotation keys with the key service (idempotent)."""
         keys = self._require_keys()
-        response = self.stub.RegisterEvalKeys(
-            recommender_pb2.RegisterEvalKeysRequest(
+        record = self.keyservice.RegisterKey(
+            keyservice_pb2.RegisterKeyRequest(
                 public_key=keys.public_key_bytes, rotation_key_map=keys.rotation_key_bytes
             ),
             timeout=self._deadline,
         )
         expected = hashlib.sha256(keys.public_key_bytes).hexdigest()
-        if response.key.key_id != expected:
-            raise ClientError("server returned a key id that is not the hash of our public key")
-        self.key_id = response.key.key_id
+        if record.key.key_id != expected:
+            raise ClientError("key service returned a key id that is not the hash of our public key")
+        self.key_id = record.key.key_id
+        self.key_version = self._version_of(record, keys)
         return self.key_id
+
+    def rotate(self, new_keys: ClientKeys, min_version: int = 0) -> int:
+        """Registers ``new_keys`` as the next version of this key; returns that version."""
+        if self.key_id is None:
+            raise ClientError("register before rotating")
+        record = self.keyservice.RotateKey(
+            keyservice_pb2.RotateKeyRequest(
+                key_id=self.key_id,
+                public_key=new_keys.public_key_bytes,
+                rotation_key_map=new_keys.rotation_key_bytes,
+                min_version=min_version,
+            ),
+            timeout=self._deadline,
+        )
+        self.keys = new_keys
+        self.key_version = record.key.version
+        self._profile = None
+        return self.key_version
+
+    @staticmethod
+    def _version_of(record: keyservice_pb2.KeyRecord, keys: ClientKeys) -> int:
+        digest = KeyMaterial(keys.public_key_bytes, keys.rotation_key_bytes).sha256
+        for v in record.versions:
+            if v.material_sha256 == digest:
+                return v.version
+        raise ClientError("the key service's record does not hold our key material")
+
+    def _key_ref(self) -> common_pb2.KeyRef:
+        if self.key_id is None:
+            self.register()
+        return common_pb2.KeyRef(key_id=self.key_id or "", version=self.key_version)
 
     def _require_keys(self) -> ClientKeys:
         if self.keys is None:
@@ -140,22 +187,51 @@ class RecommenderClient:
         pt = keys.cc.MakeCKKSPackedPlaintext(slots)
         return serialize(keys.cc.Encrypt(keys.public_key, pt))
 
-    def score(self, u: np.ndarray, pin_model: str = "") -> EncryptedScores:
-        """Encrypts ``u``, has the whole catalogue scored, and decrypts the scores locally."""
-        keys = self._require_keys()
-        if self.key_id is None:
-            self.register()
+    def upload_profile(self, u: np.ndarray) -> str:
+        """Uploads the encrypted interest vector once; later scores send only the reference."""
         query = self.encrypt_query(u)
-        response = self.stub.Score(
-            recommender_pb2.ScoreRequest(
-                key=common_pb2.KeyRef(key_id=self.key_id or "", version=1),
-                query_ciphertext=query,
-                model_version=pin_model,
-            ),
+        reply = self.stub.UploadProfile(
+            recommender_pb2.UploadProfileRequest(key=self._key_ref(), query_ciphertext=query),
             timeout=self._deadline,
         )
+        self._profile = (hashlib.sha256(query).digest(), reply.profile_ref)
+        return reply.profile_ref
+
+    def score(self, u: np.ndarray, pin_model: str = "", use_profile: bool = False) -> EncryptedScores:
+        """Encrypts ``u``, has the whole catalogue scored, and decrypts the scores locally.
+
+        With ``use_profile`` the ciphertext is uploaded once and later calls send its reference;
+        an expired reference is uploaded again transparently.
+        """
+        if not use_profile:
+            query = self.encrypt_query(u)
+            request = recommender_pb2.ScoreRequest(
+                key=self._key_ref(), query_ciphertext=query, model_version=pin_model
+            )
+            return self._decrypt(
+                self.stub.Score(request, timeout=self._deadline), hashlib.sha256(query).digest(), len(query)
+            )
+        for attempt in range(2):
+            if self._profile is None or attempt:
+                self.upload_profile(u)
+            assert self._profile is not None
+            query_sha, ref = self._profile
+            request = recommender_pb2.ScoreRequest(
+                key=self._key_ref(), profile_ref=ref, model_version=pin_model
+            )
+            try:
+                return self._decrypt(self.stub.Score(request, timeout=self._deadline), query_sha, 0)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND or attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _decrypt(
+        self, response: recommender_pb2.ScoreResponse, query_sha256: bytes, query_bytes: int
+    ) -> EncryptedScores:
+        keys = self._require_keys()
         blobs = list(response.score_ciphertexts)
-        if response.query_sha256 != hashlib.sha256(query).digest():
+        if response.query_sha256 != query_sha256:
             raise ClientError("server's receipt names another query")
         if response.response_sha256 != ciphertext_sha256(blobs):
             raise ClientError("server's response hash does not match the ciphertexts received")
@@ -176,8 +252,9 @@ class RecommenderClient:
             model_version=response.model_version,
             scores=packing.unpack_scores(decrypted, layout.item_count, p.slots),
             server_millis=response.server_millis,
-            query_bytes=len(query),
+            query_bytes=query_bytes,
             response_bytes=sum(len(b) for b in blobs),
+            from_cache=response.from_cache,
         )
 
     def items(

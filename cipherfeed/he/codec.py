@@ -20,10 +20,11 @@ from enum import Enum
 import numpy as np
 import openfhe
 
+from cipherfeed.errors import InvalidArgument
 from cipherfeed.he.params import HEParams, build_context, context_fingerprint
 
 
-class MaterialError(ValueError):
+class MaterialError(InvalidArgument):
     """Untrusted HE material was refused; the message says why and is safe to return to a caller."""
 
 

@@ -4,33 +4,41 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from cipherfeed.config import GrpcLimits
+from cipherfeed.cache import Cache, Keys
+from cipherfeed.config import GrpcLimits, RedisConfig
+from cipherfeed.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from cipherfeed.he.codec import MaterialCodec, ciphertext_sha256, serialize
 from cipherfeed.he.params import HEParams
+from cipherfeed.v1 import common_pb2, keyservice_pb2_grpc
 from services.recommender.artifact import ModelArtifact
-from services.recommender.evalkeys import EvalKeyRegistry
+from services.recommender.evalkeys import InstalledKeys, KeyResolver
 from services.recommender.scoring import EncryptedScorer
 
 log = logging.getLogger(__name__)
 MAX_ITEMS_PER_REQUEST = 1000
 
 
-class OversizeError(ValueError):
+class OversizeError(ResourceExhausted):
     """A request field exceeds its configured limit."""
 
 
-class UnknownItemError(LookupError):
+class UnknownItemError(NotFound):
     """An item index or id is not in the catalogue."""
 
 
-class ModelMismatchError(RuntimeError):
+class ModelMismatchError(FailedPrecondition):
     """The client pinned a model version that is not the one serving."""
+
+
+class UnknownProfileError(NotFound):
+    """The profile reference expired or never existed (upload the profile again)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class ScoreResult:
     query_sha256: bytes
     response_sha256: bytes
     server_millis: float
+    from_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,14 +66,30 @@ class ItemView:
     embedding: list[float] | None
 
 
+@dataclass(frozen=True)
+class KeyLimits:
+    max_count: int
+    max_bytes: int
+
+
 class RecommenderCore:
     def __init__(
-        self, model: ModelArtifact, params: HEParams, threads: int, max_keys: int, limits: GrpcLimits
+        self,
+        model: ModelArtifact,
+        params: HEParams,
+        threads: int,
+        limits: GrpcLimits,
+        keyservice: keyservice_pb2_grpc.KeyServiceStub,
+        key_limits: KeyLimits,
+        redis_config: RedisConfig | None = None,
+        keyservice_deadline: float = 10.0,
     ) -> None:
         self.model = model
         self.params = params
         self.limits = limits
         self.model_version = model.version
+        self.redis_config = redis_config or RedisConfig()
+        self.cache = Cache(self.redis_config)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckks")
         self.codec = MaterialCodec(params)
         t0 = time.perf_counter()
@@ -76,56 +101,101 @@ class RecommenderCore:
             self.scorer.block_count,
             time.perf_counter() - t0,
         )
-        self.registry = EvalKeyRegistry(self.codec, max_keys)
         t0 = time.perf_counter()
         self.codec.warm_up()
         log.info("learned the byte templates of queries and keys in %.1f s", time.perf_counter() - t0)
+        self.installed = InstalledKeys(self.codec, key_limits.max_count, key_limits.max_bytes)
+        self.keys = KeyResolver(
+            self.codec, self.installed, self.cache, self.redis_config, keyservice, keyservice_deadline
+        )
         self._index = {item_id: i for i, item_id in enumerate(model.item_ids)}
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.cache.close()
 
-    def register_keys(self, public_key: bytes, rotation_keys: bytes) -> str:
-        if len(rotation_keys) > self.limits.max_eval_key_bytes:
-            raise OversizeError(
-                f"rotation key map is {len(rotation_keys)} bytes; "
-                f"the limit is {self.limits.max_eval_key_bytes}"
-            )
-        key_id = self.registry.register(public_key, rotation_keys)
-        log.info("registered rotation keys %s (%d held)", key_id[:16], len(self.registry))
-        return key_id
+    def _check_query_size(self, query: bytes) -> None:
+        if len(query) > self.limits.max_query_bytes:
+            raise OversizeError(f"query is {len(query)} bytes; the limit is {self.limits.max_query_bytes}")
 
-    def score(self, key_id: str, query: bytes, pinned_model: str = "") -> ScoreResult:
+    def upload_profile(self, ref: common_pb2.KeyRef, query: bytes) -> tuple[str, int]:
+        """Stores a validated encrypted interest vector in the cache; returns (reference, expiry)."""
+        self._check_query_size(query)
+        _, version = self.keys.usable_version(ref)
+        self.codec.load_query(query)
+        if not self.cache.enabled:
+            raise Unavailable("profiles are kept in the cache, and none is configured; send the query inline")
+        profile_ref = secrets.token_urlsafe(24)
+        blob = _frame_profile(ref.key_id, version, query)
+        if not self.cache.set(Keys.profile(profile_ref), blob, self.redis_config.profile_ttl):
+            raise Unavailable("the cache is unavailable; send the query inline")
+        return profile_ref, int(time.time()) + self.redis_config.profile_ttl
+
+    def _profile(self, profile_ref: str, ref: common_pb2.KeyRef) -> tuple[bytes, int]:
+        blob = self.cache.get(Keys.profile(profile_ref)) if profile_ref else None
+        if blob is None:
+            raise UnknownProfileError("profile expired or unknown; upload it again")
+        key_id, version, query = _unframe_profile(blob)
+        if key_id != ref.key_id:
+            raise InvalidArgument("the profile was uploaded under another key")
+        return query, version
+
+    def score(
+        self, ref: common_pb2.KeyRef, query: bytes | None, profile_ref: str = "", pinned_model: str = ""
+    ) -> ScoreResult:
         if pinned_model and pinned_model != self.model_version:
             raise ModelMismatchError(
                 f"model {pinned_model[:16]} requested; this recommender serves {self.model_version[:16]}"
             )
-        if len(query) > self.limits.max_query_bytes:
-            raise OversizeError(f"query is {len(query)} bytes; the limit is {self.limits.max_query_bytes}")
         started = time.perf_counter()
+        if query is None:
+            query, profile_version = self._profile(profile_ref, ref)
+            ref = common_pb2.KeyRef(key_id=ref.key_id, version=profile_version)
+        self._check_query_size(query)
+        query_sha256 = hashlib.sha256(query).digest()
+        _, version = self.keys.usable_version(ref)  # a disabled key is refused, even from the cache
+        result_key = Keys.result(self.model_version, ref.key_id, version, query_sha256.hex())
+        cached = self.cache.get(result_key)
+        if cached is not None:
+            blobs = _unframe_blobs(cached)
+            return self._result(blobs, query_sha256, started, from_cache=True)
         ct = self.codec.load_query(query)
-        with self.registry.use(key_id) as tag:
-            ct.SetKeyTag(tag)
-            outputs, timing = self.scorer.score(ct)
+        for _ in range(3):  # the keys may be evicted between resolve and use: resolve again
+            tag, version = self.keys.resolve(common_pb2.KeyRef(key_id=ref.key_id, version=version))
+            with self.installed.use(tag) as present:
+                if present:
+                    ct.SetKeyTag(tag)
+                    outputs, timing = self.scorer.score(ct)
+                    break
+        else:
+            raise Unavailable("rotation keys were evicted repeatedly under load; retry")
         blobs = list(self.pool.map(serialize, outputs))
-        elapsed = 1e3 * (time.perf_counter() - started)
+        self.cache.set(result_key, _frame_blobs(blobs), self.redis_config.result_ttl)
+        result = self._result(blobs, query_sha256, started, from_cache=False)
         log.info(
-            "scored %d items for key %s: rotations %.1f ms, blocks %.1f ms, total %.1f ms",
+            "scored %d items for key %s v%d: rotations %.1f ms, blocks %.1f ms, total %.1f ms",
             self.model.item_count,
-            key_id[:16],
+            ref.key_id[:16],
+            version,
             timing.rotations_ms,
             timing.blocks_ms,
-            elapsed,
+            result.server_millis,
         )
+        return result
+
+    def _result(
+        self, blobs: list[bytes], query_sha256: bytes, started: float, from_cache: bool
+    ) -> ScoreResult:
         return ScoreResult(
             model_version=self.model_version,
             item_count=self.model.item_count,
             items_per_ciphertext=self.params.items_per_ciphertext,
             slots=self.params.slots,
             ciphertexts=blobs,
-            query_sha256=hashlib.sha256(query).digest(),
+            query_sha256=query_sha256,
             response_sha256=ciphertext_sha256(blobs),
-            server_millis=elapsed,
+            server_millis=1e3 * (time.perf_counter() - started),
+            from_cache=from_cache,
         )
 
     def items(self, indices: list[int], item_ids: list[str], include_embedding: bool) -> list[ItemView]:
@@ -162,3 +232,31 @@ def item_url(creator_id: str, item_id: str) -> str:
     if creator_id.startswith("syn-"):
         return f"synthetic://{creator_id}/{item_id}"
     return f"https://www.tiktok.com/@{creator_id}/video/{item_id}"
+
+
+def _frame_profile(key_id: str, version: int, query: bytes) -> bytes:
+    kid = key_id.encode()
+    return b"CFPROF1" + len(kid).to_bytes(1, "big") + kid + version.to_bytes(4, "big") + query
+
+
+def _unframe_profile(blob: bytes) -> tuple[str, int, bytes]:
+    if not blob.startswith(b"CFPROF1"):
+        raise UnknownProfileError("stored profile is unreadable; upload it again")
+    n = blob[7]
+    key_id = blob[8 : 8 + n].decode()
+    version = int.from_bytes(blob[8 + n : 12 + n], "big")
+    return key_id, version, blob[12 + n :]
+
+
+def _frame_blobs(blobs: list[bytes]) -> bytes:
+    return len(blobs).to_bytes(4, "big") + b"".join(len(b).to_bytes(8, "big") + b for b in blobs)
+
+
+def _unframe_blobs(data: bytes) -> list[bytes]:
+    count = int.from_bytes(data[:4], "big")
+    pos, blobs = 4, []
+    for _ in range(count):
+        size = int.from_bytes(data[pos : pos + 8], "big")
+        blobs.append(data[pos + 8 : pos + 8 + size])
+        pos += 8 + size
+    return blobs

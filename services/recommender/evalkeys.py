@@ -1,100 +1,206 @@
-"""Clients' rotation keys held in this process (interim, until the key service issue lands).
+"""Clients' rotation keys on a recommender: the key state is checked on every request; material
+comes from the in-process set, else Redis, else the key service, verified against the SHA-256 the
+key service recorded.
 
-OpenFHE evaluates a rotation with the keys filed under the ciphertext's key tag in one global map.
-Keys are filed under the key id the server derives (SHA-256 of the public key), never under a tag
-the client chose, and the query is re-tagged before use, so one client cannot replace another's
-keys. Insertion and eviction take the write lock; evaluation holds the read lock throughout.
+Keys are installed in OpenFHE's global map under ``<key_id>:<version>``, a tag this process
+chooses, and the query is re-tagged before use. The installed set is an LRU bounded by count and
+bytes; eviction removes the keys from OpenFHE's map, so memory stays flat however many users come
+and go. Insertion and eviction take the write lock; evaluation holds the read lock throughout.
 """
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
-import numpy as np
-import openfhe
+import grpc
 
+from cipherfeed.cache import Cache, Keys
+from cipherfeed.config import RedisConfig
+from cipherfeed.errors import FailedPrecondition, NotFound, Unavailable
+from cipherfeed.he import keymap
 from cipherfeed.he.codec import MaterialCodec, MaterialError
-from services.recommender.rwlock import ReadWriteLock
+from cipherfeed.he.keymap import EVAL_KEY_LOCK, KeyMaterial
+from cipherfeed.keystate import KeyState, KeyStatus
+from cipherfeed.v1 import common_pb2, keyservice_pb2, keyservice_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 
-class UnknownKeyError(LookupError):
-    """No rotation keys are registered under that key id (never registered, or evicted)."""
+class UnknownKeyError(NotFound):
+    """The key service has no key with that id."""
 
 
-def key_id_for(public_key: bytes) -> str:
-    return hashlib.sha256(public_key).hexdigest()
+@dataclass
+class InstallStats:
+    installs: int = 0
+    evictions: int = 0
+    fetched_from_cache: int = 0
+    fetched_from_keyservice: int = 0
 
 
-class EvalKeyRegistry:
-    def __init__(self, codec: MaterialCodec, capacity: int) -> None:
+class InstalledKeys:
+    def __init__(self, codec: MaterialCodec, max_count: int, max_bytes: int) -> None:
         self.codec = codec
-        self.capacity = capacity
-        self.lock = ReadWriteLock()
-        self._lru: OrderedDict[str, None] = OrderedDict()
-        self._lru_lock = threading.Lock()
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.stats = InstallStats()
+        self._lru: OrderedDict[str, int] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
 
-    def register(self, public_key: bytes, rotation_keys: bytes) -> str:
-        """Validates and installs a client's rotation keys; returns the key id."""
-        pk = self.codec.load_public_key(public_key)
-        key_map = self.codec.load_rotation_keys(rotation_keys)
-        key_id = key_id_for(public_key)
-        cc = self.codec.cc
-        with self.lock.write():
-            cc.InsertEvalAutomorphismKey(key_map, key_id)
-        try:
-            self._trial_rotations(pk, key_id)
-        except MaterialError:
-            self._remove(key_id)
-            raise
-        evicted: list[str] = []
-        with self._lru_lock:
-            self._lru[key_id] = None
-            self._lru.move_to_end(key_id)
-            while len(self._lru) > self.capacity:
-                evicted.append(self._lru.popitem(last=False)[0])
-        for old in evicted:
-            self._remove(old)
-        return key_id
-
-    def _trial_rotations(self, pk: openfhe.PublicKey, key_id: str) -> None:
-        """Every required rotation must run with the installed keys on a ciphertext under ``pk``."""
-        cc = self.codec.cc
-        zeros = cc.MakeCKKSPackedPlaintext(np.zeros(self.codec.params.slots, dtype=np.complex128))
-        probe = cc.Encrypt(pk, zeros)
-        probe.SetKeyTag(key_id)
-        with self.lock.read():
-            try:
-                pre = cc.EvalFastRotationPrecompute(probe)
-                for index in self.codec.params.rotation_indices:
-                    cc.EvalFastRotation(probe, index, 2 * cc.GetRingDimension(), pre)
-            except Exception as exc:
-                raise MaterialError(
-                    f"rotation keys do not cover the required indices {self.codec.params.rotation_indices}"
-                    f" or do not match the public key ({type(exc).__name__})"
-                ) from None
-
-    def _remove(self, key_id: str) -> None:
-        with self.lock.write():
-            self.codec.cc.InsertEvalAutomorphismKey(openfhe.EvalKeyMap(), key_id)
-
-    def __contains__(self, key_id: str) -> bool:
-        with self._lru_lock:
-            return key_id in self._lru
-
-    def __len__(self) -> int:
-        with self._lru_lock:
+    @property
+    def count(self) -> int:
+        with self._lock:
             return len(self._lru)
 
+    @property
+    def bytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def touch(self, tag: str) -> bool:
+        with self._lock:
+            if tag not in self._lru:
+                return False
+            self._lru.move_to_end(tag)
+            return True
+
+    def install(self, tag: str, rotation_keys: bytes) -> None:
+        keymap.install(self.codec, tag, rotation_keys)
+        evict: list[str] = []
+        with self._lock:
+            if tag in self._lru:
+                self._bytes -= self._lru.pop(tag)
+            self._lru[tag] = len(rotation_keys)
+            self._bytes += len(rotation_keys)
+            self.stats.installs += 1
+            while len(self._lru) > 1 and (len(self._lru) > self.max_count or self._bytes > self.max_bytes):
+                old, size = self._lru.popitem(last=False)
+                self._bytes -= size
+                evict.append(old)
+        for old in evict:
+            keymap.remove(self.codec, old)
+            with self._lock:
+                self.stats.evictions += 1
+
+    def remove(self, tag: str) -> None:
+        with self._lock:
+            size = self._lru.pop(tag, None)
+            if size is None:
+                return
+            self._bytes -= size
+        keymap.remove(self.codec, tag)
+
+    def remove_key(self, key_id: str) -> None:
+        with self._lock:
+            tags = [t for t in self._lru if t.startswith(key_id + ":")]
+        for tag in tags:
+            self.remove(tag)
+
     @contextmanager
-    def use(self, key_id: str) -> Iterator[str]:
-        """Holds the read lock while the caller evaluates with ``key_id``'s keys."""
-        with self.lock.read():
-            with self._lru_lock:
-                if key_id not in self._lru:
-                    raise UnknownKeyError(f"no rotation keys registered under key id {key_id!r}")
-                self._lru.move_to_end(key_id)
-            yield key_id
+    def use(self, tag: str) -> Iterator[bool]:
+        """Holds the read lock; yields whether ``tag`` is (still) installed."""
+        with EVAL_KEY_LOCK.read():
+            with self._lock:
+                present = tag in self._lru
+            yield present
+
+
+class KeyResolver:
+    def __init__(
+        self,
+        codec: MaterialCodec,
+        installed: InstalledKeys,
+        cache: Cache,
+        redis_config: RedisConfig,
+        keyservice: keyservice_pb2_grpc.KeyServiceStub,
+        deadline_seconds: float,
+    ) -> None:
+        self.codec = codec
+        self.installed = installed
+        self.cache = cache
+        self.redis_config = redis_config
+        self.keyservice = keyservice
+        self.deadline = deadline_seconds
+        self._fetch_locks: dict[str, threading.Lock] = {}
+        self._fetch_locks_guard = threading.Lock()
+
+    def _call(self, method: str, request: object) -> object:
+        try:
+            return getattr(self.keyservice, method)(request, timeout=self.deadline)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise UnknownKeyError(exc.details() or "unknown key") from None
+            if code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise FailedPrecondition(exc.details() or "key state forbids its use") from None
+            raise Unavailable(f"key service: {code.name}: {exc.details()}") from None
+
+    def status(self, key_id: str) -> KeyStatus:
+        """The key's state: Redis (written by the key service on every change), else the key service."""
+        cached = self.cache.get(Keys.key_state(key_id))
+        if cached is not None:
+            try:
+                return KeyStatus.from_json(cached)
+            except (ValueError, KeyError):
+                log.warning("unreadable key state in the cache for %s; asking the key service", key_id[:16])
+        record = self._call("GetKey", keyservice_pb2.GetKeyRequest(key_id=key_id))
+        return KeyStatus(
+            key_id=key_id,
+            state=KeyState(keyservice_pb2.KeyState.Name(record.state)),
+            current_version=record.key.version,
+            min_version=record.min_version,
+            material_sha256={
+                v.version: v.material_sha256.hex() for v in record.versions if v.material_sha256
+            },
+        )
+
+    def usable_version(self, ref: common_pb2.KeyRef) -> tuple[KeyStatus, int]:
+        if not ref.key_id:
+            raise MaterialError("key.key_id is required")
+        status = self.status(ref.key_id)
+        if status.state is KeyState.DESTROYED:
+            self.installed.remove_key(ref.key_id)
+        return status, status.check_usable(ref.version)
+
+    def resolve(self, ref: common_pb2.KeyRef) -> tuple[str, int]:
+        """The OpenFHE tag holding usable rotation keys for ``ref``, installing them if needed."""
+        status, version = self.usable_version(ref)
+        tag = f"{ref.key_id}:{version}"
+        if self.installed.touch(tag):
+            return tag, version
+        with self._fetch_lock(tag):
+            if not self.installed.touch(tag):
+                material = self._fetch(ref.key_id, version, status.material_sha256[version])
+                self.installed.install(tag, material.rotation_keys)
+        return tag, version
+
+    def _fetch_lock(self, tag: str) -> threading.Lock:
+        with self._fetch_locks_guard:
+            return self._fetch_locks.setdefault(tag, threading.Lock())
+
+    def _fetch(self, key_id: str, version: int, expected_sha256: str) -> KeyMaterial:
+        cache_key = Keys.eval_keys(key_id, version)
+        blob = self.cache.get(cache_key)
+        if blob is not None:
+            material = KeyMaterial.from_bytes(blob)
+            if material.sha256.hex() == expected_sha256:
+                self.installed.stats.fetched_from_cache += 1
+                return material
+            log.warning(
+                "cached rotation keys for %s v%d do not match their hash; refetching", key_id[:16], version
+            )
+        reply = self._call("GetEvalKeys", keyservice_pb2.GetKeyRequest(key_id=key_id, version=version))
+        material = KeyMaterial(public_key=reply.public_key, rotation_keys=reply.rotation_key_map)
+        if material.sha256.hex() != expected_sha256:
+            raise Unavailable(
+                f"key service returned material for {key_id[:16]} v{version} that fails its hash"
+            )
+        self.installed.stats.fetched_from_keyservice += 1
+        self.cache.set(cache_key, material.to_bytes(), self.redis_config.eval_keys_ttl)
+        return material

@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 from cipherfeed.config import ConfigError, RecommenderConfig
-from cipherfeed.grpcutil import RunningServer, start_server, wait_for_shutdown
+from cipherfeed.grpcutil import RunningServer, channel, start_server, wait_for_shutdown
 from cipherfeed.he.params import MESH_PARAMS, HEParams
-from cipherfeed.v1 import recommender_pb2, recommender_pb2_grpc
+from cipherfeed.v1 import keyservice_pb2_grpc, recommender_pb2, recommender_pb2_grpc
 from services.recommender import artifact
 from services.recommender.artifact import ModelArtifact
-from services.recommender.core import RecommenderCore
+from services.recommender.core import KeyLimits, RecommenderCore
 from services.recommender.dataset import load_profiles
 from services.recommender.model import train
 from services.recommender.servicer import RecommenderServicer
@@ -36,10 +36,26 @@ def load_or_train(config: RecommenderConfig) -> ModelArtifact:
     return model
 
 
+def build_core(
+    config: RecommenderConfig, model: ModelArtifact, params: HEParams = MESH_PARAMS
+) -> RecommenderCore:
+    keyservice = keyservice_pb2_grpc.KeyServiceStub(channel(config.keyservice_target, config.limits))
+    return RecommenderCore(
+        model,
+        params,
+        config.scoring_threads,
+        config.limits,
+        keyservice,
+        KeyLimits(max_count=config.max_registered_keys, max_bytes=config.max_registered_key_bytes),
+        redis_config=config.redis,
+        keyservice_deadline=config.keyservice_deadline_seconds,
+    )
+
+
 def serve(
     config: RecommenderConfig, model: ModelArtifact, params: HEParams = MESH_PARAMS
 ) -> tuple[RunningServer, RecommenderCore]:
-    core = RecommenderCore(model, params, config.scoring_threads, config.max_registered_keys, config.limits)
+    core = build_core(config, model, params)
     servicer = RecommenderServicer(core)
     running = start_server(
         lambda server: recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, server),
@@ -48,7 +64,13 @@ def serve(
         config.limits,
         config.grpc_workers,
     )
-    log.info("recommender serving model %s on port %d", core.model_version[:16], running.port)
+    log.info(
+        "recommender serving model %s on port %d (key service %s, cache %s)",
+        core.model_version[:16],
+        running.port,
+        config.keyservice_target,
+        "redis" if core.cache.enabled else "none",
+    )
     return running, core
 
 

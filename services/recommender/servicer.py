@@ -2,51 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-import logging
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
-from cipherfeed.he.codec import MaterialError
+from cipherfeed.grpcutil import grpc_errors
 from cipherfeed.v1 import common_pb2, recommender_pb2, recommender_pb2_grpc
-from services.recommender.core import (
-    ModelMismatchError,
-    OversizeError,
-    RecommenderCore,
-    UnknownItemError,
-)
-from services.recommender.evalkeys import UnknownKeyError
-
-log = logging.getLogger(__name__)
-R = TypeVar("R")
-
-STATUS_FOR = (
-    (MaterialError, grpc.StatusCode.INVALID_ARGUMENT),
-    (OversizeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (UnknownKeyError, grpc.StatusCode.NOT_FOUND),
-    (UnknownItemError, grpc.StatusCode.NOT_FOUND),
-    (ModelMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
-)
-
-
-def grpc_errors(method: Callable[..., R]) -> Callable[..., R]:
-    """Maps domain errors to precise status codes; anything else is INTERNAL without details."""
-
-    @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> R:
-        try:
-            return method(self, request, context)
-        except Exception as exc:
-            for error_type, code in STATUS_FOR:
-                if isinstance(exc, error_type):
-                    context.abort(code, str(exc))
-            log.exception("unexpected error in %s", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error")
-            raise  # unreachable: abort raises
-
-    return wrapper
+from services.recommender.core import RecommenderCore
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
@@ -83,15 +45,19 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         )
 
     @grpc_errors
-    def RegisterEvalKeys(self, request: Any, context: grpc.ServicerContext) -> Any:
-        key_id = self.core.register_keys(request.public_key, request.rotation_key_map)
-        return recommender_pb2.RegisterEvalKeysResponse(key=common_pb2.KeyRef(key_id=key_id, version=1))
+    def UploadProfile(self, request: Any, context: grpc.ServicerContext) -> Any:
+        ref, expires = self.core.upload_profile(request.key, request.query_ciphertext)
+        return recommender_pb2.ProfileRef(profile_ref=ref, expires_unix=expires)
 
     @grpc_errors
     def Score(self, request: Any, context: grpc.ServicerContext) -> Any:
-        if not request.key.key_id:
-            raise MaterialError("key.key_id is required")
-        result = self.core.score(request.key.key_id, request.query_ciphertext, request.model_version)
+        which = request.WhichOneof("query")
+        result = self.core.score(
+            request.key,
+            request.query_ciphertext if which != "profile_ref" else None,
+            profile_ref=request.profile_ref,
+            pinned_model=request.model_version,
+        )
         return recommender_pb2.ScoreResponse(
             model_version=result.model_version,
             layout=common_pb2.ScoreLayout(
@@ -103,6 +69,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             query_sha256=result.query_sha256,
             response_sha256=result.response_sha256,
             server_millis=result.server_millis,
+            from_cache=result.from_cache,
         )
 
     @grpc_errors

@@ -1,0 +1,71 @@
+"""Runs the key service: ``python -m services.keyservice.server``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from cipherfeed.cache import Cache
+from cipherfeed.config import ConfigError, KeyServiceConfig
+from cipherfeed.grpcutil import RunningServer, start_server, wait_for_shutdown
+from cipherfeed.he.codec import MaterialCodec
+from cipherfeed.he.params import MESH_PARAMS, HEParams
+from cipherfeed.v1 import keyservice_pb2, keyservice_pb2_grpc
+from services.keyservice.core import KeyServiceCore
+from services.keyservice.envelope import MasterKey
+from services.keyservice.servicer import KeyServiceServicer
+from services.keyservice.store import KeyStore
+
+log = logging.getLogger("cipherfeed.keyservice")
+SERVICE_NAME = keyservice_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
+
+
+def build_core(config: KeyServiceConfig, params: HEParams = MESH_PARAMS) -> KeyServiceCore:
+    store = KeyStore(config.sqlite_path)
+    master = MasterKey.load(config.master_key_file, config.state_dir)
+    codec = MaterialCodec(params)
+    codec.warm_up()
+    core = KeyServiceCore(
+        store,
+        master,
+        codec,
+        Cache(config.redis),
+        key_state_ttl=config.redis.key_state_ttl,
+        max_material_bytes=config.limits.max_eval_key_bytes,
+    )
+    for name in config.signing_key_names:
+        core.ensure_signing_key(name)
+    return core
+
+
+def serve(config: KeyServiceConfig, params: HEParams = MESH_PARAMS) -> tuple[RunningServer, KeyServiceCore]:
+    core = build_core(config, params)
+    servicer = KeyServiceServicer(core)
+    running = start_server(
+        lambda server: keyservice_pb2_grpc.add_KeyServiceServicer_to_server(servicer, server),
+        [SERVICE_NAME],
+        config.listen,
+        config.limits,
+        config.grpc_workers,
+    )
+    log.info("key service on port %d, store %s", running.port, config.sqlite_path)
+    return running, core
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = KeyServiceConfig.from_env()
+        running, core = serve(config)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"keyservice: {exc}", file=sys.stderr)
+        return 2
+    print(f"keyservice listening on port {running.port}", flush=True)
+    wait_for_shutdown(running)
+    core.close()
+    core.store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

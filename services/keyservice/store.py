@@ -1,0 +1,209 @@
+"""Durable key storage: SQLite in WAL mode with synchronous=FULL (an acknowledged change survives a
+crash), secure_delete (destroyed material is zeroed, not left in free pages) and an audit table
+that triggers make append-only. Every change and its audit entry commit in one transaction."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cipherfeed.he.keymap import KeyMaterial
+from cipherfeed.keystate import KeyState
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS he_keys (
+  key_id TEXT PRIMARY KEY,
+  state TEXT NOT NULL CHECK (state IN ('ENABLED', 'DISABLED', 'DESTROYED')),
+  current_version INTEGER NOT NULL,
+  min_version INTEGER NOT NULL,
+  created_unix INTEGER NOT NULL,
+  updated_unix INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS he_key_versions (
+  key_id TEXT NOT NULL REFERENCES he_keys(key_id),
+  version INTEGER NOT NULL,
+  public_key BLOB,
+  rotation_keys BLOB,
+  material_sha256 BLOB,
+  material_bytes INTEGER NOT NULL,
+  created_unix INTEGER NOT NULL,
+  PRIMARY KEY (key_id, version)
+);
+CREATE TABLE IF NOT EXISTS signing_keys (
+  name TEXT NOT NULL,
+  version INTEGER NOT NULL,
+  public_key BLOB NOT NULL,
+  wrapped_private_key BLOB NOT NULL,
+  created_unix INTEGER NOT NULL,
+  PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS audit (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  unix_millis INTEGER NOT NULL,
+  action TEXT NOT NULL,
+  subject TEXT NOT NULL,
+  version INTEGER NOT NULL,
+  detail TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+  BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+  BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    version: int
+    material_sha256: bytes | None
+    material_bytes: int
+    created_unix: int
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    key_id: str
+    state: KeyState
+    current_version: int
+    min_version: int
+    created_unix: int
+    updated_unix: int
+    versions: tuple[VersionRow, ...]
+
+
+@dataclass(frozen=True)
+class SigningRow:
+    name: str
+    version: int
+    public_key: bytes
+    wrapped_private_key: bytes
+    created_unix: int
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    seq: int
+    unix_millis: int
+    action: str
+    subject: str
+    version: int
+    detail: str
+
+
+class KeyStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.RLock()
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", "secure_delete=ON", "foreign_keys=ON"):
+            self._db.execute(f"PRAGMA {pragma}")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @staticmethod
+    def audit(
+        db: sqlite3.Connection, action: str, subject: str, version: int, detail: dict[str, Any]
+    ) -> None:
+        db.execute(
+            "INSERT INTO audit (unix_millis, action, subject, version, detail) VALUES (?, ?, ?, ?, ?)",
+            (int(time.time() * 1000), action, subject, version, json.dumps(detail, sort_keys=True)),
+        )
+
+    # --- client HE keys -------------------------------------------------------------------
+
+    def key(self, key_id: str) -> KeyRow | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT key_id, state, current_version, min_version, created_unix, updated_unix"
+                " FROM he_keys WHERE key_id = ?",
+                (key_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            versions = self._db.execute(
+                "SELECT version, material_sha256, material_bytes, created_unix FROM he_key_versions"
+                " WHERE key_id = ? ORDER BY version",
+                (key_id,),
+            ).fetchall()
+        return KeyRow(
+            key_id=row[0],
+            state=KeyState(row[1]),
+            current_version=row[2],
+            min_version=row[3],
+            created_unix=row[4],
+            updated_unix=row[5],
+            versions=tuple(VersionRow(*v) for v in versions),
+        )
+
+    def material(self, key_id: str, version: int) -> KeyMaterial | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT public_key, rotation_keys FROM he_key_versions WHERE key_id = ? AND version = ?",
+                (key_id, version),
+            ).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return KeyMaterial(public_key=bytes(row[0]), rotation_keys=bytes(row[1]))
+
+    @staticmethod
+    def insert_version(
+        db: sqlite3.Connection, key_id: str, version: int, material: KeyMaterial, now: int
+    ) -> None:
+        db.execute(
+            "INSERT INTO he_key_versions (key_id, version, public_key, rotation_keys, material_sha256,"
+            " material_bytes, created_unix) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                key_id,
+                version,
+                material.public_key,
+                material.rotation_keys,
+                material.sha256,
+                material.size,
+                now,
+            ),
+        )
+
+    # --- signing keys ---------------------------------------------------------------------
+
+    def signing_keys(self, name: str | None = None) -> list[SigningRow]:
+        with self._lock:
+            query = "SELECT name, version, public_key, wrapped_private_key, created_unix FROM signing_keys"
+            rows = (
+                self._db.execute(query + " WHERE name = ? ORDER BY version", (name,)).fetchall()
+                if name
+                else self._db.execute(query + " ORDER BY name, version").fetchall()
+            )
+        return [SigningRow(r[0], r[1], bytes(r[2]), bytes(r[3]), r[4]) for r in rows]
+
+    # --- audit ----------------------------------------------------------------------------
+
+    def audit_entries(self, after_seq: int, limit: int) -> list[AuditRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, unix_millis, action, subject, version, detail FROM audit WHERE seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall()
+        return [AuditRow(*r) for r in rows]
