@@ -99,6 +99,11 @@ class Cache:
                 log.info("redis is answering again; caching resumed")
             self._backoff = self.config.min_backoff
 
+    def retry_now(self) -> None:
+        """Ends the current bypass interval: the next call asks Redis again."""
+        with self._lock:
+            self._down_until = 0.0
+
     def get(self, key: str) -> bytes | None:
         client = self._usable()
         if client is None:

@@ -8,6 +8,7 @@ import openfhe
 import pytest
 
 from cipherfeed.client import keystore
+from cipherfeed.he import globalkeys
 from cipherfeed.he.codec import Kind, serialize
 from cipherfeed.he.params import MESH_PARAMS, HEParams, build_context
 from cipherfeed.v1 import (
@@ -201,9 +202,9 @@ def test_invalid_key_material_is_refused_by_the_key_service(
     # Same size as a valid map but the wrong rotations (a 9-key set missing 48): the trial rotation fails.
     cc = keys.cc
     kp = cc.KeyGen()
-    cc.EvalRotateKeyGen(kp.secretKey, [1, 2, 3, 4, 8, 12, 16, 32, 5])
-    wrong = serialize(cc.GetEvalAutomorphismKeyMap(kp.publicKey.GetKeyTag()))
-    cc.InsertEvalAutomorphismKey(openfhe.EvalKeyMap(), kp.publicKey.GetKeyTag())
+    wrong = globalkeys.generate_serialized(
+        cc, kp.secretKey, [1, 2, 3, 4, 8, 12, 16, 32, 5], kp.publicKey.GetKeyTag()
+    )
     expect(STATUS.INVALID_ARGUMENT, register, ks, serialize(kp.publicKey), wrong, match="required indices")
     # Keys for another ring size.
     other = keystore.generate(HEParams(ring_dimension=16384))

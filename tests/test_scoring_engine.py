@@ -6,7 +6,7 @@ import numpy as np
 import openfhe
 
 from cipherfeed.client import keystore
-from cipherfeed.he import packing
+from cipherfeed.he import globalkeys, packing
 from cipherfeed.he.params import MESH_PARAMS
 from services.recommender.scoring import EncryptedScorer
 from services.recommender.synthetic import synthetic_catalogue
@@ -17,9 +17,7 @@ def test_synthetic_catalogue_scores_match_plaintext_across_blocks():
     keys = keystore.generate(MESH_PARAMS)
     cc = keys.cc
     tag = "engine-test"
-    cc.InsertEvalAutomorphismKey(
-        openfhe.DeserializeEvalKeyMapString(keys.rotation_key_bytes, openfhe.BINARY), tag
-    )
+    globalkeys.file(cc, openfhe.DeserializeEvalKeyMapString(keys.rotation_key_bytes, openfhe.BINARY), tag)
     with ThreadPoolExecutor(2) as pool:
         scorer = EncryptedScorer(model, MESH_PARAMS, pool)
         assert scorer.block_count == 3
@@ -29,7 +27,7 @@ def test_synthetic_catalogue_scores_match_plaintext_across_blocks():
         ct = cc.Encrypt(keys.public_key, cc.MakeCKKSPackedPlaintext(packing.replicate_query(u, 64, 4096)))
         ct.SetKeyTag(tag)
         outputs, timing = scorer.score(ct)
-    cc.InsertEvalAutomorphismKey(openfhe.EvalKeyMap(), tag)
+    globalkeys.drop(cc, tag)
     assert all(o.GetLevel() == 1 for o in outputs)  # one limb left: the smallest modulus
     decrypted = []
     for o in outputs:

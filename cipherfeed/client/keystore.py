@@ -10,6 +10,7 @@ from pathlib import Path
 
 import openfhe
 
+from cipherfeed.he import globalkeys
 from cipherfeed.he.codec import serialize
 from cipherfeed.he.params import HEParams, build_context, context_fingerprint
 
@@ -37,9 +38,8 @@ def generate(params: HEParams) -> ClientKeys:
     cc = build_context(params)
     kp = cc.KeyGen()
     tag = kp.publicKey.GetKeyTag()
-    cc.EvalRotateKeyGen(kp.secretKey, params.rotation_indices)
-    rotation = serialize(cc.GetEvalAutomorphismKeyMap(tag))
-    cc.InsertEvalAutomorphismKey(openfhe.EvalKeyMap(), tag)  # the client never rotates
+    # The client never rotates: the keys are serialized for upload and not kept in OpenFHE's map.
+    rotation = globalkeys.generate_serialized(cc, kp.secretKey, params.rotation_indices, tag)
     return ClientKeys(params, cc, kp.secretKey, kp.publicKey, serialize(kp.publicKey), rotation)
 
 

@@ -204,13 +204,7 @@ class RecommenderClient:
         an expired reference is uploaded again transparently.
         """
         if not use_profile:
-            query = self.encrypt_query(u)
-            request = recommender_pb2.ScoreRequest(
-                key=self._key_ref(), query_ciphertext=query, model_version=pin_model
-            )
-            return self._decrypt(
-                self.stub.Score(request, timeout=self._deadline), hashlib.sha256(query).digest(), len(query)
-            )
+            return self.score_ciphertext(self.encrypt_query(u), pin_model)
         for attempt in range(2):
             if self._profile is None or attempt:
                 self.upload_profile(u)
@@ -225,6 +219,15 @@ class RecommenderClient:
                 if exc.code() != grpc.StatusCode.NOT_FOUND or attempt:
                     raise
         raise AssertionError("unreachable")
+
+    def score_ciphertext(self, query: bytes, pin_model: str = "") -> EncryptedScores:
+        """Scores an already encrypted query; sending the same bytes again (a retry) is answered
+        from the server's result cache without recomputation."""
+        request = recommender_pb2.ScoreRequest(
+            key=self._key_ref(), query_ciphertext=query, model_version=pin_model
+        )
+        response = self.stub.Score(request, timeout=self._deadline)
+        return self._decrypt(response, hashlib.sha256(query).digest(), len(query))
 
     def _decrypt(
         self, response: recommender_pb2.ScoreResponse, query_sha256: bytes, query_bytes: int

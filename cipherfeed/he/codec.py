@@ -21,6 +21,7 @@ import numpy as np
 import openfhe
 
 from cipherfeed.errors import InvalidArgument
+from cipherfeed.he import globalkeys
 from cipherfeed.he.params import HEParams, build_context, context_fingerprint
 
 
@@ -100,12 +101,7 @@ class MaterialCodec:
         if kind is Kind.QUERY:
             zeros = np.zeros(self.params.slots, dtype=np.complex128)
             return serialize(self.cc.Encrypt(kp.publicKey, self.cc.MakeCKKSPackedPlaintext(zeros))), tag
-        self.cc.EvalRotateKeyGen(kp.secretKey, self.params.rotation_indices)
-        try:
-            return serialize(self.cc.GetEvalAutomorphismKeyMap(tag)), tag
-        finally:
-            # Reference keys live in OpenFHE's global map under a random tag; drop them at once.
-            self.cc.InsertEvalAutomorphismKey(openfhe.EvalKeyMap(), tag)
+        return globalkeys.generate_serialized(self.cc, kp.secretKey, self.params.rotation_indices, tag), tag
 
     def template(self, kind: Kind) -> ByteTemplate:
         with self._lock:

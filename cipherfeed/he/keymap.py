@@ -1,9 +1,6 @@
-"""OpenFHE's process-wide evaluation-key map, used safely.
-
-OpenFHE keeps rotation keys in one global ``std::map`` keyed by tag, with no lock. Evaluations may
-run together (read lock); inserting or removing keys takes the write lock. Keys are filed under
-tags this process chooses, never under a tag a client supplied.
-"""
+"""Clients' public key material: framing, hashing, installing in and removing from OpenFHE's
+map (through ``globalkeys``), and validation. Keys are filed under tags this process chooses,
+never under a tag a client supplied."""
 
 from __future__ import annotations
 
@@ -12,12 +9,12 @@ import secrets
 from dataclasses import dataclass
 
 import numpy as np
-import openfhe
 
+from cipherfeed.he import globalkeys
 from cipherfeed.he.codec import MaterialCodec, MaterialError
-from cipherfeed.he.rwlock import ReadWriteLock
+from cipherfeed.he.globalkeys import EVAL_KEY_LOCK
 
-EVAL_KEY_LOCK = ReadWriteLock()  # one per process, like OpenFHE's map
+__all__ = ["EVAL_KEY_LOCK", "KeyMaterial", "install", "remove", "validate"]
 
 
 @dataclass(frozen=True)
@@ -54,15 +51,12 @@ class KeyMaterial:
 
 def install(codec: MaterialCodec, tag: str, rotation_keys: bytes) -> None:
     """Deserializes (checked) and files the rotation keys under ``tag``."""
-    key_map = codec.load_rotation_keys(rotation_keys)
-    with EVAL_KEY_LOCK.write():
-        codec.cc.InsertEvalAutomorphismKey(key_map, tag)
+    globalkeys.file(codec.cc, codec.load_rotation_keys(rotation_keys), tag)
 
 
 def remove(codec: MaterialCodec, tag: str) -> None:
-    """Frees the keys filed under ``tag`` (an empty map replaces them)."""
-    with EVAL_KEY_LOCK.write():
-        codec.cc.InsertEvalAutomorphismKey(openfhe.EvalKeyMap(), tag)
+    """Frees the keys filed under ``tag``."""
+    globalkeys.drop(codec.cc, tag)
 
 
 def validate(codec: MaterialCodec, material: KeyMaterial) -> None:
