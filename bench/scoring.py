@@ -60,9 +60,7 @@ def tenseal_peer(x: np.ndarray, u: np.ndarray, prior: np.ndarray, reps: int) -> 
         "params": "N=8192, moduli [60,40,40,60], scale 2^40, Galois keys for all power-of-two steps",
         "ciphertexts": len(outputs),
         "response_bytes": sum(len(o.serialize()) for o in outputs),
-        "eval_key_bytes": len(
-            ctx.serialize(save_public_key=False, save_secret_key=False, save_galois_keys=True)
-        ),
+        "eval_key_bytes": len(ctx.serialize(save_public_key=False, save_secret_key=False, save_galois_keys=True)),
         "scores": got,
     }
 
@@ -109,9 +107,7 @@ def run_size(n: int, reps: int, tenseal_reps: int) -> dict[str, Any]:
         LIMITS,
         4,
     )
-    client = RecommenderClient(
-        ClientConfig(target=f"127.0.0.1:{running.port}", deadline_seconds=120, limits=LIMITS)
-    )
+    client = RecommenderClient(ClientConfig(target=f"127.0.0.1:{running.port}", deadline_seconds=120, limits=LIMITS))
     client.keys = keys
     client.key_id = key_id
     client.score(u)
@@ -175,13 +171,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000", help="comma-separated catalogue sizes")
-    parser.add_argument(
-        "--million", action="store_true", help="also run 1,000,000 items (~10 GB RAM, minutes)"
-    )
+    parser.add_argument("--million", action="store_true", help="also run 1,000,000 items (~10 GB RAM, minutes)")
     parser.add_argument("--reps", type=int, default=20, help="timed Score calls per size")
     parser.add_argument("--tenseal-reps", type=int, default=1, help="TenSEAL runs per size (0 to skip)")
     parser.add_argument("--out", default="scoring", help="results file name under bench/results/ (no .json)")

@@ -88,9 +88,7 @@ class Cache:
         with self._lock:
             self.stats.errors += 1
             self._down_until = time.monotonic() + self._backoff
-            log.warning(
-                "redis %s failed (%s); bypassing the cache for %.1f s", op, type(exc).__name__, self._backoff
-            )
+            log.warning("redis %s failed (%s); bypassing the cache for %.1f s", op, type(exc).__name__, self._backoff)
             self._backoff = min(self._backoff * 2, self.config.max_backoff)
 
     def _succeeded(self) -> None:

@@ -110,12 +110,8 @@ def start_local_mesh(base: RecommenderConfig) -> tuple[object, ...]:
 
     redis_server = LocalRedis.start() if redis_server_binary() else None
     redis_config = RedisConfig(url=redis_server.url) if redis_server else RedisConfig()
-    print(
-        f"== cache: {redis_server.url if redis_server else 'none (no redis-server found)'}", file=sys.stderr
-    )
-    ks_config = replace(
-        KeyServiceConfig.from_env(), listen="127.0.0.1:0", state_dir=base.state_dir, redis=redis_config
-    )
+    print(f"== cache: {redis_server.url if redis_server else 'none (no redis-server found)'}", file=sys.stderr)
+    ks_config = replace(KeyServiceConfig.from_env(), listen="127.0.0.1:0", state_dir=base.state_dir, redis=redis_config)
     keyservice, ks_core = serve_keyservice(ks_config)
     config = replace(
         base,
@@ -132,9 +128,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Starts the mesh in-process on loopback ports and runs one private recommendation."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print("== cipherfeed demo: local mesh with embedded defaults", file=sys.stderr)
-    redis_server, keyservice, ks_core, recommender, rec_core, model = start_local_mesh(
-        RecommenderConfig.from_env()
-    )
+    redis_server, keyservice, ks_core, recommender, rec_core, model = start_local_mesh(RecommenderConfig.from_env())
     try:
         client_config = replace(
             ClientConfig.from_env(),
@@ -171,9 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cipherfeed", description=__doc__)
-    parser.add_argument(
-        "--target", help="recommender address (default $CIPHERFEED_TARGET or 127.0.0.1:50051)"
-    )
+    parser.add_argument("--target", help="recommender address (default $CIPHERFEED_TARGET or 127.0.0.1:50051)")
     parser.add_argument("--keyservice", help="key service address (default $CIPHERFEED_KEYSERVICE_TARGET)")
     parser.add_argument("--home", type=Path, help="client key directory (default $CIPHERFEED_CLIENT_HOME)")
     sub = parser.add_subparsers(dest="command", required=True)

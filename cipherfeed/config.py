@@ -41,10 +41,18 @@ def _env_float(name: str, default: float) -> float:
         raise ConfigError(f"{name}={raw!r} is not a number") from exc
 
 
+def sqlite_path(dsn: str, variable: str) -> Path:
+    """The file of a ``sqlite:///relative`` or ``sqlite:////absolute`` DSN (SQLAlchemy's form)."""
+    scheme, sep, rest = dsn.partition("://")
+    if not sep or scheme != "sqlite":
+        raise ConfigError(f"{variable}={dsn!r}: only sqlite:///<path> is supported by this build")
+    if not rest.startswith("/") or len(rest) < 2:
+        raise ConfigError(f"{variable}={dsn!r}: expected sqlite:///<path>")
+    return Path(rest[1:])
+
+
 def default_dataset_path() -> Path:
-    return Path(
-        _env_str("CIPHERFEED_DATASET", str(REPO_ROOT.parent / "shared" / "data" / "tiktok_profiles.csv"))
-    )
+    return Path(_env_str("CIPHERFEED_DATASET", str(REPO_ROOT.parent / "shared" / "data" / "tiktok_profiles.csv")))
 
 
 def default_state_dir() -> Path:
@@ -116,16 +124,7 @@ class KeyServiceConfig:
 
     @property
     def sqlite_path(self) -> Path:
-        dsn = self.dsn or f"sqlite:///{self.state_dir / 'keyservice.db'}"
-        scheme, sep, rest = dsn.partition("://")
-        if not sep or scheme != "sqlite":
-            raise ConfigError(
-                f"CIPHERFEED_KEYSERVICE_DSN={dsn!r}: only sqlite:///<path> is supported by this build"
-            )
-        # SQLAlchemy's convention: sqlite:///relative/path, sqlite:////absolute/path
-        if not rest.startswith("/") or len(rest) < 2:
-            raise ConfigError(f"CIPHERFEED_KEYSERVICE_DSN={dsn!r}: expected sqlite:///<path>")
-        return Path(rest[1:])
+        return sqlite_path(self.dsn or f"sqlite:///{self.state_dir / 'keyservice.db'}", "CIPHERFEED_KEYSERVICE_DSN")
 
     @classmethod
     def from_env(cls) -> KeyServiceConfig:
@@ -144,6 +143,46 @@ class KeyServiceConfig:
 
 
 @dataclass(frozen=True)
+class LedgerConfig:
+    listen: str = "127.0.0.1:50053"
+    grpc_workers: int = 8
+    dsn: str = ""  # sqlite:///path; empty: <state_dir>/ledger.db
+    origin: str = "cipherfeed.local/ledger"  # the log's name; also the checkpoint key name
+    checkpoint_every: int = 1000  # leaves...
+    checkpoint_interval: float = 2.0  # ...or seconds, whichever comes first
+    signer: str = "keyservice"  # or "local" (an in-memory key: development and tests only)
+    keyservice_target: str = "127.0.0.1:50052"
+    signing_key_name: str = "ledger"
+    chain_rpc_url: str | None = None  # None: the in-process py-evm chain
+    chain_key_file: Path | None = None  # hex private key for chain_rpc_url; None: unlocked account
+    state_dir: Path = field(default_factory=default_state_dir)
+    limits: GrpcLimits = field(default_factory=GrpcLimits)
+
+    @property
+    def sqlite_path(self) -> Path:
+        return sqlite_path(self.dsn or f"sqlite:///{self.state_dir / 'ledger.db'}", "CIPHERFEED_LEDGER_DSN")
+
+    @classmethod
+    def from_env(cls) -> LedgerConfig:
+        key_file = os.environ.get("CIPHERFEED_CHAIN_KEY_FILE")
+        return cls(
+            listen=_env_str("CIPHERFEED_LEDGER_LISTEN", cls.listen),
+            grpc_workers=_env_int("CIPHERFEED_GRPC_WORKERS", cls.grpc_workers, 1),
+            dsn=_env_str("CIPHERFEED_LEDGER_DSN", ""),
+            origin=_env_str("CIPHERFEED_LEDGER_ORIGIN", cls.origin),
+            checkpoint_every=_env_int("CIPHERFEED_CHECKPOINT_EVERY", cls.checkpoint_every, 1),
+            checkpoint_interval=_env_float("CIPHERFEED_CHECKPOINT_INTERVAL", cls.checkpoint_interval),
+            signer=_env_str("CIPHERFEED_LEDGER_SIGNER", cls.signer),
+            keyservice_target=_env_str("CIPHERFEED_KEYSERVICE_TARGET", cls.keyservice_target),
+            signing_key_name=_env_str("CIPHERFEED_LEDGER_SIGNING_KEY", cls.signing_key_name),
+            chain_rpc_url=os.environ.get("CIPHERFEED_CHAIN_RPC_URL") or None,
+            chain_key_file=Path(key_file) if key_file else None,
+            state_dir=default_state_dir(),
+            limits=GrpcLimits.from_env(),
+        )
+
+
+@dataclass(frozen=True)
 class RecommenderConfig:
     listen: str = "127.0.0.1:50051"
     grpc_workers: int = 8
@@ -152,6 +191,8 @@ class RecommenderConfig:
     max_registered_key_bytes: int = 1024 * MiB  # ...and at most this many bytes of them
     keyservice_target: str = "127.0.0.1:50052"
     keyservice_deadline_seconds: float = 10.0
+    ledger_target: str | None = None  # None: no receipts are written (the ledger is optional)
+    receipt_spool_max: int = 1_000_000  # receipts waiting for the ledger before Score is refused
     model_path: Path | None = None  # a saved artifact; None trains from the dataset
     dataset: Path = field(default_factory=default_dataset_path)
     state_dir: Path = field(default_factory=default_state_dir)
@@ -166,13 +207,13 @@ class RecommenderConfig:
             grpc_workers=_env_int("CIPHERFEED_GRPC_WORKERS", cls.grpc_workers, 1),
             scoring_threads=_env_int("CIPHERFEED_SCORING_THREADS", cls.scoring_threads, 1),
             max_registered_keys=_env_int("CIPHERFEED_MAX_REGISTERED_KEYS", cls.max_registered_keys, 1),
-            max_registered_key_bytes=_env_int(
-                "CIPHERFEED_MAX_REGISTERED_KEY_BYTES", cls.max_registered_key_bytes, 1
-            ),
+            max_registered_key_bytes=_env_int("CIPHERFEED_MAX_REGISTERED_KEY_BYTES", cls.max_registered_key_bytes, 1),
             keyservice_target=_env_str("CIPHERFEED_KEYSERVICE_TARGET", cls.keyservice_target),
             keyservice_deadline_seconds=_env_float(
                 "CIPHERFEED_KEYSERVICE_DEADLINE_SECONDS", cls.keyservice_deadline_seconds
             ),
+            ledger_target=os.environ.get("CIPHERFEED_LEDGER_TARGET") or None,
+            receipt_spool_max=_env_int("CIPHERFEED_RECEIPT_SPOOL_MAX", cls.receipt_spool_max, 1),
             model_path=Path(model) if model else None,
             dataset=default_dataset_path(),
             state_dir=default_state_dir(),
@@ -185,6 +226,7 @@ class RecommenderConfig:
 class ClientConfig:
     target: str = "127.0.0.1:50051"
     keyservice_target: str = "127.0.0.1:50052"
+    ledger_target: str = "127.0.0.1:50053"
     deadline_seconds: float = 30.0
     home: Path = field(default_factory=lambda: default_state_dir() / "client")
     limits: GrpcLimits = field(default_factory=GrpcLimits)
@@ -194,6 +236,7 @@ class ClientConfig:
         return cls(
             target=_env_str("CIPHERFEED_TARGET", cls.target),
             keyservice_target=_env_str("CIPHERFEED_KEYSERVICE_TARGET", cls.keyservice_target),
+            ledger_target=_env_str("CIPHERFEED_LEDGER_TARGET", cls.ledger_target),
             deadline_seconds=_env_float("CIPHERFEED_DEADLINE_SECONDS", cls.deadline_seconds),
             home=Path(_env_str("CIPHERFEED_CLIENT_HOME", str(default_state_dir() / "client"))),
             limits=GrpcLimits.from_env(),

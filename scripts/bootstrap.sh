@@ -54,3 +54,14 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 .venv/bin/python scripts/gen_protos.py
+
+# anvil (a real Ethereum node) for the ledger's tests: the npm package carries the binary.
+ANVIL_VERSION=1.7.1
+if [ "$extras" != "prod" ] && [ ! -x .tools/node_modules/.bin/anvil ]; then
+  if command -v npm >/dev/null 2>&1; then
+    echo "bootstrap: installing anvil $ANVIL_VERSION from npm into .tools/" >&2
+    npm install --prefix .tools --no-audit --no-fund --loglevel=error "@foundry-rs/anvil@$ANVIL_VERSION" >&2
+  else
+    echo "bootstrap: npm not found; the anvil tests will fail (install Node.js/npm)" >&2
+  fi
+fi

@@ -36,9 +36,7 @@ def targets(recommender, keyservice):
 def test_recommend_for_a_dataset_user(recommender, keyservice, tiktok_model, tmp_path):
     user = tiktok_model.creator_ids[42]
     home = tmp_path / "home"
-    first = run_cli(
-        *targets(recommender, keyservice), "--home", str(home), "recommend", "--user", user, "-k", "8"
-    )
+    first = run_cli(*targets(recommender, keyservice), "--home", str(home), "recommend", "--user", user, "-k", "8")
     assert first.returncode == 0, first.stderr
     assert "generated a CKKS key pair" in first.stderr
     rows = feed_rows(first.stdout)
@@ -51,17 +49,13 @@ def test_recommend_for_a_dataset_user(recommender, keyservice, tiktok_model, tmp
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     assert stat.S_IMODE((home / "keys").stat().st_mode) == 0o700
     # The second run reuses the stored keys and gives the same feed.
-    second = run_cli(
-        *targets(recommender, keyservice), "--home", str(home), "recommend", "--user", user, "-k", "8"
-    )
+    second = run_cli(*targets(recommender, keyservice), "--home", str(home), "recommend", "--user", user, "-k", "8")
     assert second.returncode == 0 and "generated" not in second.stderr
     assert feed_rows(second.stdout) == rows
 
 
 def test_unknown_user_and_unreachable_server_fail_clearly(recommender, keyservice, tmp_path):
-    unknown = run_cli(
-        *targets(recommender, keyservice), "--home", str(tmp_path), "recommend", "--user", "nobody-here"
-    )
+    unknown = run_cli(*targets(recommender, keyservice), "--home", str(tmp_path), "recommend", "--user", "nobody-here")
     assert unknown.returncode == 2 and "not in the catalogue" in unknown.stderr
     down = run_cli(
         "--target",

@@ -24,9 +24,7 @@ def test_drop_removes_one_tag_and_keeps_the_others():
     ct.SetKeyTag("gk-b")
     rotated = cc.Decrypt(keys.secret_key, cc.EvalRotate(ct, 1))
     rotated.SetLength(4)
-    np.testing.assert_allclose(
-        np.real(rotated.GetCKKSPackedValue()), [1 / 64, 2 / 64, 3 / 64, 4 / 64], atol=1e-6
-    )
+    np.testing.assert_allclose(np.real(rotated.GetCKKSPackedValue()), [1 / 64, 2 / 64, 3 / 64, 4 / 64], atol=1e-6)
     globalkeys.drop(cc, "gk-b")
 
 

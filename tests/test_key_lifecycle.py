@@ -52,9 +52,7 @@ def refused(fn, *args, **kwargs):
     return info.value
 
 
-def test_disable_is_refused_by_every_replica_on_the_next_request(
-    fresh_client, replica_b, keyservice, tmp_path
-):
+def test_disable_is_refused_by_every_replica_on_the_next_request(fresh_client, replica_b, keyservice, tmp_path):
     a = fresh_client
     b = on(a, replica_b[0], keyservice[0], tmp_path)
     u = unit(1)
@@ -73,9 +71,7 @@ def test_disable_is_refused_by_every_replica_on_the_next_request(
     b.close()
 
 
-def test_rotation_keeps_old_versions_until_the_minimum_is_raised(
-    fresh_client, replica_b, keyservice, tmp_path
-):
+def test_rotation_keeps_old_versions_until_the_minimum_is_raised(fresh_client, replica_b, keyservice, tmp_path):
     a = fresh_client
     v1_keys, v1 = a.keys, a.key_version
     v2 = a.rotate(keystore.generate(MESH_PARAMS))
@@ -115,9 +111,7 @@ def test_destroy_removes_material_everywhere(fresh_client, replica_b, keyservice
     b.close()
 
 
-def test_scoring_survives_redis_going_away_and_caching_resumes(
-    fresh_client, recommender, keyservice, redis_server
-):
+def test_scoring_survives_redis_going_away_and_caching_resumes(fresh_client, recommender, keyservice, redis_server):
     a = fresh_client
     _, core = recommender
     reference = a.score(unit(6)).scores

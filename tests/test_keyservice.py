@@ -58,8 +58,7 @@ def test_signing_keys_sign_verify_and_rotate(ks):
     message = b"checkpoint body"
     signed = ks.Sign(keyservice_pb2.SignRequest(key_name="ledger", message=message), timeout=5)
     keys = {
-        (k.key_name, k.key_version): k
-        for k in ks.GetPublicKeys(keyservice_pb2.GetPublicKeysRequest(), timeout=5).keys
+        (k.key_name, k.key_version): k for k in ks.GetPublicKeys(keyservice_pb2.GetPublicKeysRequest(), timeout=5).keys
     }
     old = keys[("ledger", signed.key_version)]
     Ed25519PublicKey.from_public_bytes(old.ed25519_public_key).verify(signed.signature, message)
@@ -167,9 +166,7 @@ def test_restart_after_a_crash_loses_nothing(tmp_path, master_key_file, material
             assert (keys.public_key, keys.rotation_key_map) == material
             assert stub.GetPublicKeys(keyservice_pb2.GetPublicKeysRequest(), timeout=5) == public
             signed = stub.Sign(keyservice_pb2.SignRequest(key_name="ledger", message=b"m"), timeout=5)
-            Ed25519PublicKey.from_public_bytes(public.keys[-1].ed25519_public_key).verify(
-                signed.signature, b"m"
-            )
+            Ed25519PublicKey.from_public_bytes(public.keys[-1].ed25519_public_key).verify(signed.signature, b"m")
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -64,9 +64,7 @@ def assert_still_serving(stub, client, valid_query, core):
 def foreign_ciphertext(params: HEParams) -> bytes:
     cc = build_context(params)
     kp = cc.KeyGen()
-    return serialize(
-        cc.Encrypt(kp.publicKey, cc.MakeCKKSPackedPlaintext(np.zeros(params.slots, dtype=complex)))
-    )
+    return serialize(cc.Encrypt(kp.publicKey, cc.MakeCKKSPackedPlaintext(np.zeros(params.slots, dtype=complex))))
 
 
 def test_garbage_truncated_and_padded_queries(stub, client, valid_query, recommender):
@@ -113,9 +111,7 @@ def test_wrong_level_and_wrong_slot_count(stub, client, valid_query, recommender
     cc = keys.cc
     level1 = cc.Encrypt(keys.public_key, cc.MakeCKKSPackedPlaintext(np.zeros(4096, dtype=complex), 1, 1))
     expect(STATUS.INVALID_ARGUMENT, score, stub, client, serialize(level1), match="bytes")
-    few_slots = cc.Encrypt(
-        keys.public_key, cc.MakeCKKSPackedPlaintext(np.zeros(1024, dtype=complex), 1, 0, None, 1024)
-    )
+    few_slots = cc.Encrypt(keys.public_key, cc.MakeCKKSPackedPlaintext(np.zeros(1024, dtype=complex), 1, 0, None, 1024))
     expect(STATUS.INVALID_ARGUMENT, score, stub, client, serialize(few_slots), match="1024 slots")
     assert_still_serving(stub, client, valid_query, core)
 
@@ -132,9 +128,7 @@ def test_unknown_and_missing_key_ids_and_pinned_model(stub, client, valid_query,
     _, core = recommender
     expect(STATUS.NOT_FOUND, score, stub, client, valid_query, key_id="ab" * 32, match="no key")
     expect(STATUS.INVALID_ARGUMENT, score, stub, client, valid_query, key_id="", match="key_id")
-    expect(
-        STATUS.FAILED_PRECONDITION, score, stub, client, valid_query, model_version="0" * 64, match="serves"
-    )
+    expect(STATUS.FAILED_PRECONDITION, score, stub, client, valid_query, model_version="0" * 64, match="serves")
     assert_still_serving(stub, client, valid_query, core)
 
 
@@ -154,9 +148,7 @@ def test_unknown_items(stub, tiktok_model):
         timeout=5,
         match="outside",
     )
-    expect(
-        STATUS.RESOURCE_EXHAUSTED, get, recommender_pb2.GetItemsRequest(indices=list(range(1001))), timeout=5
-    )
+    expect(STATUS.RESOURCE_EXHAUSTED, get, recommender_pb2.GetItemsRequest(indices=list(range(1001))), timeout=5)
     ok = get(recommender_pb2.GetItemsRequest(indices=[0], item_ids=[tiktok_model.item_ids[1]]), timeout=5)
     assert [i.index for i in ok.items] == [0, 1] and not ok.items[0].embedding
 
@@ -180,15 +172,11 @@ def keyservice_stub(keyservice):
     ch.close()
 
 
-def test_invalid_key_material_is_refused_by_the_key_service(
-    keyservice_stub, stub, client, valid_query, recommender
-):
+def test_invalid_key_material_is_refused_by_the_key_service(keyservice_stub, stub, client, valid_query, recommender):
     _, core = recommender
     ks = keyservice_stub
     keys = client.keys
-    expect(
-        STATUS.INVALID_ARGUMENT, register, ks, os.urandom(1000), keys.rotation_key_bytes, match="public key"
-    )
+    expect(STATUS.INVALID_ARGUMENT, register, ks, os.urandom(1000), keys.rotation_key_bytes, match="public key")
     expect(
         STATUS.INVALID_ARGUMENT,
         register,
@@ -202,9 +190,7 @@ def test_invalid_key_material_is_refused_by_the_key_service(
     # Same size as a valid map but the wrong rotations (a 9-key set missing 48): the trial rotation fails.
     cc = keys.cc
     kp = cc.KeyGen()
-    wrong = globalkeys.generate_serialized(
-        cc, kp.secretKey, [1, 2, 3, 4, 8, 12, 16, 32, 5], kp.publicKey.GetKeyTag()
-    )
+    wrong = globalkeys.generate_serialized(cc, kp.secretKey, [1, 2, 3, 4, 8, 12, 16, 32, 5], kp.publicKey.GetKeyTag())
     expect(STATUS.INVALID_ARGUMENT, register, ks, serialize(kp.publicKey), wrong, match="required indices")
     # Keys for another ring size.
     other = keystore.generate(HEParams(ring_dimension=16384))

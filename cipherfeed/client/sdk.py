@@ -19,6 +19,7 @@ from cipherfeed.he import packing
 from cipherfeed.he.codec import MaterialCodec, ciphertext_sha256, serialize
 from cipherfeed.he.keymap import KeyMaterial
 from cipherfeed.he.params import HEParams, ParameterError, build_context, context_fingerprint
+from cipherfeed.receipts import Receipt
 from cipherfeed.v1 import (
     common_pb2,
     keyservice_pb2,
@@ -40,6 +41,8 @@ class EncryptedScores:
     query_bytes: int
     response_bytes: int
     from_cache: bool = False
+    receipt: Receipt | None = None  # rebuilt from what was sent and received; None without a ledger
+    receipt_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -210,9 +213,7 @@ class RecommenderClient:
                 self.upload_profile(u)
             assert self._profile is not None
             query_sha, ref = self._profile
-            request = recommender_pb2.ScoreRequest(
-                key=self._key_ref(), profile_ref=ref, model_version=pin_model
-            )
+            request = recommender_pb2.ScoreRequest(key=self._key_ref(), profile_ref=ref, model_version=pin_model)
             try:
                 return self._decrypt(self.stub.Score(request, timeout=self._deadline), query_sha, 0)
             except grpc.RpcError as exc:
@@ -223,9 +224,7 @@ class RecommenderClient:
     def score_ciphertext(self, query: bytes, pin_model: str = "") -> EncryptedScores:
         """Scores an already encrypted query; sending the same bytes again (a retry) is answered
         from the server's result cache without recomputation."""
-        request = recommender_pb2.ScoreRequest(
-            key=self._key_ref(), query_ciphertext=query, model_version=pin_model
-        )
+        request = recommender_pb2.ScoreRequest(key=self._key_ref(), query_ciphertext=query, model_version=pin_model)
         response = self.stub.Score(request, timeout=self._deadline)
         return self._decrypt(response, hashlib.sha256(query).digest(), len(query))
 
@@ -251,6 +250,18 @@ class RecommenderClient:
             pt = keys.cc.Decrypt(keys.secret_key, ct)
             pt.SetLength(p.slots)
             decrypted.append(np.asarray(pt.GetCKKSPackedValue()))
+        receipt = None
+        if response.receipt_id:
+            receipt = Receipt(
+                query_sha256=query_sha256.hex(),
+                response_sha256=response.response_sha256.hex(),
+                model_version=response.model_version,
+                key_id=self.key_id or "",
+                key_version=response.key_version,
+                unix_millis=response.receipt_unix_millis,
+            )
+            if receipt.receipt_id != response.receipt_id:
+                raise ClientError("the server's receipt id does not match what was sent and received")
         return EncryptedScores(
             model_version=response.model_version,
             scores=packing.unpack_scores(decrypted, layout.item_count, p.slots),
@@ -258,6 +269,8 @@ class RecommenderClient:
             query_bytes=query_bytes,
             response_bytes=sum(len(b) for b in blobs),
             from_cache=response.from_cache,
+            receipt=receipt,
+            receipt_id=response.receipt_id,
         )
 
     def items(
@@ -272,9 +285,7 @@ class RecommenderClient:
         return list(response.items)
 
     def manifest(self) -> Manifest:
-        m = self.stub.GetCatalogueManifest(
-            recommender_pb2.GetCatalogueManifestRequest(), timeout=self._deadline
-        )
+        m = self.stub.GetCatalogueManifest(recommender_pb2.GetCatalogueManifestRequest(), timeout=self._deadline)
         ids = list(m.item_ids)
         return Manifest(
             model_version=m.model_version,

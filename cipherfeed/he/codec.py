@@ -166,9 +166,7 @@ class MaterialCodec:
         try:
             pk = openfhe.DeserializePublicKeyString(data, openfhe.BINARY)
         except Exception as exc:
-            raise MaterialError(
-                f"{Kind.PUBLIC_KEY.value} does not deserialize: {type(exc).__name__}"
-            ) from None
+            raise MaterialError(f"{Kind.PUBLIC_KEY.value} does not deserialize: {type(exc).__name__}") from None
         self._check_context(pk.GetCryptoContext(), Kind.PUBLIC_KEY)
         return pk
 
@@ -177,9 +175,7 @@ class MaterialCodec:
         try:
             return openfhe.DeserializeEvalKeyMapString(data, openfhe.BINARY)
         except Exception as exc:
-            raise MaterialError(
-                f"{Kind.ROTATION_KEYS.value} does not deserialize: {type(exc).__name__}"
-            ) from None
+            raise MaterialError(f"{Kind.ROTATION_KEYS.value} does not deserialize: {type(exc).__name__}") from None
 
     def load_scores(self, data: bytes) -> openfhe.Ciphertext:
         """Client side: a score ciphertext from the server (checked against the context too)."""

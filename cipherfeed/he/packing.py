@@ -70,8 +70,6 @@ def unpack_scores(blocks: list[ComplexArray], item_count: int, slots: int) -> Fl
     return scores[:item_count]
 
 
-def plaintext_scores(
-    embeddings: FloatArray, u: FloatArray, popularity: FloatArray, weight: float
-) -> FloatArray:
+def plaintext_scores(embeddings: FloatArray, u: FloatArray, popularity: FloatArray, weight: float) -> FloatArray:
     """What the encrypted computation approximates: ``X u + weight * popularity``."""
     return embeddings.astype(np.float64) @ np.asarray(u, dtype=np.float64) + weight * popularity

@@ -118,9 +118,7 @@ def build_context(params: HEParams = MESH_PARAMS) -> openfhe.CryptoContext:
         ):
             cc.Enable(feature)
         if cc.GetRingDimension() != params.ring_dimension:
-            raise ParameterError(
-                f"OpenFHE chose ring dimension {cc.GetRingDimension()}, not {params.ring_dimension}"
-            )
+            raise ParameterError(f"OpenFHE chose ring dimension {cc.GetRingDimension()}, not {params.ring_dimension}")
         _CONTEXTS[params] = cc
         return cc
 

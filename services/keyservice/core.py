@@ -125,9 +125,7 @@ class KeyServiceCore:
 
     def _checked(self, material: KeyMaterial) -> KeyMaterial:
         if material.size > self.max_material_bytes:
-            raise ResourceExhausted(
-                f"key material is {material.size} bytes; the limit is {self.max_material_bytes}"
-            )
+            raise ResourceExhausted(f"key material is {material.size} bytes; the limit is {self.max_material_bytes}")
         keymap.validate(self.codec, material)
         return material
 
@@ -218,12 +216,8 @@ class KeyServiceCore:
                     " material_sha256 = NULL WHERE key_id = ?",
                     (key_id,),
                 )
-            db.execute(
-                "UPDATE he_keys SET state = ?, updated_unix = ? WHERE key_id = ?", (state.value, now, key_id)
-            )
-            self.store.audit(
-                db, f"key.{state.value.lower()}", key_id, row.current_version, {"from": row.state.value}
-            )
+            db.execute("UPDATE he_keys SET state = ?, updated_unix = ? WHERE key_id = ?", (state.value, now, key_id))
+            self.store.audit(db, f"key.{state.value.lower()}", key_id, row.current_version, {"from": row.state.value})
             row = self._commit_state(key_id)
         if state is KeyState.DESTROYED:
             self.cache.delete(*(Keys.eval_keys(key_id, v.version) for v in row.versions))
@@ -237,11 +231,7 @@ class KeyServiceCore:
             self.rotate_signing_key(name)
 
     def rotate_signing_key(self, name: str) -> SigningPublicKey:
-        if (
-            not name
-            or len(name) > 64
-            or not name.replace("-", "").replace("_", "").replace(".", "").isalnum()
-        ):
+        if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise InvalidArgument("a signing key name is 1-64 letters, digits, '-', '_' or '.'")
         private = Ed25519PrivateKey.generate()
         raw = private.private_bytes(

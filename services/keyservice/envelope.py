@@ -52,9 +52,7 @@ class MasterKey:
             fd = os.open(dev, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(AESGCM.generate_key(bit_length=256))
-            log.warning(
-                "created a development master key at %s; set CIPHERFEED_MASTER_KEY(_FILE) in production", dev
-            )
+            log.warning("created a development master key at %s; set CIPHERFEED_MASTER_KEY(_FILE) in production", dev)
         return cls(dev.read_bytes())
 
     def wrap(self, secret: bytes, context: bytes) -> bytes:

@@ -90,9 +90,7 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
     @grpc_errors
     def Sign(self, request: Any, context: Ctx) -> Any:
         version, signature = self.core.sign(request.key_name, request.message)
-        return keyservice_pb2.SignResponse(
-            key_name=request.key_name, key_version=version, signature=signature
-        )
+        return keyservice_pb2.SignResponse(key_name=request.key_name, key_version=version, signature=signature)
 
     @grpc_errors
     def GetPublicKeys(self, request: Any, context: Ctx) -> Any:

@@ -123,9 +123,7 @@ class KeyStore:
             self._db.execute("COMMIT")
 
     @staticmethod
-    def audit(
-        db: sqlite3.Connection, action: str, subject: str, version: int, detail: dict[str, Any]
-    ) -> None:
+    def audit(db: sqlite3.Connection, action: str, subject: str, version: int, detail: dict[str, Any]) -> None:
         db.execute(
             "INSERT INTO audit (unix_millis, action, subject, version, detail) VALUES (?, ?, ?, ?, ?)",
             (int(time.time() * 1000), action, subject, version, json.dumps(detail, sort_keys=True)),
@@ -168,9 +166,7 @@ class KeyStore:
         return KeyMaterial(public_key=bytes(row[0]), rotation_keys=bytes(row[1]))
 
     @staticmethod
-    def insert_version(
-        db: sqlite3.Connection, key_id: str, version: int, material: KeyMaterial, now: int
-    ) -> None:
+    def insert_version(db: sqlite3.Connection, key_id: str, version: int, material: KeyMaterial, now: int) -> None:
         db.execute(
             "INSERT INTO he_key_versions (key_id, version, public_key, rotation_keys, material_sha256,"
             " material_bytes, created_unix) VALUES (?, ?, ?, ?, ?, ?, ?)",

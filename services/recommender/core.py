@@ -16,9 +16,11 @@ from cipherfeed.config import GrpcLimits, RedisConfig
 from cipherfeed.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from cipherfeed.he.codec import MaterialCodec, ciphertext_sha256, serialize
 from cipherfeed.he.params import HEParams
+from cipherfeed.receipts import ModelRecord, Receipt
 from cipherfeed.v1 import common_pb2, keyservice_pb2_grpc
 from services.recommender.artifact import ModelArtifact
 from services.recommender.evalkeys import InstalledKeys, KeyResolver
+from services.recommender.receipts import ReceiptSpool
 from services.recommender.scoring import EncryptedScorer
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,9 @@ class ScoreResult:
     response_sha256: bytes
     server_millis: float
     from_cache: bool = False
+    key_version: int = 0
+    receipt_id: str = ""
+    receipt_unix_millis: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class RecommenderCore:
         key_limits: KeyLimits,
         redis_config: RedisConfig | None = None,
         keyservice_deadline: float = 10.0,
+        receipts: ReceiptSpool | None = None,
     ) -> None:
         self.model = model
         self.params = params
@@ -109,10 +115,15 @@ class RecommenderCore:
             self.codec, self.installed, self.cache, self.redis_config, keyservice, keyservice_deadline
         )
         self._index = {item_id: i for i, item_id in enumerate(model.item_ids)}
+        self.receipts = receipts
+        if receipts is not None:  # the log records which model served from when
+            receipts.put(ModelRecord(self.model_version, model.created_by, model.item_count, _now_ms()))
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         self.cache.close()
+        if self.receipts is not None:
+            self.receipts.close()
 
     def _check_query_size(self, query: bytes) -> None:
         if len(query) > self.limits.max_query_bytes:
@@ -158,7 +169,7 @@ class RecommenderCore:
         cached = self.cache.get(result_key)
         if cached is not None:
             blobs = _unframe_blobs(cached)
-            return self._result(blobs, query_sha256, started, from_cache=True)
+            return self._result(blobs, query_sha256, started, ref.key_id, version, from_cache=True)
         ct = self.codec.load_query(query)
         for _ in range(3):  # the keys may be evicted between resolve and use: resolve again
             tag, version = self.keys.resolve(common_pb2.KeyRef(key_id=ref.key_id, version=version))
@@ -171,7 +182,7 @@ class RecommenderCore:
             raise Unavailable("rotation keys were evicted repeatedly under load; retry")
         blobs = list(self.pool.map(serialize, outputs))
         self.cache.set(result_key, _frame_blobs(blobs), self.redis_config.result_ttl)
-        result = self._result(blobs, query_sha256, started, from_cache=False)
+        result = self._result(blobs, query_sha256, started, ref.key_id, version, from_cache=False)
         log.info(
             "scored %d items for key %s v%d: rotations %.1f ms, blocks %.1f ms, total %.1f ms",
             self.model.item_count,
@@ -184,8 +195,15 @@ class RecommenderCore:
         return result
 
     def _result(
-        self, blobs: list[bytes], query_sha256: bytes, started: float, from_cache: bool
+        self, blobs: list[bytes], query_sha256: bytes, started: float, key_id: str, version: int, from_cache: bool
     ) -> ScoreResult:
+        response_sha256 = ciphertext_sha256(blobs)
+        receipt_id, when = "", 0
+        if self.receipts is not None:  # one receipt per answer, cached or not: a bounded enqueue
+            when = _now_ms()
+            receipt = Receipt(query_sha256.hex(), response_sha256.hex(), self.model_version, key_id, version, when)
+            self.receipts.put(receipt)
+            receipt_id = receipt.receipt_id
         return ScoreResult(
             model_version=self.model_version,
             item_count=self.model.item_count,
@@ -193,9 +211,12 @@ class RecommenderCore:
             slots=self.params.slots,
             ciphertexts=blobs,
             query_sha256=query_sha256,
-            response_sha256=ciphertext_sha256(blobs),
+            response_sha256=response_sha256,
             server_millis=1e3 * (time.perf_counter() - started),
             from_cache=from_cache,
+            key_version=version,
+            receipt_id=receipt_id,
+            receipt_unix_millis=when,
         )
 
     def items(self, indices: list[int], item_ids: list[str], include_embedding: bool) -> list[ItemView]:
@@ -260,3 +281,7 @@ def _unframe_blobs(data: bytes) -> list[bytes]:
         blobs.append(data[pos + 8 : pos + 8 + size])
         pos += 8 + size
     return blobs
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -71,9 +71,7 @@ def tiktok_id_unix_seconds(video_id: str) -> int:
 def explode_videos(profiles: pd.DataFrame) -> pd.DataFrame:
     """One row per video in ``top_videos``: item_id, creator row, position in the creator's list."""
     rows: list[tuple[str, int, int, int, int]] = []
-    for creator_row, (creator, urls) in enumerate(
-        zip(profiles["account_id"], profiles["top_videos"], strict=True)
-    ):
+    for creator_row, (creator, urls) in enumerate(zip(profiles["account_id"], profiles["top_videos"], strict=True)):
         if not isinstance(urls, str) or not urls:
             continue
         listed = urls.split(",")

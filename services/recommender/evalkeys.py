@@ -155,9 +155,7 @@ class KeyResolver:
             state=KeyState(keyservice_pb2.KeyState.Name(record.state)),
             current_version=record.key.version,
             min_version=record.min_version,
-            material_sha256={
-                v.version: v.material_sha256.hex() for v in record.versions if v.material_sha256
-            },
+            material_sha256={v.version: v.material_sha256.hex() for v in record.versions if v.material_sha256},
         )
 
     def usable_version(self, ref: common_pb2.KeyRef) -> tuple[KeyStatus, int]:
@@ -192,15 +190,11 @@ class KeyResolver:
             if material.sha256.hex() == expected_sha256:
                 self.installed.stats.fetched_from_cache += 1
                 return material
-            log.warning(
-                "cached rotation keys for %s v%d do not match their hash; refetching", key_id[:16], version
-            )
+            log.warning("cached rotation keys for %s v%d do not match their hash; refetching", key_id[:16], version)
         reply = self._call("GetEvalKeys", keyservice_pb2.GetKeyRequest(key_id=key_id, version=version))
         material = KeyMaterial(public_key=reply.public_key, rotation_keys=reply.rotation_key_map)
         if material.sha256.hex() != expected_sha256:
-            raise Unavailable(
-                f"key service returned material for {key_id[:16]} v{version} that fails its hash"
-            )
+            raise Unavailable(f"key service returned material for {key_id[:16]} v{version} that fails its hash")
         self.installed.stats.fetched_from_keyservice += 1
         self.cache.set(cache_key, material.to_bytes(), self.redis_config.eval_keys_ttl)
         return material

@@ -51,9 +51,7 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 def _text_block(profiles: pd.DataFrame, seed: int) -> np.ndarray:
     text = (profiles["nickname"] + " " + profiles["biography"]).str.lower()
-    tfidf = TfidfVectorizer(
-        analyzer="char_wb", ngram_range=(2, 4), min_df=2, sublinear_tf=True, dtype=np.float64
-    )
+    tfidf = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), min_df=2, sublinear_tf=True, dtype=np.float64)
     matrix = tfidf.fit_transform(text)
     svd = TruncatedSVD(n_components=TEXT_DIMS, random_state=seed, algorithm="randomized", n_iter=7)
     return _unit_rows(svd.fit_transform(matrix))
@@ -61,9 +59,7 @@ def _text_block(profiles: pd.DataFrame, seed: int) -> np.ndarray:
 
 def _numeric_block(profiles: pd.DataFrame) -> np.ndarray:
     logs = np.log1p(profiles[list(NUMERIC_COLUMNS)].astype(float).clip(lower=0).fillna(0).to_numpy())
-    flags = np.column_stack(
-        [profiles["is_verified"].astype(float), profiles["bio_link"].notna().astype(float)]
-    )
+    flags = np.column_stack([profiles["is_verified"].astype(float), profiles["bio_link"].notna().astype(float)])
     scaled = StandardScaler().fit_transform(np.hstack([logs, flags]))
     return _unit_rows(scaled)
 

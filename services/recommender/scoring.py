@@ -55,10 +55,7 @@ class EncryptedScorer:
         return [self.cc.MakeCKKSPackedPlaintext(d, 1, 0, None, self.params.slots) for d in diagonals]
 
     def _encode_popularity(self, start: int) -> openfhe.Plaintext:
-        prior = (
-            self.model.popularity_weight
-            * self.model.popularity[start : start + self.params.items_per_ciphertext]
-        )
+        prior = self.model.popularity_weight * self.model.popularity[start : start + self.params.items_per_ciphertext]
         values = packing.block_values(prior, self.params.slots)
         # Level 1: added after the rescale, where the scores live in q0 alone.
         return self.cc.MakeCKKSPackedPlaintext(values, 1, 1, None, self.params.slots)
@@ -68,14 +65,10 @@ class EncryptedScorer:
         current: dict[int, openfhe.Ciphertext] = {0: query}
         for steps in self.params.rotation_levels():
             nodes = list(current.items())
-            precomputed = list(
-                self._pool.map(lambda node: self.cc.EvalFastRotationPrecompute(node[1]), nodes)
-            )
+            precomputed = list(self._pool.map(lambda node: self.cc.EvalFastRotationPrecompute(node[1]), nodes))
             jobs = [(i, step) for i in range(len(nodes)) for step in steps]
 
-            def rotate(
-                job: tuple[int, int], nodes: list = nodes, pre: list = precomputed
-            ) -> openfhe.Ciphertext:
+            def rotate(job: tuple[int, int], nodes: list = nodes, pre: list = precomputed) -> openfhe.Ciphertext:
                 i, step = job
                 return self.cc.EvalFastRotation(nodes[i][1], step, self._cyclotomic_order, pre[i])
 

@@ -9,12 +9,13 @@ from pathlib import Path
 from cipherfeed.config import ConfigError, RecommenderConfig
 from cipherfeed.grpcutil import RunningServer, channel, start_server, wait_for_shutdown
 from cipherfeed.he.params import MESH_PARAMS, HEParams
-from cipherfeed.v1 import keyservice_pb2_grpc, recommender_pb2, recommender_pb2_grpc
+from cipherfeed.v1 import keyservice_pb2_grpc, ledger_pb2_grpc, recommender_pb2, recommender_pb2_grpc
 from services.recommender import artifact
 from services.recommender.artifact import ModelArtifact
 from services.recommender.core import KeyLimits, RecommenderCore
 from services.recommender.dataset import load_profiles
 from services.recommender.model import train
+from services.recommender.receipts import ReceiptSpool
 from services.recommender.servicer import RecommenderServicer
 
 log = logging.getLogger("cipherfeed.recommender")
@@ -36,10 +37,12 @@ def load_or_train(config: RecommenderConfig) -> ModelArtifact:
     return model
 
 
-def build_core(
-    config: RecommenderConfig, model: ModelArtifact, params: HEParams = MESH_PARAMS
-) -> RecommenderCore:
+def build_core(config: RecommenderConfig, model: ModelArtifact, params: HEParams = MESH_PARAMS) -> RecommenderCore:
     keyservice = keyservice_pb2_grpc.KeyServiceStub(channel(config.keyservice_target, config.limits))
+    receipts = None
+    if config.ledger_target:
+        ledger = ledger_pb2_grpc.LedgerStub(channel(config.ledger_target, config.limits))
+        receipts = ReceiptSpool(config.state_dir / "receipt-spool.db", ledger, config.receipt_spool_max)
     return RecommenderCore(
         model,
         params,
@@ -49,6 +52,7 @@ def build_core(
         KeyLimits(max_count=config.max_registered_keys, max_bytes=config.max_registered_key_bytes),
         redis_config=config.redis,
         keyservice_deadline=config.keyservice_deadline_seconds,
+        receipts=receipts,
     )
 
 

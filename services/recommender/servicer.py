@@ -70,6 +70,9 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             response_sha256=result.response_sha256,
             server_millis=result.server_millis,
             from_cache=result.from_cache,
+            receipt_id=result.receipt_id,
+            receipt_unix_millis=result.receipt_unix_millis,
+            key_version=result.key_version,
         )
 
     @grpc_errors

@@ -1,0 +1,203 @@
+"""Key and cache benchmark: ``python -m bench.keys [--users 1000]``.
+
+* rotation-key fetch for the mesh's key set: cold (key service over gRPC), from Redis, and an
+  in-process hit, each up to "installed in OpenFHE and usable";
+* Score by ``profile_ref`` against an inline query ciphertext: bytes on the wire and server time;
+* recommender RSS while ``--users`` distinct keys cycle through a 50-key in-process cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from bench.common import machine, percentiles, timed_ms, write_json
+from cipherfeed.cache import Keys
+from cipherfeed.client import keystore
+from cipherfeed.client.sdk import RecommenderClient
+from cipherfeed.config import ClientConfig, GrpcLimits, KeyServiceConfig, MiB, RecommenderConfig, RedisConfig
+from cipherfeed.devredis import LocalRedis
+from cipherfeed.he.codec import serialize
+from cipherfeed.he.params import MESH_PARAMS
+from cipherfeed.v1 import common_pb2, recommender_pb2
+from services.keyservice.server import serve as serve_keyservice
+from services.recommender.server import serve as serve_recommender
+from services.recommender.synthetic import synthetic_catalogue
+
+LIMITS = GrpcLimits(max_message_bytes=128 * MiB, max_query_bytes=2 * MiB)
+TARGETS = {
+    "redis_fetch_ms": 10.0,
+    "in_process_hit_ms": 0.1,
+    "warm_request_overhead_bytes": 2048,
+    "rss_drift": 0.05,
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=1000, help="distinct keys cycled through the cache")
+    parser.add_argument("--cache-size", type=int, default=50, help="in-process key sets")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--out", default="keys")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="cf-bench-keys-"))
+    redis_server = LocalRedis.start()
+    redis_config = RedisConfig(url=redis_server.url)
+    ks_running, ks_core = serve_keyservice(
+        KeyServiceConfig(
+            listen="127.0.0.1:0",
+            dsn=f"sqlite:///{work / 'ks.db'}",
+            state_dir=work,
+            limits=LIMITS,
+            redis=redis_config,
+        )
+    )
+    model = synthetic_catalogue(8192, seed=1)  # one block: Score cost is mostly the key path
+    rec_config = RecommenderConfig(
+        listen="127.0.0.1:0",
+        max_registered_keys=args.cache_size,
+        max_registered_key_bytes=100 * 1024 * MiB,
+        keyservice_target=f"127.0.0.1:{ks_running.port}",
+        state_dir=work,
+        limits=LIMITS,
+        redis=redis_config,
+    )
+    rec_running, core = serve_recommender(rec_config, model)
+    results: dict[str, Any] = {}
+    try:
+        client = RecommenderClient(
+            ClientConfig(
+                target=f"127.0.0.1:{rec_running.port}",
+                keyservice_target=f"127.0.0.1:{ks_running.port}",
+                deadline_seconds=120,
+                home=work / "client",
+                limits=LIMITS,
+            )
+        )
+        client.use_keys()
+        client.register()
+        ref = common_pb2.KeyRef(key_id=client.key_id, version=client.key_version)
+        tag = f"{client.key_id}:{client.key_version}"
+        resolver = core.keys
+
+        log("== rotation-key fetch (mesh key set)")
+        cold, from_redis, hit, redis_get = [], [], [], []
+        for _ in range(args.reps):
+            core.installed.remove(tag)
+            core.cache.delete(Keys.eval_keys(client.key_id, client.key_version))
+            cold.append(timed_ms(resolver.resolve, ref)[1])
+            core.installed.remove(tag)
+            from_redis.append(timed_ms(resolver.resolve, ref)[1])
+            redis_get.append(timed_ms(core.cache.get, Keys.eval_keys(client.key_id, client.key_version))[1])
+            hit.extend(timed_ms(resolver.installed.touch, tag)[1] for _ in range(100))
+        results["eval_key_fetch"] = {
+            "key_set_bytes": len(client.keys.rotation_key_bytes) + len(client.keys.public_key_bytes),
+            "cold_keyservice": percentiles(cold),
+            "redis_get_only": percentiles(redis_get),
+            "redis_to_installed": percentiles(from_redis),
+            "in_process_hit": percentiles(hit),
+        }
+
+        log("== Score by profile_ref vs inline ciphertext")
+        u = np.ones(64) / 8
+        query = client.encrypt_query(u)
+        inline_req = recommender_pb2.ScoreRequest(key=ref, query_ciphertext=query)
+        profile = client.upload_profile(u)
+        profile_req = recommender_pb2.ScoreRequest(key=ref, profile_ref=profile)
+        inline_ms = [timed_ms(client.score, u)[1] for _ in range(args.reps)]  # fresh ciphertext: computed
+        profile_first, profile_repeat = [], []
+        for _ in range(args.reps):
+            client.upload_profile(u)  # a new ciphertext, so its first score is computed
+            profile_first.append(timed_ms(client.score, u, "", True)[1])
+            profile_repeat.append(timed_ms(client.score, u, "", True)[1])  # same reference: result cache
+        results["requests"] = {
+            "inline_request_bytes": inline_req.ByteSize(),
+            "inline_overhead_bytes": inline_req.ByteSize() - len(query),
+            "profile_request_bytes": profile_req.ByteSize(),
+            "bytes_saved_per_request": inline_req.ByteSize() - profile_req.ByteSize(),
+            "inline_round_trip": percentiles(inline_ms),
+            "profile_first_round_trip": percentiles(profile_first),
+            "profile_repeat_round_trip": percentiles(profile_repeat),
+        }
+
+        log(f"== {args.users} distinct keys through a {args.cache_size}-key cache")
+        shared = keystore.generate(MESH_PARAMS)
+        process = psutil.Process()
+        rss: list[int] = []
+        started = time.perf_counter()
+        for i in range(args.users):
+            user = RecommenderClient(client.config)
+            kp = shared.cc.KeyGen()
+            user.keys = keystore.ClientKeys(
+                shared.params,
+                shared.cc,
+                kp.secretKey,
+                kp.publicKey,
+                serialize(kp.publicKey),
+                shared.rotation_key_bytes,
+            )
+            user.register()
+            user.score(u)
+            user.close()
+            if i == args.cache_size or i == args.users - 1 or (i + 1) % 100 == 0:
+                rss.append(process.memory_info().rss)
+                log(f"   {i + 1} users, RSS {rss[-1] / MiB:.0f} MiB, {core.installed.count} key sets held")
+        warm, final = rss[0], rss[-1]
+        results["memory"] = {
+            "users": args.users,
+            "cache_size": args.cache_size,
+            "rss_after_cache_full_mib": warm / MiB,
+            "rss_at_end_mib": final / MiB,
+            "drift": (final - warm) / warm,
+            "evictions": core.installed.stats.evictions,
+            "seconds": time.perf_counter() - started,
+        }
+        client.close()
+    finally:
+        rec_running.stop(grace=1)
+        core.close()
+        ks_running.stop(grace=1)
+        ks_core.close()
+        redis_server.stop()
+
+    f, r, m = results["eval_key_fetch"], results["requests"], results["memory"]
+    print(f"{'measure':<46} {'p50':>10} {'p95':>10}")
+    for name, key in (
+        ("eval keys: cold from key service -> installed", "cold_keyservice"),
+        ("eval keys: Redis GET only", "redis_get_only"),
+        ("eval keys: Redis -> installed", "redis_to_installed"),
+        ("eval keys: in-process hit", "in_process_hit"),
+    ):
+        print(f"{name:<46} {f[key]['p50_ms']:>8.3f}ms {f[key]['p95_ms']:>8.3f}ms")
+    for name, key in (
+        ("Score round trip, inline query", "inline_round_trip"),
+        ("Score round trip, profile_ref, first", "profile_first_round_trip"),
+        ("Score round trip, profile_ref, repeated", "profile_repeat_round_trip"),
+    ):
+        print(f"{name:<46} {r[key]['p50_ms']:>8.1f}ms {r[key]['p95_ms']:>8.1f}ms")
+    print(
+        f"key set {f['key_set_bytes'] / 1e6:.1f} MB; request inline {r['inline_request_bytes']} B "
+        f"(overhead {r['inline_overhead_bytes']} B), by reference {r['profile_request_bytes']} B"
+    )
+    print(
+        f"RSS {m['rss_after_cache_full_mib']:.0f} -> {m['rss_at_end_mib']:.0f} MiB over {m['users']} users "
+        f"({100 * m['drift']:+.1f}%), {m['evictions']} evictions"
+    )
+    path = write_json(args.out, {"machine": machine(), "targets": TARGETS, **results})
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""The ledger's domain core: entries in, proofs, checkpoints, anchors and receipt bundles out."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from cipherfeed.checkpoint import vkey
+from cipherfeed.errors import FailedPrecondition, InvalidArgument, NotFound
+from cipherfeed.receipts import ModelRecord, Receipt
+from services.ledger.anchor import Anchorer
+from services.ledger.log import Appended, TransparencyLog
+from services.ledger.store import AnchorRow, CheckpointRow
+
+
+@dataclass(frozen=True)
+class Bundle:
+    receipt: Receipt
+    leaf_index: int
+    inclusion: list[bytes]
+    checkpoint: CheckpointRow
+
+
+class LedgerCore:
+    def __init__(self, log: TransparencyLog, anchorer: Anchorer | None) -> None:
+        self.log = log
+        self.anchorer = anchorer
+
+    def append(self, entries: list[Receipt | ModelRecord]) -> list[Appended]:
+        if not entries:
+            raise InvalidArgument("nothing to append")
+        if len(entries) > 10_000:
+            raise InvalidArgument("at most 10,000 entries per batch")
+        return self.log.append_many([e.leaf() for e in entries])
+
+    def latest_checkpoint(self) -> CheckpointRow:
+        latest = self.log.store.latest_checkpoint()
+        if latest is None:
+            raise FailedPrecondition("the log has no checkpoint yet")
+        return latest
+
+    def verifier_keys(self) -> list[str]:
+        signer = self.log.signer
+        keys = signer.public_keys() if hasattr(signer, "public_keys") else []
+        return [vkey(signer.name, k) for k in keys]
+
+    def inclusion(self, index: int, size: int) -> tuple[int, list[bytes]]:
+        size = size or self.latest_checkpoint().size
+        try:
+            return size, self.log.inclusion(index, size)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+
+    def consistency(self, old: int, new: int) -> list[bytes]:
+        try:
+            return self.log.consistency(old, new)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+
+    def anchors(self, min_size: int) -> list[AnchorRow]:
+        return self.log.store.anchors(min_size=min_size)
+
+    def bundle(self, receipt_id: str) -> Bundle:
+        index, data = self.log.locate(receipt_id)
+        fields = json.loads(data)
+        if fields.pop("type", None) != "cipherfeed.receipt.v1":
+            raise NotFound(f"leaf {index} is not a receipt")
+        receipt = Receipt(**fields)
+        checkpoint = self.log.store.checkpoint_covering(index)
+        if checkpoint is None:
+            raise FailedPrecondition(f"receipt is at index {index} but no checkpoint covers it yet; retry shortly")
+        return Bundle(receipt, index, self.log.inclusion(index, checkpoint.size), checkpoint)
+
+    def close(self) -> None:
+        self.log.close()
+        if self.anchorer is not None:
+            self.anchorer.close()

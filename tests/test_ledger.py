@@ -1,0 +1,300 @@
+"""The ledger: receipts from real Scores verified down to an anchored root; tampering rejected;
+crashes lose nothing; anchoring on py-evm in process and on a real anvil node, stopped mid-test."""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from web3 import Web3
+
+from cipherfeed.checkpoint import DASH, Verifier, verify_checkpoint, vkey
+from cipherfeed.client.verify import AnchorEvidence, VerificationError, verify_receipt
+from cipherfeed.config import REPO_ROOT, LedgerConfig
+from cipherfeed.devredis import free_port
+from cipherfeed.merkle import leaf_hash, verify_consistency
+from cipherfeed.receipts import Receipt
+from cipherfeed.v1 import ledger_pb2, ledger_pb2_grpc
+from services.ledger.anchor import compiled_contract
+from services.ledger.server import build_core
+from services.ledger.server import serve as serve_ledger
+from services.ledger.signers import LocalSigner
+from services.recommender.server import serve as serve_recommender
+from tests.conftest import client_for, recommender_config
+
+ORIGIN = "cipherfeed.test/ledger"
+ANVIL = REPO_ROOT / ".tools" / "node_modules" / ".bin" / "anvil"
+
+
+def ledger_config(tmp_path: Path, **kw) -> LedgerConfig:
+    base = dict(listen="127.0.0.1:0", dsn=f"sqlite:///{tmp_path / 'ledger.db'}", origin=ORIGIN,
+                checkpoint_every=10**9, checkpoint_interval=3600.0, state_dir=tmp_path)  # fmt: skip
+    return LedgerConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def mesh(tiktok_model, keyservice, redis_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ledger-mesh")
+    signer = LocalSigner(ORIGIN)
+    ledger, ledger_core = serve_ledger(ledger_config(tmp), signer=signer, background_anchoring=False)
+    config = dataclasses.replace(
+        recommender_config(tmp, keyservice[0], redis_server.url), ledger_target=f"127.0.0.1:{ledger.port}"
+    )
+    rec, rec_core = serve_recommender(config, tiktok_model)
+    client = client_for(rec.port, keyservice[0], tmp / "client")
+    client.use_keys()
+    client.register()
+    channel = grpc.insecure_channel(f"127.0.0.1:{ledger.port}")
+    yield client, rec_core, ledger_core, ledger_pb2_grpc.LedgerStub(channel), signer
+    channel.close()
+    client.close()
+    rec.stop(grace=1)
+    rec_core.close()
+    ledger.stop(grace=1)
+    ledger_core.close()
+
+
+def settle(rec_core, ledger_core):
+    """Deterministically: spool -> ledger, then a checkpoint, then its anchor."""
+    assert rec_core.receipts.flush(timeout=30)
+    ledger_core.log.checkpoint()
+    ledger_core.anchorer.anchor_pending()
+
+
+def onchain(ledger_core):
+    def evidence(size):
+        out = []
+        for a in ledger_core.anchors(size):
+            if a.confirmed:
+                out.append(AnchorEvidence(a.size, ledger_core.anchorer.onchain_root(a.size), "py-evm"))
+        return out
+
+    return evidence
+
+
+def verify(stub, ledger_core, signer, receipt_id, mutate=None, verifiers=None, anchors=None, bundle=None):
+    bundle = bundle or stub.GetReceipt(ledger_pb2.GetReceiptRequest(receipt_id=receipt_id), timeout=10)
+    r = bundle.receipt
+    receipt = Receipt(r.query_sha256, r.response_sha256, r.model_version, r.key_id, r.key_version, r.unix_millis)
+    parts = dict(receipt=receipt, inclusion=list(bundle.inclusion.hashes), note=bundle.checkpoint.signed_note)
+    if mutate:
+        parts = mutate(parts)
+    return verify_receipt(
+        parts["receipt"], receipt_id, bundle.leaf_index, parts["inclusion"], parts["note"],
+        verifiers or [Verifier(signer.name, signer.public_key)], ORIGIN,
+        anchors or onchain(ledger_core),
+        lambda a, b: ledger_core.consistency(a, b),
+    )  # fmt: skip
+
+
+def test_every_score_gets_a_receipt_that_verifies_to_the_chain(mesh):
+    client, rec_core, ledger_core, stub, signer = mesh
+    scored = [client.score(np.eye(64)[i]) for i in range(3)]
+    assert all(s.receipt and s.receipt.receipt_id == s.receipt_id for s in scored)
+    with pytest.raises(grpc.RpcError) as info:  # logged or not, no checkpoint covers it yet
+        stub.GetReceipt(ledger_pb2.GetReceiptRequest(receipt_id=scored[-1].receipt_id), timeout=10)
+    assert info.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+    settle(rec_core, ledger_core)
+    for s in scored:
+        verified = verify(stub, ledger_core, signer, s.receipt_id)
+        assert verified.receipt == s.receipt and verified.anchor.size == verified.checkpoint.size
+    # The model version the recommender loaded is in the log too.
+    leaves = [ledger_core.log.store.leaf(i) for i in range(ledger_core.log.tree.size)]
+    assert any(b'"cipherfeed.model.v1"' in leaf and rec_core.model_version.encode() in leaf for leaf in leaves)
+
+
+def test_a_later_anchor_with_a_consistency_proof_also_verifies(mesh):
+    client, rec_core, ledger_core, stub, signer = mesh
+    early = client.score(np.eye(64)[5])
+    assert rec_core.receipts.flush(timeout=30)
+    ledger_core.log.checkpoint()  # checkpoint A: the client keeps this bundle
+    old_bundle = stub.GetReceipt(ledger_pb2.GetReceiptRequest(receipt_id=early.receipt_id), timeout=10)
+    client.score(np.eye(64)[6])
+    settle(rec_core, ledger_core)  # checkpoint B, then A and B anchored in order
+    checkpoints = [a.size for a in ledger_core.anchors(0)]
+    assert checkpoints == sorted(set(checkpoints))
+    only_later = lambda size: [e for e in onchain(ledger_core)(size) if e.size > size]  # noqa: E731
+    verified = verify(stub, ledger_core, signer, early.receipt_id, anchors=only_later, bundle=old_bundle)
+    assert verified.anchor.size > verified.checkpoint.size == old_bundle.checkpoint.size
+
+
+@pytest.mark.parametrize(
+    ("step", "mutate"),
+    [
+        ("receipt", lambda p: {**p, "receipt": dataclasses.replace(p["receipt"], model_version="0" * 64)}),
+        ("inclusion", lambda p: {**p, "inclusion": [bytes(32), *p["inclusion"][1:]] if p["inclusion"] else [bytes(32)]}),
+        ("signature", lambda p: {**p, "note": p["note"].replace("\n\n", "\n\n", 1).replace(f"{DASH} ", f"{DASH} ", 1)[:-10] + "AAAAAAAAA\n"}),
+        ("signature", lambda p: {**p, "note": p["note"].replace(p["note"].split("\n")[1], str(int(p["note"].split("\n")[1]) + 1), 1)}),
+    ],
+)  # fmt: skip
+def test_tampering_is_rejected_at_the_right_step(mesh, step, mutate):
+    client, rec_core, ledger_core, stub, signer = mesh
+    s = client.score(np.eye(64)[7])
+    settle(rec_core, ledger_core)
+    with pytest.raises(VerificationError) as info:
+        verify(stub, ledger_core, signer, s.receipt_id, mutate=mutate)
+    assert info.value.step == step
+
+
+def test_wrong_keys_and_wrong_anchors_are_rejected(mesh):
+    client, rec_core, ledger_core, stub, signer = mesh
+    s = client.score(np.eye(64)[8])
+    settle(rec_core, ledger_core)
+    stranger = LocalSigner(ORIGIN)
+    with pytest.raises(VerificationError) as info:
+        verify(stub, ledger_core, signer, s.receipt_id, verifiers=[Verifier(stranger.name, stranger.public_key)])
+    assert info.value.step == "signature"
+    forged = lambda size: [AnchorEvidence(size, bytes(32), "forged")]  # noqa: E731
+    with pytest.raises(VerificationError) as info:
+        verify(stub, ledger_core, signer, s.receipt_id, anchors=forged)
+    assert info.value.step == "anchor"
+    with pytest.raises(VerificationError) as info:
+        verify(stub, ledger_core, signer, s.receipt_id, anchors=lambda size: [])
+    assert info.value.step == "anchor"
+
+
+def test_one_transaction_per_checkpoint_in_order(mesh):
+    _, _, ledger_core, _, _ = mesh
+    contract = ledger_core.anchorer._ensure_contract()
+    events = contract.events.Anchored().get_logs(from_block=0)
+    sizes = [e["args"]["size"] for e in events]
+    assert sizes == [a.size for a in ledger_core.anchors(0)] and sizes == sorted(set(sizes))
+    assert all(a.confirmed for a in ledger_core.anchors(0))
+
+
+def test_checkpoints_are_consistent_and_a_tampered_store_refuses_to_start(tmp_path):
+    config = ledger_config(tmp_path)
+    signer = LocalSigner(ORIGIN)
+    core = build_core(config, signer, anchoring=False)
+    core.log.append_many([f"leaf {i}".encode() for i in range(10)])
+    first = core.log.checkpoint()
+    core.log.append_many([f"leaf {i}".encode() for i in range(10, 25)])
+    second = core.log.checkpoint()
+    verify_consistency(first.size, second.size, first.root, second.root, core.consistency(first.size, second.size))
+    checkpoint = verify_checkpoint(second.note, [Verifier(signer.name, signer.public_key)], origin=ORIGIN)
+    assert (checkpoint.size, checkpoint.root) == (25, second.root)
+    assert Verifier.from_vkey(vkey(signer.name, signer.public_key)) == Verifier(signer.name, signer.public_key)
+    core.close()
+    core.log.store.close()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "ledger.db") as db:  # rewrite history behind the log's back
+        db.execute("UPDATE leaves SET hash = ?, data = ? WHERE idx = 3", (leaf_hash(b"forged"), b"forged"))
+    with pytest.raises(RuntimeError, match="does not match"):
+        build_core(config, signer, anchoring=False)
+
+
+def start_ledger_process(tmp_path: Path, port: int, extra: dict[str, str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CIPHERFEED_LEDGER_LISTEN": f"127.0.0.1:{port}",
+           "CIPHERFEED_LEDGER_DSN": f"sqlite:///{tmp_path / 'ledger.db'}", "CIPHERFEED_LEDGER_SIGNER": "local",
+           "CIPHERFEED_LEDGER_ORIGIN": ORIGIN, "CIPHERFEED_CHECKPOINT_INTERVAL": "3600",
+           "CIPHERFEED_CHECKPOINT_EVERY": "1000000000", "CIPHERFEED_STATE_DIR": str(tmp_path), **extra}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.ledger.server"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    line = proc.stdout.readline().decode()
+    assert "listening" in line, proc.stderr.read().decode()[-3000:]
+    return proc
+
+
+def test_crash_between_append_and_checkpoint_loses_nothing(tmp_path):
+    port = free_port()
+    proc = start_ledger_process(tmp_path, port, {})
+    receipts = [Receipt("aa" * 32, "bb" * 32, "cc" * 32, "dd" * 32, 1, i) for i in range(500)]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = ledger_pb2_grpc.LedgerStub(ch)
+            request = ledger_pb2.AppendBatchRequest(
+                entries=[
+                    ledger_pb2.AppendRequest(receipt=ledger_pb2.Receipt(**dataclasses.asdict(r))) for r in receipts
+                ]
+            )
+            acked = stub.AppendBatch(request, timeout=30).appended
+            assert [a.receipt_id for a in acked] == [r.receipt_id for r in receipts]
+    finally:
+        proc.send_signal(signal.SIGKILL)  # acknowledged, never checkpointed: then a crash
+        proc.wait(timeout=10)
+    proc = start_ledger_process(tmp_path, port, {})
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = ledger_pb2_grpc.LedgerStub(ch)
+            checkpoint = stub.GetCheckpoint(ledger_pb2.GetCheckpointRequest(), timeout=10)
+            assert checkpoint.size == len(acked)  # signed at start from the recovered leaves
+            bundle = stub.GetReceipt(ledger_pb2.GetReceiptRequest(receipt_id=receipts[123].receipt_id), timeout=10)
+            assert bundle.leaf_index == acked[123].leaf_index
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+class Anvil:
+    def __init__(self, state: Path) -> None:
+        if not ANVIL.exists():
+            pytest.fail(
+                f"anvil is missing at {ANVIL}: run scripts/bootstrap.sh (it installs @foundry-rs/anvil from npm)"
+            )
+        self.port = free_port()
+        self.state = state
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [str(ANVIL), "--host", "127.0.0.1", "--port", str(self.port), "--state", str(self.state)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for line in self.proc.stdout:  # readiness from anvil's own output, no polling
+            if "Listening on" in line:
+                return
+        raise RuntimeError("anvil exited before listening")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()  # anvil writes --state on exit
+            self.proc.wait(timeout=20)
+            self.proc = None
+
+
+def test_anvil_over_json_rpc_stopped_and_restarted_anchors_every_checkpoint_once_in_order(tmp_path):
+    anvil = Anvil(tmp_path / "anvil-state.json")
+    anvil.start()
+    config = ledger_config(tmp_path, chain_rpc_url=anvil.url)
+    core = build_core(config, LocalSigner(ORIGIN), background_anchoring=False)
+    try:
+        log = core.log
+        log.append_many([b"one", b"two", b"three"])
+        log.checkpoint()
+        assert core.anchorer.anchor_pending() == 1
+        anvil.stop()  # the chain goes away mid-test
+        for batch in ([b"four"], [b"five", b"six"], [b"seven"]):
+            log.append_many(batch)
+            log.checkpoint()
+        with pytest.raises(Exception):  # noqa: B017 - any connection error: the node is down
+            core.anchorer.anchor_pending()
+        assert [a.confirmed for a in core.anchors(0)] == [True, False, False, False]  # queued, not lost
+        anvil.start()
+        assert core.anchorer.anchor_pending() == 3
+        assert core.anchorer.anchor_pending() == 0  # nothing left, nothing resent
+        w3 = Web3(Web3.HTTPProvider(anvil.url))
+        contract = w3.eth.contract(address=core.anchorer.contract_address, abi=compiled_contract()["abi"])
+        events = contract.events.Anchored().get_logs(from_block=0)
+        assert [e["args"]["size"] for e in events] == [3, 4, 6, 7]
+        assert [bytes(e["args"]["root"]) for e in events] == [a.root for a in core.anchors(0)]
+        assert contract.functions.latest().call() == [7, log.tree.root(7)]
+        gas = [w3.eth.get_transaction_receipt(e["transactionHash"])["gasUsed"] for e in events]
+        assert all(g < 120_000 for g in gas)
+    finally:
+        core.close()
+        anvil.stop()
