@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,12 +24,11 @@ from bench.common import machine, percentiles, timed_ms, write_json
 from cipherfeed.cache import Keys
 from cipherfeed.client import keystore
 from cipherfeed.client.sdk import RecommenderClient
-from cipherfeed.config import ClientConfig, GrpcLimits, KeyServiceConfig, MiB, RecommenderConfig, RedisConfig
-from cipherfeed.devredis import LocalRedis
+from cipherfeed.config import ClientConfig, GrpcLimits, MiB, RecommenderConfig, RedisConfig
+from cipherfeed.devredis import LocalRedis, free_port
 from cipherfeed.he.codec import serialize
 from cipherfeed.he.params import MESH_PARAMS
 from cipherfeed.v1 import common_pb2, recommender_pb2
-from services.keyservice.server import serve as serve_keyservice
 from services.recommender.server import serve as serve_recommender
 from services.recommender.synthetic import synthetic_catalogue
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         listen="127.0.0.1:0",
         max_registered_keys=args.cache_size,
         max_registered_key_bytes=100 * 1024 * MiB,
-        keyservice_target=f"127.0.0.1:{ks_running.port}",
+        keyservice_target=f"127.0.0.1:{ks_port}",
         state_dir=work,
         limits=LIMITS,
         redis=redis_config,
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         client = RecommenderClient(
             ClientConfig(
                 target=f"127.0.0.1:{rec_running.port}",
-                keyservice_target=f"127.0.0.1:{ks_running.port}",
+                keyservice_target=f"127.0.0.1:{ks_port}",
                 deadline_seconds=120,
                 home=work / "client",
                 limits=LIMITS,
@@ -167,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         rec_running.stop(grace=1)
         core.close()
-        ks_running.stop(grace=1)
-        ks_core.close()
+        ks_proc.terminate()
+        ks_proc.wait(timeout=20)
         redis_server.stop()
 
     f, r, m = results["eval_key_fetch"], results["requests"], results["memory"]

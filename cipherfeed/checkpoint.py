@@ -56,7 +56,7 @@ class Verifier:
     @classmethod
     def from_vkey(cls, text: str) -> Verifier:
         try:
-            name, kid, key = text.strip().split("+")
+            name, kid, key = text.strip().split("+", 2)  # the base64 key may itself contain "+"
             raw = base64.b64decode(key, validate=True)
         except (ValueError, binascii.Error) as exc:
             raise NoteError(f"not a verifier key: {text!r}") from exc

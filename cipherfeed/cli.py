@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import grpc
 import numpy as np
 
+from cipherfeed.checkpoint import Verifier
 from cipherfeed.client.interest import Engagement, interest_vector
 from cipherfeed.client.keystore import KeyStoreError
-from cipherfeed.client.sdk import ClientError, RecommenderClient
+from cipherfeed.client.sdk import ClientError, EncryptedScores, RecommenderClient
 from cipherfeed.config import ClientConfig, ConfigError, RecommenderConfig
+from cipherfeed.grpcutil import RunningServer
 from cipherfeed.he.packing import plaintext_scores
+from cipherfeed.receipts import Receipt
+from cipherfeed.v1 import keyservice_pb2, ledger_pb2, ledger_pb2_grpc
 
 
 def _client(args: argparse.Namespace) -> RecommenderClient:
@@ -25,6 +31,7 @@ def _client(args: argparse.Namespace) -> RecommenderClient:
         config,
         target=args.target or config.target,
         keyservice_target=args.keyservice or config.keyservice_target,
+        ledger_target=getattr(args, "ledger", None) or config.ledger_target,
         home=args.home or config.home,
     )
     return RecommenderClient(config)
@@ -46,7 +53,7 @@ def print_feed(items: list, out: object = sys.stdout) -> None:
         print(f"{n:>2}  {item.creator_id[:28]:<28} {item.item_id:<20} {item.url}", file=out)
 
 
-def recommend(client: RecommenderClient, account_id: str, k: int, per_creator: int) -> int:
+def recommend(client: RecommenderClient, account_id: str, k: int, per_creator: int) -> EncryptedScores:
     created = client.use_keys()
     if created:
         print(
@@ -68,12 +75,88 @@ def recommend(client: RecommenderClient, account_id: str, k: int, per_creator: i
         file=sys.stderr,
     )
     print_feed(feed)
-    return 0
+    if scored.receipt is not None:
+        saved = save_receipt(client.config.home, scored.receipt)
+        print(f"receipt {scored.receipt_id} (saved to {saved}); check it with 'cipherfeed verify'", file=sys.stderr)
+    return scored
+
+
+def save_receipt(home: Path, receipt: Receipt) -> Path:
+    folder = home / "receipts"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{receipt.receipt_id}.json"
+    path.write_text(json.dumps(asdict(receipt), sort_keys=True, indent=2) + "\n")
+    return path
+
+
+def load_receipt(home: Path, receipt_id: str) -> Receipt | None:
+    path = home / "receipts" / f"{receipt_id}.json"
+    return Receipt(**json.loads(path.read_text())) if path.exists() else None
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        return recommend(client, args.user, args.k, args.per_creator)
+        recommend(client, args.user, args.k, args.per_creator)
+    return 0
+
+
+def signing_verifiers(client: RecommenderClient, origin: str, key_name: str) -> list[Verifier]:
+    """The mesh's published checkpoint keys, as note verifiers named after the log's origin."""
+    reply = client.keyservice.GetPublicKeys(
+        keyservice_pb2.GetPublicKeysRequest(), timeout=client.config.deadline_seconds
+    )
+    return [Verifier(origin, k.ed25519_public_key) for k in reply.keys if k.key_name == key_name]
+
+
+def web3_chain_root(rpc_url: str) -> Callable[[str, int], bytes]:
+    from web3 import Web3
+
+    from services.ledger.anchor import compiled_contract
+
+    w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": 10}))
+
+    def root(address: str, size: int) -> bytes:
+        contract = w3.eth.contract(address=Web3.to_checksum_address(address), abi=compiled_contract()["abi"])
+        return bytes(contract.functions.root_at(size).call())
+
+    return root
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from cipherfeed.client.verify import VerificationError, fetch_and_verify
+
+    if not args.chain_rpc and not args.trust_ledger_anchors:
+        print(
+            "cipherfeed: anchor: no --chain-rpc to read the anchor from the chain; pass one, or "
+            "--trust-ledger-anchors to accept the anchors the ledger reports",
+            file=sys.stderr,
+        )
+        return 13
+    with _client(args) as client:
+        ledger = ledger_pb2_grpc.LedgerStub(client.ledger_channel())
+        checkpoint = ledger.GetCheckpoint(ledger_pb2.GetCheckpointRequest(), timeout=client.config.deadline_seconds)
+        verifiers = (
+            [Verifier.from_vkey(v) for v in args.trust_vkey]
+            if args.trust_vkey
+            else signing_verifiers(client, checkpoint.origin, args.signing_key)
+        )
+        chain_root = web3_chain_root(args.chain_rpc) if args.chain_rpc else None
+        expected = load_receipt(client.config.home, args.receipt_id)
+        try:
+            verified = fetch_and_verify(
+                args.receipt_id, ledger, verifiers, chain_root, client.config.deadline_seconds, expected
+            )
+        except VerificationError as exc:
+            print(f"cipherfeed: verification failed at {exc}", file=sys.stderr)
+            return exc.exit_code
+    trust = "read on chain" if chain_root else "as reported by the ledger (not read on chain)"
+    print(
+        f"receipt   {args.receipt_id}: model {verified.receipt.model_version[:16]}, key {verified.receipt.key_id[:16]}"
+    )
+    print(f"inclusion leaf {verified.leaf_index} of {verified.checkpoint.size}: ok")
+    print(f"signature checkpoint {verified.checkpoint.origin} size {verified.checkpoint.size}: ok")
+    print(f"anchor    size {verified.anchor.size} {trust}: ok ({verified.anchor.source})")
+    return 0
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
@@ -100,11 +183,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return recommender_server.main()
 
 
-def start_local_mesh(base: RecommenderConfig) -> tuple[object, ...]:
-    """Redis (if a server binary is around), the key service and the recommender on loopback."""
-    from cipherfeed.config import KeyServiceConfig, RedisConfig
+@dataclass
+class LocalMesh:
+    redis: object | None
+    keyservice: RunningServer
+    keyservice_core: object
+    ledger: RunningServer
+    ledger_core: object
+    recommender: RunningServer
+    recommender_core: object
+    model: object
+
+    def stop(self) -> None:
+        for server, core in (
+            (self.recommender, self.recommender_core),
+            (self.ledger, self.ledger_core),
+            (self.keyservice, self.keyservice_core),
+        ):
+            server.stop(grace=1)
+            core.close()
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def start_local_mesh(base: RecommenderConfig) -> LocalMesh:
+    """Redis (if a server binary is around), the key service, the ledger (anchoring on the
+    in-process py-evm chain) and the recommender, all on loopback ports."""
+    from cipherfeed.config import KeyServiceConfig, LedgerConfig, RedisConfig
     from cipherfeed.devredis import LocalRedis, redis_server_binary
     from services.keyservice.server import serve as serve_keyservice
+    from services.ledger.server import serve as serve_ledger
     from services.recommender.server import load_or_train
     from services.recommender.server import serve as serve_recommender
 
@@ -113,53 +221,82 @@ def start_local_mesh(base: RecommenderConfig) -> tuple[object, ...]:
     print(f"== cache: {redis_server.url if redis_server else 'none (no redis-server found)'}", file=sys.stderr)
     ks_config = replace(KeyServiceConfig.from_env(), listen="127.0.0.1:0", state_dir=base.state_dir, redis=redis_config)
     keyservice, ks_core = serve_keyservice(ks_config)
+    ledger_config = replace(
+        LedgerConfig.from_env(),
+        listen="127.0.0.1:0",
+        state_dir=base.state_dir,
+        dsn=f"sqlite:///{base.state_dir / 'ledger.db'}",
+        keyservice_target=f"127.0.0.1:{keyservice.port}",
+    )
+    ledger, ledger_core = serve_ledger(ledger_config)
     config = replace(
         base,
         listen="127.0.0.1:0",
         keyservice_target=f"127.0.0.1:{keyservice.port}",
+        ledger_target=f"127.0.0.1:{ledger.port}",
         redis=redis_config,
     )
     model = load_or_train(config)
     recommender, rec_core = serve_recommender(config, model)
-    return redis_server, keyservice, ks_core, recommender, rec_core, model
+    return LocalMesh(redis_server, keyservice, ks_core, ledger, ledger_core, recommender, rec_core, model)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Starts the mesh in-process on loopback ports and runs one private recommendation."""
+    from cipherfeed.client.verify import fetch_and_verify
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print("== cipherfeed demo: local mesh with embedded defaults", file=sys.stderr)
-    redis_server, keyservice, ks_core, recommender, rec_core, model = start_local_mesh(RecommenderConfig.from_env())
+    mesh = start_local_mesh(RecommenderConfig.from_env())
+    model = mesh.model
     try:
         client_config = replace(
             ClientConfig.from_env(),
-            target=f"127.0.0.1:{recommender.port}",
-            keyservice_target=f"127.0.0.1:{keyservice.port}",
+            target=f"127.0.0.1:{mesh.recommender.port}",
+            keyservice_target=f"127.0.0.1:{mesh.keyservice.port}",
+            ledger_target=f"127.0.0.1:{mesh.ledger.port}",
         )
         user = args.user or model.creator_ids[0]
         with RecommenderClient(client_config) as client:
             client.wait_ready(timeout=10)
             print(f"== private For-You feed for @{user}", file=sys.stderr)
-            recommend(client, user, args.k, args.per_creator)
+            scored = recommend(client, user, args.k, args.per_creator)
             # Demo-only cross-check: the demo owns the server's model, a real client never does.
             history = creator_history(client, user)
             engaged = client.items(item_ids=[e.item_id for e in history], include_embedding=True)
             u = interest_vector(np.array([list(i.embedding) for i in engaged]), history)
-            scored = client.score(u)
+            again = client.score(u)
             clear = plaintext_scores(model.embeddings, u, model.popularity, model.popularity_weight)
-            err = float(np.max(np.abs(scored.scores - clear)))
-            same = list(np.argsort(-scored.scores)[:10]) == list(np.argsort(-clear)[:10])
+            err = float(np.max(np.abs(again.scores - clear)))
+            same = list(np.argsort(-again.scores)[:10]) == list(np.argsort(-clear)[:10])
             print(
                 f"== demo check against plaintext scoring: max |error| {err:.2e} over "
                 f"{clear.shape[0]} items; top-10 identical: {same}",
                 file=sys.stderr,
             )
+            # Receipts: spool -> ledger -> signed checkpoint -> anchor, then verify as a client would.
+            mesh.recommender_core.receipts.flush(timeout=30)
+            mesh.ledger_core.log.checkpoint()
+            mesh.ledger_core.anchorer.anchor_pending()
+            ledger = ledger_pb2_grpc.LedgerStub(client.ledger_channel())
+            origin = ledger.GetCheckpoint(ledger_pb2.GetCheckpointRequest(), timeout=10).origin
+            verifiers = signing_verifiers(client, origin, "ledger")
+            verified = fetch_and_verify(
+                scored.receipt_id,
+                ledger,
+                verifiers,
+                lambda _address, size: mesh.ledger_core.anchorer.onchain_root(size),
+                client_config.deadline_seconds,
+                scored.receipt,
+            )
+            print(
+                f"== receipt {scored.receipt_id[:16]}… verified: leaf {verified.leaf_index} of "
+                f"{verified.checkpoint.size}, checkpoint signed by the key service's '{origin}' key, "
+                f"root anchored on chain ({verified.anchor.source})",
+                file=sys.stderr,
+            )
     finally:
-        recommender.stop(grace=1)
-        rec_core.close()
-        keyservice.stop(grace=1)
-        ks_core.close()
-        if redis_server is not None:
-            redis_server.stop()
+        mesh.stop()
     return 0
 
 
@@ -185,6 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run a service (configured by CIPHERFEED_* variables)")
     serve.add_argument("service", choices=["recommender", "keyservice"])
     serve.set_defaults(func=cmd_serve)
+
+    ver = sub.add_parser("verify", help="check a receipt: inclusion, checkpoint signature, on-chain anchor")
+    ver.add_argument("receipt_id")
+    ver.add_argument("--ledger", help="ledger address (default $CIPHERFEED_LEDGER_TARGET)")
+    ver.add_argument("--chain-rpc", help="JSON-RPC URL of the chain holding the anchors")
+    ver.add_argument("--trust-ledger-anchors", action="store_true", help="accept the anchors the ledger reports")
+    ver.add_argument("--trust-vkey", action="append", default=[], help="trusted checkpoint key (C2SP vkey)")
+    ver.add_argument("--signing-key", default="ledger", help="the key service's name for the checkpoint key")
+    ver.set_defaults(func=cmd_verify)
 
     demo = sub.add_parser("demo", help="local mesh + one private recommendation, end to end")
     demo.add_argument("--user", help="dataset account_id (default: the first creator)")

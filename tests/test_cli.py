@@ -98,4 +98,5 @@ def test_demo_runs_the_whole_path(tmp_path, dataset_path):
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert len(feed_rows(demo.stdout)) == 10
     assert "top-10 identical: True" in demo.stderr
+    assert "verified: leaf" in demo.stderr and "anchored on chain" in demo.stderr
     assert list((tmp_path / "models").glob("*.cfmodel"))

@@ -2,6 +2,7 @@
 crashes lose nothing; anchoring on py-evm in process and on a real anvil node, stopped mid-test."""
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from web3 import Web3
 
 from cipherfeed.checkpoint import DASH, Verifier, verify_checkpoint, vkey
+from cipherfeed.cli import web3_chain_root
 from cipherfeed.client.verify import AnchorEvidence, VerificationError, verify_receipt
 from cipherfeed.config import REPO_ROOT, LedgerConfig
 from cipherfeed.devredis import free_port
@@ -47,6 +49,7 @@ def mesh(tiktok_model, keyservice, redis_server, tmp_path_factory):
     )
     rec, rec_core = serve_recommender(config, tiktok_model)
     client = client_for(rec.port, keyservice[0], tmp / "client")
+    client.config = dataclasses.replace(client.config, ledger_target=f"127.0.0.1:{ledger.port}")
     client.use_keys()
     client.register()
     channel = grpc.insecure_channel(f"127.0.0.1:{ledger.port}")
@@ -123,15 +126,33 @@ def test_a_later_anchor_with_a_consistency_proof_also_verifies(mesh):
     assert verified.anchor.size > verified.checkpoint.size == old_bundle.checkpoint.size
 
 
+def other_receipt(p):
+    return {**p, "receipt": dataclasses.replace(p["receipt"], model_version="0" * 64)}
+
+
+def flipped_proof(p):
+    return {**p, "inclusion": [bytes(32), *p["inclusion"][1:]] if p["inclusion"] else [bytes(32)]}
+
+
+def broken_signature(p):
+    assert p["note"].count(DASH) == 1
+    return {**p, "note": p["note"][:-10] + "AAAAAAAAA\n"}
+
+
+def other_size(p):
+    origin, size, rest = p["note"].split("\n", 2)
+    return {**p, "note": f"{origin}\n{int(size) + 1}\n{rest}"}
+
+
 @pytest.mark.parametrize(
     ("step", "mutate"),
     [
-        ("receipt", lambda p: {**p, "receipt": dataclasses.replace(p["receipt"], model_version="0" * 64)}),
-        ("inclusion", lambda p: {**p, "inclusion": [bytes(32), *p["inclusion"][1:]] if p["inclusion"] else [bytes(32)]}),
-        ("signature", lambda p: {**p, "note": p["note"].replace("\n\n", "\n\n", 1).replace(f"{DASH} ", f"{DASH} ", 1)[:-10] + "AAAAAAAAA\n"}),
-        ("signature", lambda p: {**p, "note": p["note"].replace(p["note"].split("\n")[1], str(int(p["note"].split("\n")[1]) + 1), 1)}),
+        ("receipt", other_receipt),
+        ("inclusion", flipped_proof),
+        ("signature", broken_signature),
+        ("signature", other_size),
     ],
-)  # fmt: skip
+)
 def test_tampering_is_rejected_at_the_right_step(mesh, step, mutate):
     client, rec_core, ledger_core, stub, signer = mesh
     s = client.score(np.eye(64)[7])
@@ -179,6 +200,9 @@ def test_checkpoints_are_consistent_and_a_tampered_store_refuses_to_start(tmp_pa
     checkpoint = verify_checkpoint(second.note, [Verifier(signer.name, signer.public_key)], origin=ORIGIN)
     assert (checkpoint.size, checkpoint.root) == (25, second.root)
     assert Verifier.from_vkey(vkey(signer.name, signer.public_key)) == Verifier(signer.name, signer.public_key)
+    for _ in range(50):  # keys whose base64 contains "+" or "/" too
+        other = LocalSigner(ORIGIN)
+        assert Verifier.from_vkey(vkey(other.name, other.public_key)).public_key == other.public_key
     core.close()
     core.log.store.close()
     import sqlite3
@@ -295,6 +319,41 @@ def test_anvil_over_json_rpc_stopped_and_restarted_anchors_every_checkpoint_once
         assert contract.functions.latest().call() == [7, log.tree.root(7)]
         gas = [w3.eth.get_transaction_receipt(e["transactionHash"])["gasUsed"] for e in events]
         assert all(g < 120_000 for g in gas)
+        read_root = web3_chain_root(anvil.url)  # what `cipherfeed verify --chain-rpc` reads
+        assert read_root(core.anchorer.contract_address, 6) == log.tree.root(6)
     finally:
         core.close()
         anvil.stop()
+
+
+def run_verify(*args, home):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CIPHERFEED_CLIENT_HOME": str(home)}
+    return subprocess.run(
+        [sys.executable, "-m", "cipherfeed.cli", "verify", *args], cwd=REPO_ROOT, env=env,
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_verify_command_exit_status_names_the_failing_step(mesh, tmp_path):
+    client, rec_core, ledger_core, _, signer = mesh
+    s = client.score(np.eye(64)[9])
+    settle(rec_core, ledger_core)
+    ledger = ["--ledger", client.config.ledger_target]
+    trusted = ["--trust-vkey", vkey(signer.name, signer.public_key)]
+    ok = run_verify(s.receipt_id, *ledger, *trusted, "--trust-ledger-anchors", home=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "inclusion leaf" in ok.stdout and "as reported by the ledger" in ok.stdout
+    stranger = LocalSigner(ORIGIN)
+    bad_key = run_verify(s.receipt_id, *ledger, "--trust-vkey", vkey(stranger.name, stranger.public_key),
+                         "--trust-ledger-anchors", home=tmp_path)  # fmt: skip
+    assert bad_key.returncode == 12 and "signature" in bad_key.stderr
+    unchecked = run_verify(s.receipt_id, *ledger, *trusted, home=tmp_path)
+    assert unchecked.returncode == 13 and "--chain-rpc" in unchecked.stderr
+    unknown = run_verify("ab" * 32, *ledger, *trusted, "--trust-ledger-anchors", home=tmp_path)
+    assert unknown.returncode == 3 and "NOT_FOUND" in unknown.stderr
+    # A receipt kept by the client that differs from the ledger's copy is refused.
+    kept = dataclasses.replace(s.receipt, unix_millis=s.receipt.unix_millis + 1)
+    (tmp_path / "receipts").mkdir()
+    (tmp_path / "receipts" / f"{s.receipt_id}.json").write_text(json.dumps(dataclasses.asdict(kept)))
+    differs = run_verify(s.receipt_id, *ledger, *trusted, "--trust-ledger-anchors", home=tmp_path)
+    assert differs.returncode == 10 and "receipt" in differs.stderr

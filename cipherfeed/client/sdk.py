@@ -89,6 +89,7 @@ class RecommenderClient:
         self.config = config
         self._channel = channel(config.target, config.limits)
         self._keyservice_channel = channel(config.keyservice_target, config.limits)
+        self._ledger_channel: grpc.Channel | None = None
         self.stub = recommender_pb2_grpc.RecommenderStub(self._channel)
         self.keyservice = keyservice_pb2_grpc.KeyServiceStub(self._keyservice_channel)
         self._params: HEParams | None = None
@@ -98,9 +99,16 @@ class RecommenderClient:
         self.key_version: int = 0
         self._profile: tuple[bytes, str] | None = None  # (query sha256, profile_ref)
 
+    def ledger_channel(self) -> grpc.Channel:
+        if self._ledger_channel is None:
+            self._ledger_channel = channel(self.config.ledger_target, self.config.limits)
+        return self._ledger_channel
+
     def close(self) -> None:
         self._channel.close()
         self._keyservice_channel.close()
+        if self._ledger_channel is not None:
+            self._ledger_channel.close()
 
     def __enter__(self) -> RecommenderClient:
         return self

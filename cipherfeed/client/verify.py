@@ -80,3 +80,46 @@ def verify_receipt(
         except ProofError as exc:
             raise VerificationError("anchor", f"later anchor is not consistent with the checkpoint: {exc}") from None
     return Verified(receipt, leaf_index, checkpoint, first)
+
+
+def fetch_and_verify(
+    receipt_id: str,
+    ledger: object,
+    verifiers: list[Verifier],
+    chain_root: Callable[[str, int], bytes] | None,
+    deadline: float,
+    expected: Receipt | None = None,
+) -> Verified:
+    """Fetches the bundle and anchors from the ledger and checks everything.
+
+    ``chain_root(contract_address, size)`` reads the root the chain holds; with None the anchors
+    the ledger reports are taken as they are (the caller must say so to its user).
+    """
+    from cipherfeed.v1 import ledger_pb2
+
+    bundle = ledger.GetReceipt(ledger_pb2.GetReceiptRequest(receipt_id=receipt_id), timeout=deadline)
+    r = bundle.receipt
+    receipt = Receipt(r.query_sha256, r.response_sha256, r.model_version, r.key_id, r.key_version, r.unix_millis)
+    if expected is not None and receipt != expected:
+        raise VerificationError("receipt", "the ledger's receipt differs from the one this client kept")
+
+    def anchors(size: int) -> list[AnchorEvidence]:
+        reply = ledger.GetAnchors(ledger_pb2.GetAnchorsRequest(min_size=size), timeout=deadline)
+        out = []
+        for a in reply.anchors:
+            if not a.confirmed:
+                continue
+            root = chain_root(a.contract_address, a.size) if chain_root else a.root_hash
+            where = f"chain {a.chain_id} contract {a.contract_address} block {a.block_number} tx {a.transaction_hash}"
+            out.append(AnchorEvidence(a.size, root, where))
+        return out
+
+    def consistency(old: int, new: int) -> list[bytes]:
+        req = ledger_pb2.GetConsistencyProofRequest(first_size=old, second_size=new)
+        return list(ledger.GetConsistencyProof(req, timeout=deadline).hashes)
+
+    origin = bundle.checkpoint.origin
+    return verify_receipt(
+        receipt, receipt_id, bundle.leaf_index, list(bundle.inclusion.hashes), bundle.checkpoint.signed_note,
+        verifiers, origin, anchors, consistency,
+    )  # fmt: skip
