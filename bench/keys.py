@@ -55,15 +55,24 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="cf-bench-keys-"))
     redis_server = LocalRedis.start()
     redis_config = RedisConfig(url=redis_server.url)
-    ks_running, ks_core = serve_keyservice(
-        KeyServiceConfig(
-            listen="127.0.0.1:0",
-            dsn=f"sqlite:///{work / 'ks.db'}",
-            state_dir=work,
-            limits=LIMITS,
-            redis=redis_config,
-        )
+    # The key service runs in its own process, so the RSS measured here is the recommender's
+    # (plus a thin client), not the key service's 14 MB SQLite writes per registration.
+    ks_port = free_port()
+    ks_env = {
+        **os.environ,
+        "CIPHERFEED_KEYSERVICE_LISTEN": f"127.0.0.1:{ks_port}",
+        "CIPHERFEED_KEYSERVICE_DSN": f"sqlite:///{work / 'ks.db'}",
+        "CIPHERFEED_STATE_DIR": str(work),
+        "CIPHERFEED_REDIS_URL": redis_server.url,
+        "CIPHERFEED_GRPC_MAX_MESSAGE_BYTES": str(LIMITS.max_message_bytes),
+    }
+    ks_proc = subprocess.Popen(
+        [sys.executable, "-m", "services.keyservice.server"],
+        env=ks_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
+    assert ks_proc.stdout is not None and b"listening" in ks_proc.stdout.readline(), "key service did not start"
     model = synthetic_catalogue(8192, seed=1)  # one block: Score cost is mostly the key path
     rec_config = RecommenderConfig(
         listen="127.0.0.1:0",

@@ -19,7 +19,7 @@ from cipherfeed.client import keystore
 from cipherfeed.client.sdk import RecommenderClient
 from cipherfeed.config import ClientConfig, GrpcLimits, MiB
 from cipherfeed.grpcutil import start_server
-from cipherfeed.he import packing
+from cipherfeed.he import packing, wire
 from cipherfeed.he.params import MESH_PARAMS
 from cipherfeed.v1 import recommender_pb2_grpc
 from services.recommender.core import RecommenderCore
@@ -89,7 +89,7 @@ def run_size(n: int, reps: int, tenseal_reps: int) -> dict[str, Any]:
     # Correctness of what was timed.
     decrypted = []
     for blob in result.ciphertexts:
-        pt = keys.cc.Decrypt(keys.secret_key, core.codec.load_scores(blob))
+        pt = keys.cc.Decrypt(keys.secret_key, core.codec.load_scores(wire.unpack(blob)))
         pt.SetLength(MESH_PARAMS.slots)
         decrypted.append(np.asarray(pt.GetCKKSPackedValue()))
     got = packing.unpack_scores(decrypted, n, MESH_PARAMS.slots)

@@ -31,7 +31,7 @@ def test_unsafe_security_level_is_refused():
 
 
 def test_openfhe_refuses_a_ring_too_small_for_128_bits():
-    # N = 4096 allows at most 109 bits of modulus at 128-bit security; this set needs 115.
+    # N = 4096 allows at most 109 bits of modulus at 128-bit security; this set needs 113.
     with pytest.raises(ParameterError, match="refused"):
         build_context(HEParams(ring_dimension=4096))
 

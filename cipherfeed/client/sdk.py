@@ -15,7 +15,7 @@ from cipherfeed.client.keystore import ClientKeys
 from cipherfeed.client.ranking import rank_feed
 from cipherfeed.config import ClientConfig
 from cipherfeed.grpcutil import channel
-from cipherfeed.he import packing
+from cipherfeed.he import packing, wire
 from cipherfeed.he.codec import MaterialCodec, ciphertext_sha256, serialize
 from cipherfeed.he.keymap import KeyMaterial
 from cipherfeed.he.params import HEParams, ParameterError, build_context, context_fingerprint
@@ -254,7 +254,10 @@ class RecommenderClient:
         assert self._codec is not None
         decrypted = []
         for blob in blobs:
-            ct = self._codec.load_scores(blob)
+            try:
+                ct = self._codec.load_scores(wire.unpack(blob))
+            except wire.WireError as exc:
+                raise ClientError(f"score ciphertext is not decodable: {exc}") from None
             pt = keys.cc.Decrypt(keys.secret_key, ct)
             pt.SetLength(p.slots)
             decrypted.append(np.asarray(pt.GetCKKSPackedValue()))

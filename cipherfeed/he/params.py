@@ -2,11 +2,12 @@
 
 Chosen by measurement on a 2-core machine (README, "Parameter choice"):
 
-* ring 2^13, q0 = 60 bits, scale 2^55, depth 1: a query is ~263 KB and a score ciphertext one
-  60-bit limb (~132 KB for 8,192 items). 128-bit security (HEStd_128_classic) is enforced by
-  OpenFHE: BV key switching needs no auxiliary modulus, so log Q = 115 bits, under the 218-bit
-  bound for N = 8192. Scores are at most ~1.05 in magnitude (unit vectors plus the prior), far
-  inside the 2^4 headroom q0 leaves above the scale.
+* ring 2^13, q0 = 58 bits, scale 2^55, depth 1: a query is ~263 KB and a score ciphertext one
+  58-bit limb (~119 KB on the wire for 8,192 items once bit-packed, see ``wire``). 128-bit
+  security (HEStd_128_classic) is enforced by OpenFHE: BV key switching needs no auxiliary
+  modulus, so log Q = 113 bits, under the 218-bit bound for N = 8192. Scores are at most ~1.05
+  in magnitude (unit vectors plus the prior); q0 leaves 2 bits above the scale, |s| < 4, which
+  the scorer checks when it loads a model.
 * BV key switching with 20-bit digits (6 digits for the two limbs): a hoisted rotation costs
   ~0.5 ms against ~1.2 ms for HYBRID; the 55-bit scale keeps the key-switching noise at ~1e-6
   in the scores.
@@ -38,7 +39,7 @@ class ParameterError(ValueError):
 @dataclass(frozen=True)
 class HEParams:
     ring_dimension: int = 8192
-    first_mod_bits: int = 60
+    first_mod_bits: int = 58
     scaling_mod_bits: int = 55
     multiplicative_depth: int = 1
     key_switch_digit_bits: int = 20
@@ -81,6 +82,11 @@ class HEParams:
             levels.append([step * i for i in range(1, min(self.rotation_radix, self.padded_dim // step))])
             step *= self.rotation_radix
         return levels[::-1]
+
+    @property
+    def score_bound(self) -> float:
+        """Scores must stay below this in magnitude to decrypt correctly (q0 / 2 over the scale)."""
+        return 2.0 ** (self.first_mod_bits - 1 - self.scaling_mod_bits)
 
     @property
     def rotation_indices(self) -> list[int]:

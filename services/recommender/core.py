@@ -14,6 +14,7 @@ import numpy as np
 from cipherfeed.cache import Cache, Keys
 from cipherfeed.config import GrpcLimits, RedisConfig
 from cipherfeed.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from cipherfeed.he import wire
 from cipherfeed.he.codec import MaterialCodec, ciphertext_sha256, serialize
 from cipherfeed.he.params import HEParams
 from cipherfeed.receipts import ModelRecord, Receipt
@@ -180,7 +181,7 @@ class RecommenderCore:
                     break
         else:
             raise Unavailable("rotation keys were evicted repeatedly under load; retry")
-        blobs = list(self.pool.map(serialize, outputs))
+        blobs = list(self.pool.map(self._encode_scores, outputs))
         self.cache.set(result_key, _frame_blobs(blobs), self.redis_config.result_ttl)
         result = self._result(blobs, query_sha256, started, ref.key_id, version, from_cache=False)
         log.info(
@@ -193,6 +194,9 @@ class RecommenderCore:
             result.server_millis,
         )
         return result
+
+    def _encode_scores(self, ct: object) -> bytes:
+        return wire.pack(serialize(ct), (self.params.ring_dimension,))
 
     def _result(
         self, blobs: list[bytes], query_sha256: bytes, started: float, key_id: str, version: int, from_cache: bool

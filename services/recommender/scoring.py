@@ -38,6 +38,11 @@ class EncryptedScorer:
     def __init__(self, model: ModelArtifact, params: HEParams, pool: ThreadPoolExecutor) -> None:
         if model.dim > params.padded_dim:
             raise ValueError(f"model dimension {model.dim} exceeds the parameter set's {params.padded_dim}")
+        # |score| <= |x| |u| + w * popularity with a unit query: it must fit q0's headroom.
+        largest = float(np.linalg.norm(model.embeddings, axis=1).max()) if model.item_count else 0.0
+        bound = largest + model.popularity_weight * float(np.abs(model.popularity).max(initial=0.0))
+        if bound >= params.score_bound / 2:
+            raise ValueError(f"scores may reach {bound:.2f}; the parameter set decrypts below {params.score_bound}")
         self.model = model
         self.params = params
         self.cc = build_context(params)

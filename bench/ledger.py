@@ -1,0 +1,149 @@
+"""Ledger benchmark: ``python -m bench.ledger [--leaves 1000000]``.
+
+* receipts appended per second, durably (synchronous=FULL, group commit), in process and over gRPC;
+* inclusion proof generation and verification at 10^6 leaves;
+* gas per anchor, and transactions per checkpoint, on the in-process py-evm chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench.common import machine, percentiles, timed_ms, write_json
+from cipherfeed.config import LedgerConfig
+from cipherfeed.merkle import CompactTree, leaf_hash, verify_inclusion
+from cipherfeed.receipts import Receipt
+from cipherfeed.v1 import ledger_pb2, ledger_pb2_grpc
+from services.ledger.server import build_core, serve
+from services.ledger.signers import LocalSigner
+
+TARGETS = {"receipts_per_second": 20_000, "inclusion_proof_ms_at_1m": 1.0, "verify_ms_at_1m": 0.2}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def receipts(n: int, seed: int) -> list[Receipt]:
+    rng = random.Random(seed)
+    return [
+        Receipt(rng.randbytes(32).hex(), rng.randbytes(32).hex(), "ab" * 32, "cd" * 32, 1, 1_700_000_000_000 + i)
+        for i in range(n)
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--appends", type=int, default=200_000, help="receipts appended in the throughput runs")
+    parser.add_argument("--batch", type=int, default=2000, help="receipts per append call (the spool's batch)")
+    parser.add_argument("--writers", type=int, default=4, help="concurrent appenders")
+    parser.add_argument("--leaves", type=int, default=1_000_000, help="tree size for the proof measurements")
+    parser.add_argument("--anchors", type=int, default=20)
+    parser.add_argument("--out", default="ledger")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="cf-bench-ledger-"))
+    results: dict[str, Any] = {}
+    base = LedgerConfig(origin="bench/ledger", checkpoint_every=10**9, checkpoint_interval=3600.0, state_dir=work)
+
+    log(f"== {args.appends:,} durable appends in batches of {args.batch} from {args.writers} writers (in process)")
+    core = build_core(
+        LedgerConfig(**{**base.__dict__, "dsn": f"sqlite:///{work / 'inproc.db'}"}),
+        LocalSigner("bench/ledger"),
+        anchoring=False,
+    )
+    leaves = [r.leaf() for r in receipts(args.appends, 1)]
+    batches = [leaves[i : i + args.batch] for i in range(0, len(leaves), args.batch)]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.writers) as pool:
+        list(pool.map(core.log.append_many, batches))
+    elapsed = time.perf_counter() - started
+    results["append_in_process"] = {"receipts": args.appends, "seconds": elapsed, "per_second": args.appends / elapsed}
+    core.close()
+
+    log("== the same over gRPC (AppendBatch, loopback)")
+    config = LedgerConfig(**{**base.__dict__, "dsn": f"sqlite:///{work / 'grpc.db'}", "listen": "127.0.0.1:0"})
+    running, gcore = serve(config, LocalSigner("bench/ledger"), background_anchoring=False)
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}", options=[("grpc.max_send_message_length", 64 * 2**20)])
+    stub = ledger_pb2_grpc.LedgerStub(channel)
+    requests = [
+        ledger_pb2.AppendBatchRequest(
+            entries=[ledger_pb2.AppendRequest(receipt=ledger_pb2.Receipt(**r.__dict__)) for r in chunk]
+        )
+        for chunk in (receipts(args.appends, 2)[i : i + args.batch] for i in range(0, args.appends, args.batch))
+    ]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.writers) as pool:
+        list(pool.map(lambda req: stub.AppendBatch(req, timeout=120), requests))
+    elapsed = time.perf_counter() - started
+    results["append_grpc"] = {"receipts": args.appends, "seconds": elapsed, "per_second": args.appends / elapsed}
+    channel.close()
+    running.stop(grace=1)
+    gcore.close()
+
+    log(f"== proofs at {args.leaves:,} leaves")
+    tree, build_ms = timed_ms(CompactTree, [leaf_hash(os.urandom(16)) for _ in range(args.leaves)])
+    root = tree.root()
+    rng = random.Random(3)
+    indices = [rng.randrange(args.leaves) for _ in range(2000)]
+    gen, ver = [], []
+    for i in indices:
+        proof, ms = timed_ms(tree.inclusion_proof, i, args.leaves)
+        gen.append(ms)
+        ver.append(timed_ms(verify_inclusion, i, args.leaves, tree.leaf(i), proof, root)[1])
+    results["proofs"] = {
+        "leaves": args.leaves,
+        "tree_build_seconds": build_ms / 1e3,
+        "inclusion_generate": percentiles(gen),
+        "inclusion_verify": percentiles(ver),
+        "proof_hashes": len(proof),
+    }
+
+    log(f"== {args.anchors} checkpoints anchored on py-evm")
+    acore = build_core(
+        LedgerConfig(**{**base.__dict__, "dsn": f"sqlite:///{work / 'anchor.db'}"}),
+        LocalSigner("bench/ledger"),
+        background_anchoring=False,
+    )
+    for i in range(args.anchors):
+        acore.log.append_many([f"entry {i}".encode()])
+        acore.log.checkpoint()
+    acore.anchorer.anchor_pending()
+    contract = acore.anchorer._ensure_contract()
+    w3 = acore.anchorer._w3
+    assert w3 is not None
+    events = contract.events.Anchored().get_logs(from_block=0)
+    gas = [w3.eth.get_transaction_receipt(e["transactionHash"])["gasUsed"] for e in events]
+    results["anchoring"] = {
+        "checkpoints": args.anchors,
+        "transactions": len(events),
+        "gas_per_anchor_first": gas[0],
+        "gas_per_anchor_steady": gas[-1],
+    }
+    acore.close()
+
+    a, g, p, c = results["append_in_process"], results["append_grpc"], results["proofs"], results["anchoring"]
+    print(f"{'measure':<52} {'value':>14}")
+    print(f"{'durable appends/s, in process (group commit)':<52} {a['per_second']:>14,.0f}")
+    print(f"{'durable appends/s, gRPC AppendBatch':<52} {g['per_second']:>14,.0f}")
+    gen_p, ver_p = p["inclusion_generate"], p["inclusion_verify"]
+    print(f"{'inclusion proof at 1e6 leaves, p50 / p95 (ms)':<52} {gen_p['p50_ms']:>6.3f} / {gen_p['p95_ms']:.3f}")
+    print(f"{'inclusion verify at 1e6 leaves, p50 / p95 (ms)':<52} {ver_p['p50_ms']:>6.3f} / {ver_p['p95_ms']:.3f}")
+    print(f"{'gas per anchor (first / steady)':<52} {c['gas_per_anchor_first']:>7,} / {c['gas_per_anchor_steady']:,}")
+    print(f"{'transactions per checkpoint':<52} {c['transactions'] / c['checkpoints']:>14.2f}")
+    path = write_json(args.out, {"machine": machine(), "targets": TARGETS, **results})
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

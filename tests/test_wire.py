@@ -1,0 +1,43 @@
+"""The score ciphertext wire encoding is lossless and smaller."""
+
+import os
+
+import numpy as np
+import openfhe
+import pytest
+
+from cipherfeed.client import keystore
+from cipherfeed.he import wire
+from cipherfeed.he.codec import serialize
+from cipherfeed.he.params import MESH_PARAMS
+
+
+def test_real_score_ciphertexts_round_trip_and_shrink():
+    keys = keystore.generate(MESH_PARAMS)
+    cc = keys.cc
+    ct = cc.Encrypt(keys.public_key, cc.MakeCKKSPackedPlaintext(np.full(4096, 0.5 + 0.25j)))
+    score = cc.Rescale(cc.EvalMult(ct, cc.MakeCKKSPackedPlaintext(np.ones(4096, dtype=complex), 1, 0, None, 4096)))
+    blob = serialize(score)
+    packed = wire.pack(blob, (MESH_PARAMS.ring_dimension,))
+    assert wire.unpack(packed) == blob
+    # Two polynomials of 8192 coefficients below 2^58: 6 bits saved per coefficient.
+    assert len(blob) - len(packed) >= 2 * 8192 * 6 // 8 - 64
+    pt = cc.Decrypt(keys.secret_key, openfhe.DeserializeCiphertextString(wire.unpack(packed), openfhe.BINARY))
+    pt.SetLength(2)
+    np.testing.assert_allclose(pt.GetCKKSPackedValue(), [0.5 + 0.25j] * 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 100, 70_000, 200_000])
+def test_any_bytes_round_trip(size):
+    data = os.urandom(size)
+    assert wire.unpack(wire.pack(data, (8192,))) == data
+    # A marker followed by small words, as in a header: still exact.
+    crafted = b"\x00" * 11 + (8192).to_bytes(8, "little") + np.arange(8192, dtype="<u8").tobytes() + data
+    assert wire.unpack(wire.pack(crafted, (8192,))) == crafted
+
+
+def test_malformed_packed_bytes_are_refused():
+    packed = wire.pack(os.urandom(300_000), (8192,))
+    for bad in (b"", b"nope", packed[:-5], packed + b"x", wire.MAGIC + b"\x01\x00\x00\x00"):
+        with pytest.raises(wire.WireError):
+            wire.unpack(bad)
