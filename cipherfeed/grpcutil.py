@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -102,6 +103,24 @@ def wait_for_shutdown(running: RunningServer) -> None:
     stop.wait()
     log.info("shutting down")
     running.stop()
+
+
+def run_service(name: str, start: Callable[[], tuple[RunningServer, Any]]) -> int:
+    """A service's ``main``: start it, say so on stdout once serving (tests and supervisors read
+    that line instead of polling), drain on SIGINT/SIGTERM, close its core. Configuration and
+    start-up errors exit with status 2 and a one-line message."""
+    from cipherfeed.config import ConfigError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        running, core = start()
+    except (ConfigError, ValueError, OSError, RuntimeError) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{name} listening on port {running.port}", flush=True)
+    wait_for_shutdown(running)
+    core.close()
+    return 0
 
 
 def channel(target: str, limits: GrpcLimits) -> grpc.Channel:

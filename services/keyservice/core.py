@@ -120,6 +120,7 @@ class KeyServiceCore:
 
     def close(self) -> None:
         self.states.close()
+        self.store.close()
 
     # --- client HE keys -------------------------------------------------------------------
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 from cipherfeed.cache import Cache
-from cipherfeed.config import ConfigError, KeyServiceConfig
-from cipherfeed.grpcutil import RunningServer, start_server, wait_for_shutdown
+from cipherfeed.config import KeyServiceConfig
+from cipherfeed.grpcutil import RunningServer, run_service, start_server
 from cipherfeed.he.codec import MaterialCodec
 from cipherfeed.he.params import MESH_PARAMS, HEParams
 from cipherfeed.v1 import keyservice_pb2, keyservice_pb2_grpc
@@ -53,18 +52,7 @@ def serve(config: KeyServiceConfig, params: HEParams = MESH_PARAMS) -> tuple[Run
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = KeyServiceConfig.from_env()
-        running, core = serve(config)
-    except (ConfigError, ValueError, OSError) as exc:
-        print(f"keyservice: {exc}", file=sys.stderr)
-        return 2
-    print(f"keyservice listening on port {running.port}", flush=True)
-    wait_for_shutdown(running)
-    core.close()
-    core.store.close()
-    return 0
+    return run_service("keyservice", lambda: serve(KeyServiceConfig.from_env()))
 
 
 if __name__ == "__main__":

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cipherfeed.he.keymap import KeyMaterial
 from cipherfeed.keystate import KeyState
+from cipherfeed.sqlitedb import DurableDatabase
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS he_keys (
@@ -97,30 +95,9 @@ class AuditRow:
     detail: str
 
 
-class KeyStore:
+class KeyStore(DurableDatabase):
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._lock = threading.RLock()
-        for pragma in ("journal_mode=WAL", "synchronous=FULL", "secure_delete=ON", "foreign_keys=ON"):
-            self._db.execute(f"PRAGMA {pragma}")
-        self._db.executescript(SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        super().__init__(path, SCHEMA, extra_pragmas=("secure_delete=ON",))
 
     @staticmethod
     def audit(db: sqlite3.Connection, action: str, subject: str, version: int, detail: dict[str, Any]) -> None:

@@ -75,3 +75,4 @@ class LedgerCore:
         self.log.close()
         if self.anchorer is not None:
             self.anchorer.close()
+        self.log.store.close()

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 from cipherfeed.config import ConfigError, LedgerConfig
-from cipherfeed.grpcutil import RunningServer, channel, start_server, wait_for_shutdown
+from cipherfeed.grpcutil import RunningServer, channel, run_service, start_server
 from cipherfeed.v1 import keyservice_pb2_grpc, ledger_pb2, ledger_pb2_grpc
 from services.ledger.anchor import Anchorer, ChainConfig
 from services.ledger.core import LedgerCore
@@ -63,17 +62,7 @@ def serve(
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = LedgerConfig.from_env()
-        running, core = serve(config)
-    except (ConfigError, ValueError, OSError, RuntimeError) as exc:
-        print(f"ledger: {exc}", file=sys.stderr)
-        return 2
-    print(f"ledger listening on port {running.port}", flush=True)
-    wait_for_shutdown(running)
-    core.close()
-    return 0
+    return run_service("ledger", lambda: serve(LedgerConfig.from_env()))
 
 
 if __name__ == "__main__":

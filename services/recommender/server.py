@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-from cipherfeed.config import ConfigError, RecommenderConfig
-from cipherfeed.grpcutil import RunningServer, channel, start_server, wait_for_shutdown
+from cipherfeed.config import RecommenderConfig
+from cipherfeed.grpcutil import RunningServer, channel, run_service, start_server
 from cipherfeed.he.params import MESH_PARAMS, HEParams
 from cipherfeed.v1 import keyservice_pb2_grpc, ledger_pb2_grpc, recommender_pb2, recommender_pb2_grpc
 from services.recommender import artifact
@@ -79,16 +78,11 @@ def serve(
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    def start() -> tuple[RunningServer, RecommenderCore]:
         config = RecommenderConfig.from_env()
-        running, core = serve(config, load_or_train(config))
-    except (ConfigError, ValueError, OSError) as exc:
-        print(f"recommender: {exc}", file=sys.stderr)
-        return 2
-    wait_for_shutdown(running)
-    core.close()
-    return 0
+        return serve(config, load_or_train(config))
+
+    return run_service("recommender", start)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,39 @@
+"""A durable SQLite database shared by the key service and the ledger: WAL journal,
+synchronous=FULL (a committed transaction survives a crash), one connection behind a lock,
+and IMMEDIATE transactions that roll back on any error."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+DURABLE_PRAGMAS = ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON")
+
+
+class DurableDatabase:
+    def __init__(self, path: Path, schema: str, extra_pragmas: tuple[str, ...] = ()) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.RLock()
+        for pragma in (*DURABLE_PRAGMAS, *extra_pragmas):
+            self._db.execute(f"PRAGMA {pragma}")
+        self._db.executescript(schema)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
