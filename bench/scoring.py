@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,12 +19,14 @@ import numpy as np
 from bench.common import machine, percentiles, timed_ms, write_json
 from cipherfeed.client import keystore
 from cipherfeed.client.sdk import RecommenderClient
-from cipherfeed.config import ClientConfig, GrpcLimits, MiB
-from cipherfeed.grpcutil import start_server
+from cipherfeed.config import ClientConfig, GrpcLimits, KeyServiceConfig, MiB
+from cipherfeed.grpcutil import channel, start_server
 from cipherfeed.he import packing, wire
+from cipherfeed.he.keymap import KeyMaterial
 from cipherfeed.he.params import MESH_PARAMS
-from cipherfeed.v1 import recommender_pb2_grpc
-from services.recommender.core import RecommenderCore
+from cipherfeed.v1 import common_pb2, keyservice_pb2_grpc, recommender_pb2_grpc
+from services.keyservice.server import serve as serve_keyservice
+from services.recommender.core import KeyLimits, RecommenderCore
 from services.recommender.servicer import RecommenderServicer
 from services.recommender.synthetic import synthetic_catalogue
 
@@ -65,23 +69,25 @@ def tenseal_peer(x: np.ndarray, u: np.ndarray, prior: np.ndarray, reps: int) -> 
     }
 
 
-def run_size(n: int, reps: int, tenseal_reps: int) -> dict[str, Any]:
+def run_size(n: int, reps: int, tenseal_reps: int, keyservice_port: int, ks_core: Any) -> dict[str, Any]:
     log(f"== {n:,} items x 64 dims")
     model = synthetic_catalogue(n, seed=n)
-    core, encode_ms = timed_ms(RecommenderCore, model, MESH_PARAMS, 2, 4, LIMITS)
+    stub = keyservice_pb2_grpc.KeyServiceStub(channel(f"127.0.0.1:{keyservice_port}", LIMITS))
+    core, encode_ms = timed_ms(RecommenderCore, model, MESH_PARAMS, 2, LIMITS, stub, KeyLimits(4, 1 << 40))
     log(f"   plaintexts encoded in {encode_ms / 1e3:.1f} s")
     keys = keystore.generate(MESH_PARAMS)
-    key_id = core.register_keys(keys.public_key_bytes, keys.rotation_key_bytes)
+    record = ks_core.register(KeyMaterial(keys.public_key_bytes, keys.rotation_key_bytes))
+    ref = common_pb2.KeyRef(key_id=record.key_id, version=1)
     rng = np.random.default_rng(n)
     u = model.embeddings[rng.integers(0, n, 20)].astype(np.float64).sum(axis=0)
     u /= np.linalg.norm(u)
     query = _encrypt(keys, u)
     for _ in range(2):
-        core.score(key_id, query)
+        core.score(ref, query)
     samples = []
     result = None
     for _ in range(reps):
-        result = core.score(key_id, query)
+        result = core.score(ref, _encrypt(keys, u))  # a fresh ciphertext each time: no result cache
         samples.append(result.server_millis)
     assert result is not None
     response_bytes = sum(len(b) for b in result.ciphertexts)
@@ -107,9 +113,16 @@ def run_size(n: int, reps: int, tenseal_reps: int) -> dict[str, Any]:
         LIMITS,
         4,
     )
-    client = RecommenderClient(ClientConfig(target=f"127.0.0.1:{running.port}", deadline_seconds=120, limits=LIMITS))
+    client = RecommenderClient(
+        ClientConfig(
+            target=f"127.0.0.1:{running.port}",
+            keyservice_target=f"127.0.0.1:{keyservice_port}",
+            deadline_seconds=120,
+            limits=LIMITS,
+        )
+    )
     client.keys = keys
-    client.key_id = key_id
+    client.key_id, client.key_version = record.key_id, 1
     client.score(u)
     rtt = [timed_ms(client.score, u)[1] for _ in range(max(3, reps // 3))]
     client.close()
@@ -181,10 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if args.million:
         sizes.append(1_000_000)
+    work = Path(tempfile.mkdtemp(prefix="cf-bench-scoring-"))
+    ks_running, ks_core = serve_keyservice(
+        KeyServiceConfig(listen="127.0.0.1:0", dsn=f"sqlite:///{work / 'ks.db'}", state_dir=work, limits=LIMITS)
+    )
     rows = []
-    for n in sizes:
-        reps = args.reps if n < 1_000_000 else max(3, args.reps // 4)
-        rows.append(run_size(n, reps, args.tenseal_reps))
+    try:
+        for n in sizes:
+            reps = args.reps if n < 1_000_000 else max(3, args.reps // 4)
+            rows.append(run_size(n, reps, args.tenseal_reps, ks_running.port, ks_core))
+    finally:
+        ks_running.stop(grace=1)
+        ks_core.close()
     print_table(rows)
     path = write_json(
         args.out, {"machine": machine(), "params": MESH_PARAMS.__dict__, "targets": TARGETS, "rows": rows}

@@ -1,0 +1,27 @@
+"""The benchmarks still run (tiny sizes, no timing asserted): an API change must not rot them."""
+
+import json
+
+import pytest
+
+from bench import keys, ledger, scoring
+from bench.common import RESULTS
+
+
+@pytest.mark.parametrize(
+    ("module", "args"),
+    [
+        (scoring, ["--sizes", "9000", "--reps", "1", "--tenseal-reps", "0"]),
+        (keys, ["--users", "3", "--cache-size", "2", "--reps", "1"]),
+        (ledger, ["--appends", "400", "--batch", "100", "--leaves", "300", "--anchors", "2"]),
+    ],
+)
+def test_benchmark_runs_and_writes_json(module, args, capsys):
+    out = f"smoke-{module.__name__.split('.')[-1]}"
+    try:
+        assert module.main([*args, "--out", out]) == 0
+        written = json.loads((RESULTS / f"{out}.json").read_text())
+        assert written["machine"]["cores"] >= 1
+    finally:
+        (RESULTS / f"{out}.json").unlink(missing_ok=True)
+    assert capsys.readouterr().out.strip()
