@@ -9,6 +9,7 @@ real ciphertexts and on random bytes), and a blob without such runs is stored as
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import numpy as np
@@ -44,14 +45,21 @@ def _find_runs(blob: bytes, lengths: tuple[int, ...]) -> list[tuple[int, int]]:
     return sorted(chosen)
 
 
+@functools.lru_cache(maxsize=16)
+def _plan(n: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Word index, bit offset, complementary shift and a has-high-part mask for n values of ``bits``."""
+    pos = np.arange(n, dtype=np.uint64) * np.uint64(bits)
+    w = (pos >> np.uint64(6)).astype(np.intp)
+    off = pos & np.uint64(63)
+    return w, off, (np.uint64(64) - off) & np.uint64(63), off != 0
+
+
 def _pack_words(words: np.ndarray, bits: int) -> bytes:
     n = words.shape[0]
+    w, off, back, spills = _plan(n, bits)
     out = np.zeros((n * bits + 63) // 64 + 1, dtype=np.uint64)
-    pos = np.arange(n, dtype=np.uint64) * np.uint64(bits)
-    w = (pos >> np.uint64(6)).astype(np.int64)
-    off = pos & np.uint64(63)
     lo = words << off
-    hi = np.where(off == 0, np.uint64(0), words >> ((np.uint64(64) - off) & np.uint64(63)))
+    hi = (words >> back) * spills  # zero where the value does not cross into the next word
     for r in range(3):  # with bits >= 22, words r, r+3, ... never share an output word
         sel = slice(r, None, 3)
         out[w[sel]] |= lo[sel]
@@ -60,15 +68,11 @@ def _pack_words(words: np.ndarray, bits: int) -> bytes:
 
 
 def _unpack_words(data: bytes, n: int, bits: int) -> np.ndarray:
+    w, off, back, spills = _plan(n, bits)
     src = np.zeros((n * bits + 63) // 64 + 1, dtype=np.uint64)
     src[: len(data) // 8] = np.frombuffer(data, dtype="<u8")
-    pos = np.arange(n, dtype=np.uint64) * np.uint64(bits)
-    w = (pos >> np.uint64(6)).astype(np.int64)
-    off = pos & np.uint64(63)
-    lo = src[w] >> off
-    hi = np.where(off == 0, np.uint64(0), src[w + 1] << ((np.uint64(64) - off) & np.uint64(63)))
-    mask = np.uint64((1 << bits) - 1) if bits < 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
-    return (lo | hi) & mask
+    hi = (src[w + 1] << back) * spills
+    return ((src[w] >> off) | hi) & np.uint64((1 << bits) - 1)
 
 
 def pack(blob: bytes, vector_lengths: tuple[int, ...]) -> bytes:

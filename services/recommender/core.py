@@ -165,7 +165,8 @@ class RecommenderCore:
             ref = common_pb2.KeyRef(key_id=ref.key_id, version=profile_version)
         self._check_query_size(query)
         query_sha256 = hashlib.sha256(query).digest()
-        _, version = self.keys.usable_version(ref)  # a disabled key is refused, even from the cache
+        checked = self.keys.usable_version(ref)  # a disabled key is refused, even from the cache
+        version = checked[1]
         result_key = Keys.result(self.model_version, ref.key_id, version, query_sha256.hex())
         cached = self.cache.get(result_key)
         if cached is not None:
@@ -173,7 +174,7 @@ class RecommenderCore:
             return self._result(blobs, query_sha256, started, ref.key_id, version, from_cache=True)
         ct = self.codec.load_query(query)
         for _ in range(3):  # the keys may be evicted between resolve and use: resolve again
-            tag, version = self.keys.resolve(common_pb2.KeyRef(key_id=ref.key_id, version=version))
+            tag, version = self.keys.resolve(common_pb2.KeyRef(key_id=ref.key_id, version=version), checked)
             with self.installed.use(tag) as present:
                 if present:
                     ct.SetKeyTag(tag)

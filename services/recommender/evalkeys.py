@@ -166,9 +166,10 @@ class KeyResolver:
             self.installed.remove_key(ref.key_id)
         return status, status.check_usable(ref.version)
 
-    def resolve(self, ref: common_pb2.KeyRef) -> tuple[str, int]:
-        """The OpenFHE tag holding usable rotation keys for ``ref``, installing them if needed."""
-        status, version = self.usable_version(ref)
+    def resolve(self, ref: common_pb2.KeyRef, checked: tuple[KeyStatus, int] | None = None) -> tuple[str, int]:
+        """The OpenFHE tag holding usable rotation keys for ``ref``, installing them if needed.
+        ``checked`` is a (status, version) this request already obtained from ``usable_version``."""
+        status, version = checked or self.usable_version(ref)
         tag = f"{ref.key_id}:{version}"
         if self.installed.touch(tag):
             return tag, version
