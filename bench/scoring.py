@@ -19,7 +19,8 @@ import numpy as np
 from bench.common import machine, percentiles, timed_ms, write_json
 from cipherfeed.client import keystore
 from cipherfeed.client.sdk import RecommenderClient
-from cipherfeed.config import ClientConfig, GrpcLimits, KeyServiceConfig, MiB
+from cipherfeed.config import ClientConfig, GrpcLimits, KeyServiceConfig, MiB, RedisConfig
+from cipherfeed.devredis import LocalRedis
 from cipherfeed.grpcutil import channel, start_server
 from cipherfeed.he import packing, wire
 from cipherfeed.he.keymap import KeyMaterial
@@ -69,11 +70,13 @@ def tenseal_peer(x: np.ndarray, u: np.ndarray, prior: np.ndarray, reps: int) -> 
     }
 
 
-def run_size(n: int, reps: int, tenseal_reps: int, keyservice_port: int, ks_core: Any) -> dict[str, Any]:
+def run_size(
+    n: int, reps: int, tenseal_reps: int, keyservice_port: int, ks_core: Any, redis: RedisConfig
+) -> dict[str, Any]:
     log(f"== {n:,} items x 64 dims")
     model = synthetic_catalogue(n, seed=n)
     stub = keyservice_pb2_grpc.KeyServiceStub(channel(f"127.0.0.1:{keyservice_port}", LIMITS))
-    core, encode_ms = timed_ms(RecommenderCore, model, MESH_PARAMS, 2, LIMITS, stub, KeyLimits(4, 1 << 40))
+    core, encode_ms = timed_ms(RecommenderCore, model, MESH_PARAMS, 2, LIMITS, stub, KeyLimits(4, 1 << 40), redis)
     log(f"   plaintexts encoded in {encode_ms / 1e3:.1f} s")
     keys = keystore.generate(MESH_PARAMS)
     record = ks_core.register(KeyMaterial(keys.public_key_bytes, keys.rotation_key_bytes))
@@ -195,17 +198,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.million:
         sizes.append(1_000_000)
     work = Path(tempfile.mkdtemp(prefix="cf-bench-scoring-"))
+    redis_server = LocalRedis.start()  # as in production: key state is a Redis GET per request
+    redis = RedisConfig(url=redis_server.url)
     ks_running, ks_core = serve_keyservice(
-        KeyServiceConfig(listen="127.0.0.1:0", dsn=f"sqlite:///{work / 'ks.db'}", state_dir=work, limits=LIMITS)
+        KeyServiceConfig(
+            listen="127.0.0.1:0", dsn=f"sqlite:///{work / 'ks.db'}", state_dir=work, limits=LIMITS, redis=redis
+        )
     )
     rows = []
     try:
         for n in sizes:
             reps = args.reps if n < 1_000_000 else max(3, args.reps // 4)
-            rows.append(run_size(n, reps, args.tenseal_reps, ks_running.port, ks_core))
+            rows.append(run_size(n, reps, args.tenseal_reps, ks_running.port, ks_core, redis))
     finally:
         ks_running.stop(grace=1)
         ks_core.close()
+        redis_server.stop()
     print_table(rows)
     path = write_json(
         args.out, {"machine": machine(), "params": MESH_PARAMS.__dict__, "targets": TARGETS, "rows": rows}

@@ -28,6 +28,12 @@ class DurableDatabase:
             self._db.close()
 
     @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Holds the lock every transaction takes, without a transaction (for ordered reads)."""
+        with self._lock:
+            yield
+
+    @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")

@@ -164,8 +164,9 @@ class KeyServiceCore:
         return row
 
     def get(self, key_id: str) -> KeyRow:
-        with self.store.transaction():
-            return self._commit_state(key_id)  # also refreshes the state recommenders read
+        # Also refreshes the state recommenders read; the store lock orders it after any change.
+        with self.store.locked():
+            return self._commit_state(key_id)
 
     def status(self, key_id: str) -> KeyStatus:
         return status_of(self.get(key_id))
