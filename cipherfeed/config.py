@@ -45,7 +45,8 @@ def sqlite_path(dsn: str, variable: str) -> Path:
     """The file of a ``sqlite:///relative`` or ``sqlite:////absolute`` DSN (SQLAlchemy's form)."""
     scheme, sep, rest = dsn.partition("://")
     if not sep or scheme != "sqlite":
-        raise ConfigError(f"{variable}={dsn!r}: only sqlite:///<path> is supported by this build")
+        hint = " or postgresql://..." if variable == "CIPHERFEED_KEYSERVICE_DSN" else ""
+        raise ConfigError(f"{variable}={dsn!r}: expected sqlite:///<path>{hint}")
     if not rest.startswith("/") or len(rest) < 2:
         raise ConfigError(f"{variable}={dsn!r}: expected sqlite:///<path>")
     return Path(rest[1:])
@@ -115,7 +116,7 @@ class RedisConfig:
 class KeyServiceConfig:
     listen: str = "127.0.0.1:50052"
     grpc_workers: int = 8
-    dsn: str = ""  # sqlite:///path; empty: <state_dir>/keyservice.db
+    dsn: str = ""  # sqlite:///path or postgresql://...; empty: <state_dir>/keyservice.db
     master_key_file: Path | None = None  # 32 raw bytes or base64; CIPHERFEED_MASTER_KEY wins
     signing_key_names: tuple[str, ...] = ("ledger",)
     state_dir: Path = field(default_factory=default_state_dir)
@@ -123,8 +124,12 @@ class KeyServiceConfig:
     redis: RedisConfig = field(default_factory=RedisConfig)
 
     @property
-    def sqlite_path(self) -> Path:
-        return sqlite_path(self.dsn or f"sqlite:///{self.state_dir / 'keyservice.db'}", "CIPHERFEED_KEYSERVICE_DSN")
+    def database_dsn(self) -> str:
+        """``sqlite:///path`` (the default, under state_dir) or a ``postgresql://`` server database."""
+        dsn = self.dsn or f"sqlite:///{self.state_dir / 'keyservice.db'}"
+        if not dsn.startswith(("postgresql://", "postgres://")):
+            sqlite_path(dsn, "CIPHERFEED_KEYSERVICE_DSN")  # validates
+        return dsn
 
     @classmethod
     def from_env(cls) -> KeyServiceConfig:

@@ -1,6 +1,7 @@
 """A durable SQLite database shared by the key service and the ledger: WAL journal,
 synchronous=FULL (a committed transaction survives a crash), one connection behind a lock,
-and IMMEDIATE transactions that roll back on any error."""
+and IMMEDIATE transactions that roll back on any error. ``pgdb.PostgresDatabase`` offers the same
+interface (``query``, ``transaction``, ``locked``, ``scrub``, ``close``) on a server database."""
 
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ class DurableDatabase:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """A read, outside any write transaction; ``?`` placeholders."""
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def scrub(self, table: str) -> None:
+        """Deleted content is already zeroed where ``secure_delete`` is on."""
 
     @contextmanager
     def locked(self) -> Iterator[None]:

@@ -222,6 +222,7 @@ class KeyServiceCore:
             self.store.audit(db, f"key.{state.value.lower()}", key_id, row.current_version, {"from": row.state.value})
             row = self._commit_state(key_id)
         if state is KeyState.DESTROYED:
+            self.store.db.scrub("he_key_versions")
             self.cache.delete(*(Keys.eval_keys(key_id, v.version) for v in row.versions))
             log.info("destroyed the material of key %s", key_id[:16])
         return row

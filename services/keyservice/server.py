@@ -20,7 +20,7 @@ SERVICE_NAME = keyservice_pb2.DESCRIPTOR.services_by_name["KeyService"].full_nam
 
 
 def build_core(config: KeyServiceConfig, params: HEParams = MESH_PARAMS) -> KeyServiceCore:
-    store = KeyStore(config.sqlite_path)
+    store = KeyStore(config.database_dsn)
     master = MasterKey.load(config.master_key_file, config.state_dir)
     codec = MaterialCodec(params)
     codec.warm_up()
@@ -47,7 +47,7 @@ def serve(config: KeyServiceConfig, params: HEParams = MESH_PARAMS) -> tuple[Run
         config.limits,
         config.grpc_workers,
     )
-    log.info("key service on port %d, store %s", running.port, config.sqlite_path)
+    log.info("key service on port %d, store %s", running.port, config.database_dsn.split("@")[-1])
     return running, core
 
 

@@ -1,21 +1,21 @@
-"""Durable key storage: SQLite in WAL mode with synchronous=FULL (an acknowledged change survives a
-crash), secure_delete (destroyed material is zeroed, not left in free pages) and an audit table
-that triggers make append-only. Every change and its audit entry commit in one transaction."""
+"""Durable key storage: SQLite (WAL, synchronous=FULL: an acknowledged change survives a crash;
+secure_delete: destroyed material is zeroed) by default, or PostgreSQL for a server database
+(``postgresql://`` DSN; destroyed material is scrubbed with VACUUM FULL). Both keep an audit table
+that triggers make append-only, and every change commits with its audit entry in one transaction."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from cipherfeed.config import sqlite_path
 from cipherfeed.he.keymap import KeyMaterial
 from cipherfeed.keystate import KeyState
 from cipherfeed.sqlitedb import DurableDatabase
 
-SCHEMA = """
+SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS he_keys (
   key_id TEXT PRIMARY KEY,
   state TEXT NOT NULL CHECK (state IN ('ENABLED', 'DISABLED', 'DESTROYED')),
@@ -54,6 +54,51 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
   BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
   BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+
+POSTGRES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS he_keys (
+  key_id TEXT PRIMARY KEY,
+  state TEXT NOT NULL CHECK (state IN ('ENABLED', 'DISABLED', 'DESTROYED')),
+  current_version INTEGER NOT NULL,
+  min_version INTEGER NOT NULL,
+  created_unix BIGINT NOT NULL,
+  updated_unix BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS he_key_versions (
+  key_id TEXT NOT NULL REFERENCES he_keys(key_id),
+  version INTEGER NOT NULL,
+  public_key BYTEA,
+  rotation_keys BYTEA,
+  material_sha256 BYTEA,
+  material_bytes BIGINT NOT NULL,
+  created_unix BIGINT NOT NULL,
+  PRIMARY KEY (key_id, version)
+);
+CREATE TABLE IF NOT EXISTS signing_keys (
+  name TEXT NOT NULL,
+  version INTEGER NOT NULL,
+  public_key BYTEA NOT NULL,
+  wrapped_private_key BYTEA NOT NULL,
+  created_unix BIGINT NOT NULL,
+  PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS audit (
+  seq BIGSERIAL PRIMARY KEY,
+  unix_millis BIGINT NOT NULL,
+  action TEXT NOT NULL,
+  subject TEXT NOT NULL,
+  version INTEGER NOT NULL,
+  detail TEXT NOT NULL
+);
+CREATE OR REPLACE FUNCTION cipherfeed_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+  BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+DROP TRIGGER IF EXISTS audit_append_only ON audit;
+CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit
+  FOR EACH ROW EXECUTE FUNCTION cipherfeed_audit_append_only();
+DROP TRIGGER IF EXISTS audit_no_truncate ON audit;
+CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
+  FOR EACH STATEMENT EXECUTE FUNCTION cipherfeed_audit_append_only();
 """
 
 
@@ -95,12 +140,30 @@ class AuditRow:
     detail: str
 
 
-class KeyStore(DurableDatabase):
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, SCHEMA, extra_pragmas=("secure_delete=ON",))
+class KeyStore:
+    """Key storage over SQLite (``sqlite:///path``) or PostgreSQL (``postgresql://...``)."""
+
+    def __init__(self, dsn: str) -> None:
+        if dsn.startswith(("postgresql://", "postgres://")):
+            from cipherfeed.pgdb import PostgresDatabase
+
+            self.db: DurableDatabase | PostgresDatabase = PostgresDatabase(dsn, POSTGRES_SCHEMA)
+        else:
+            path = sqlite_path(dsn, "CIPHERFEED_KEYSERVICE_DSN")
+            self.db = DurableDatabase(path, SQLITE_SCHEMA, ("secure_delete=ON",))
+        self.path = self.db.path
+
+    def close(self) -> None:
+        self.db.close()
+
+    def transaction(self) -> Any:
+        return self.db.transaction()
+
+    def locked(self) -> Any:
+        return self.db.locked()
 
     @staticmethod
-    def audit(db: sqlite3.Connection, action: str, subject: str, version: int, detail: dict[str, Any]) -> None:
+    def audit(db: Any, action: str, subject: str, version: int, detail: dict[str, Any]) -> None:
         db.execute(
             "INSERT INTO audit (unix_millis, action, subject, version, detail) VALUES (?, ?, ?, ?, ?)",
             (int(time.time() * 1000), action, subject, version, json.dumps(detail, sort_keys=True)),
@@ -109,19 +172,23 @@ class KeyStore(DurableDatabase):
     # --- client HE keys -------------------------------------------------------------------
 
     def key(self, key_id: str) -> KeyRow | None:
-        with self._lock:
-            row = self._db.execute(
+        with self.db.locked():
+            rows = self.db.query(
                 "SELECT key_id, state, current_version, min_version, created_unix, updated_unix"
                 " FROM he_keys WHERE key_id = ?",
                 (key_id,),
-            ).fetchone()
-            if row is None:
+            )
+            if not rows:
                 return None
-            versions = self._db.execute(
-                "SELECT version, material_sha256, material_bytes, created_unix FROM he_key_versions"
-                " WHERE key_id = ? ORDER BY version",
-                (key_id,),
-            ).fetchall()
+            row = rows[0]
+            versions = [
+                (v[0], bytes(v[1]) if v[1] is not None else None, v[2], v[3])
+                for v in self.db.query(
+                    "SELECT version, material_sha256, material_bytes, created_unix FROM he_key_versions"
+                    " WHERE key_id = ? ORDER BY version",
+                    (key_id,),
+                )
+            ]
         return KeyRow(
             key_id=row[0],
             state=KeyState(row[1]),
@@ -133,17 +200,17 @@ class KeyStore(DurableDatabase):
         )
 
     def material(self, key_id: str, version: int) -> KeyMaterial | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT public_key, rotation_keys FROM he_key_versions WHERE key_id = ? AND version = ?",
-                (key_id, version),
-            ).fetchone()
+        rows = self.db.query(
+            "SELECT public_key, rotation_keys FROM he_key_versions WHERE key_id = ? AND version = ?",
+            (key_id, version),
+        )
+        row = rows[0] if rows else None
         if row is None or row[0] is None:
             return None
         return KeyMaterial(public_key=bytes(row[0]), rotation_keys=bytes(row[1]))
 
     @staticmethod
-    def insert_version(db: sqlite3.Connection, key_id: str, version: int, material: KeyMaterial, now: int) -> None:
+    def insert_version(db: Any, key_id: str, version: int, material: KeyMaterial, now: int) -> None:
         db.execute(
             "INSERT INTO he_key_versions (key_id, version, public_key, rotation_keys, material_sha256,"
             " material_bytes, created_unix) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -161,22 +228,19 @@ class KeyStore(DurableDatabase):
     # --- signing keys ---------------------------------------------------------------------
 
     def signing_keys(self, name: str | None = None) -> list[SigningRow]:
-        with self._lock:
-            query = "SELECT name, version, public_key, wrapped_private_key, created_unix FROM signing_keys"
-            rows = (
-                self._db.execute(query + " WHERE name = ? ORDER BY version", (name,)).fetchall()
-                if name
-                else self._db.execute(query + " ORDER BY name, version").fetchall()
-            )
+        query = "SELECT name, version, public_key, wrapped_private_key, created_unix FROM signing_keys"
+        rows = (
+            self.db.query(query + " WHERE name = ? ORDER BY version", (name,))
+            if name
+            else self.db.query(query + " ORDER BY name, version")
+        )
         return [SigningRow(r[0], r[1], bytes(r[2]), bytes(r[3]), r[4]) for r in rows]
 
     # --- audit ----------------------------------------------------------------------------
 
     def audit_entries(self, after_seq: int, limit: int) -> list[AuditRow]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, unix_millis, action, subject, version, detail FROM audit WHERE seq > ?"
-                " ORDER BY seq LIMIT ?",
-                (after_seq, limit),
-            ).fetchall()
+        rows = self.db.query(
+            "SELECT seq, unix_millis, action, subject, version, detail FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        )
         return [AuditRow(*r) for r in rows]
