@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"== {args.users} distinct keys through a {args.cache_size}-key cache")
         shared = keystore.generate(MESH_PARAMS)
         process = psutil.Process()
-        rss: list[int] = []
+        rss: list[tuple[int, int]] = []  # (users so far, RSS bytes)
         started = time.perf_counter()
         for i in range(args.users):
             user = RecommenderClient(client.config)
@@ -161,15 +161,20 @@ def main(argv: list[str] | None = None) -> int:
             user.score(u)
             user.close()
             if i == args.cache_size or i == args.users - 1 or (i + 1) % 100 == 0:
-                rss.append(process.memory_info().rss)
-                log(f"   {i + 1} users, RSS {rss[-1] / MiB:.0f} MiB, {core.installed.count} key sets held")
-        warm, final = rss[0], rss[-1]
+                rss.append((i + 1, process.memory_info().rss))
+                log(f"   {i + 1} users, RSS {rss[-1][1] / MiB:.0f} MiB, {core.installed.count} key sets held")
+        warm, final = rss[0][1], rss[-1][1]
+        # After one full eviction cycle (twice the cache size) the allocator has reached its steady state.
+        cycled = next((r for n, r in rss if n >= 2 * args.cache_size), warm)
         results["memory"] = {
             "users": args.users,
             "cache_size": args.cache_size,
             "rss_after_cache_full_mib": warm / MiB,
             "rss_at_end_mib": final / MiB,
             "drift": (final - warm) / warm,
+            "rss_after_one_eviction_cycle_mib": cycled / MiB,
+            "drift_after_one_eviction_cycle": (final - cycled) / cycled,
+            "series_mib": [(n, r / MiB) for n, r in rss],
             "evictions": core.installed.stats.evictions,
             "seconds": time.perf_counter() - started,
         }
@@ -202,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"RSS {m['rss_after_cache_full_mib']:.0f} -> {m['rss_at_end_mib']:.0f} MiB over {m['users']} users "
-        f"({100 * m['drift']:+.1f}%), {m['evictions']} evictions"
+        f"({100 * m['drift']:+.1f}%; {100 * m['drift_after_one_eviction_cycle']:+.1f}% after one eviction cycle), "
+        f"{m['evictions']} evictions"
     )
     path = write_json(args.out, {"machine": machine(), "targets": TARGETS, **results})
     log(f"wrote {path}")
