@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,8 +23,8 @@ from cipherfeed.cache import Keys
 from cipherfeed.client import keystore
 from cipherfeed.client.sdk import RecommenderClient
 from cipherfeed.config import ClientConfig, GrpcLimits, MiB, RecommenderConfig, RedisConfig
+from cipherfeed.devprocess import start_service
 from cipherfeed.devredis import LocalRedis, free_port
-from cipherfeed.he.codec import serialize
 from cipherfeed.he.params import MESH_PARAMS
 from cipherfeed.v1 import common_pb2, recommender_pb2
 from services.recommender.server import serve as serve_recommender
@@ -58,21 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     # The key service runs in its own process, so the RSS measured here is the recommender's
     # (plus a thin client), not the key service's 14 MB SQLite writes per registration.
     ks_port = free_port()
-    ks_env = {
-        **os.environ,
-        "CIPHERFEED_KEYSERVICE_LISTEN": f"127.0.0.1:{ks_port}",
-        "CIPHERFEED_KEYSERVICE_DSN": f"sqlite:///{work / 'ks.db'}",
-        "CIPHERFEED_STATE_DIR": str(work),
-        "CIPHERFEED_REDIS_URL": redis_server.url,
-        "CIPHERFEED_GRPC_MAX_MESSAGE_BYTES": str(LIMITS.max_message_bytes),
-    }
-    ks_proc = subprocess.Popen(
-        [sys.executable, "-m", "services.keyservice.server"],
-        env=ks_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+    ks_proc = start_service(
+        "services.keyservice.server",
+        {
+            "CIPHERFEED_KEYSERVICE_LISTEN": f"127.0.0.1:{ks_port}",
+            "CIPHERFEED_KEYSERVICE_DSN": f"sqlite:///{work / 'ks.db'}",
+            "CIPHERFEED_STATE_DIR": str(work),
+            "CIPHERFEED_REDIS_URL": redis_server.url,
+            "CIPHERFEED_GRPC_MAX_MESSAGE_BYTES": str(LIMITS.max_message_bytes),
+        },
     )
-    assert ks_proc.stdout is not None and b"listening" in ks_proc.stdout.readline(), "key service did not start"
     model = synthetic_catalogue(8192, seed=1)  # one block: Score cost is mostly the key path
     rec_config = RecommenderConfig(
         listen="127.0.0.1:0",
@@ -148,15 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         for i in range(args.users):
             user = RecommenderClient(client.config)
-            kp = shared.cc.KeyGen()
-            user.keys = keystore.ClientKeys(
-                shared.params,
-                shared.cc,
-                kp.secretKey,
-                kp.publicKey,
-                serialize(kp.publicKey),
-                shared.rotation_key_bytes,
-            )
+            user.keys = keystore.load_test_keys(shared)
             user.register()
             user.score(u)
             user.close()

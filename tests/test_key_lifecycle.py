@@ -9,7 +9,6 @@ import redis
 
 from cipherfeed.cache import Keys
 from cipherfeed.client import keystore
-from cipherfeed.he.codec import serialize
 from cipherfeed.he.params import MESH_PARAMS
 from cipherfeed.v1 import keyservice_pb2
 from services.recommender.server import serve as serve_recommender
@@ -170,15 +169,7 @@ def test_memory_stays_bounded_as_many_users_come_and_go(tiktok_model, keyservice
     try:
         for i in range(24):
             user = client_for(running.port, keyservice[0], tmp_path / f"u{i}")
-            kp = shared.cc.KeyGen()
-            user.keys = keystore.ClientKeys(
-                shared.params,
-                shared.cc,
-                kp.secretKey,
-                kp.publicKey,
-                serialize(kp.publicKey),
-                shared.rotation_key_bytes,
-            )
+            user.keys = keystore.load_test_keys(shared)
             user.register()
             user.score(unit(100 + i))
             user.close()

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from cipherfeed.client import keystore
 from cipherfeed.config import REPO_ROOT
+from cipherfeed.devprocess import start_service
 from cipherfeed.devredis import free_port
 from cipherfeed.he.keymap import KeyMaterial
 from cipherfeed.he.params import MESH_PARAMS
@@ -117,25 +118,16 @@ def test_store_file_holds_no_plaintext_private_key(keyservice, master_key_file):
 
 
 def run_keyservice(tmp_path, port, master_key_file):
-    env = {
-        **os.environ,
-        "CIPHERFEED_KEYSERVICE_LISTEN": f"127.0.0.1:{port}",
-        "CIPHERFEED_KEYSERVICE_DSN": f"sqlite:///{tmp_path / 'ks.db'}",
-        "CIPHERFEED_MASTER_KEY_FILE": str(master_key_file),
-        "CIPHERFEED_STATE_DIR": str(tmp_path),
-        "OMP_NUM_THREADS": "1",
-    }
-    env.pop("CIPHERFEED_REDIS_URL", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.keyservice.server"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    return start_service(
+        "services.keyservice.server",
+        {
+            "CIPHERFEED_KEYSERVICE_LISTEN": f"127.0.0.1:{port}",
+            "CIPHERFEED_KEYSERVICE_DSN": f"sqlite:///{tmp_path / 'ks.db'}",
+            "CIPHERFEED_MASTER_KEY_FILE": str(master_key_file),
+            "CIPHERFEED_STATE_DIR": str(tmp_path),
+            "CIPHERFEED_REDIS_URL": "",
+        },
     )
-    line = proc.stdout.readline().decode()  # printed once serving: no polling
-    assert "listening" in line, proc.stderr.read().decode()[-2000:]
-    return proc
 
 
 def test_restart_after_a_crash_loses_nothing(tmp_path, master_key_file, material):

@@ -1,15 +1,13 @@
 """The key service on a server database: a real PostgreSQL (the pgserver wheel's binaries)."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
 import pytest
 
 from cipherfeed.client import keystore
-from cipherfeed.config import REPO_ROOT, KeyServiceConfig, RedisConfig
+from cipherfeed.config import KeyServiceConfig, RedisConfig
+from cipherfeed.devprocess import start_service
 from cipherfeed.devredis import free_port
 from cipherfeed.he.keymap import KeyMaterial
 from cipherfeed.he.params import MESH_PARAMS
@@ -95,19 +93,17 @@ def test_lifecycle_audit_and_restart_on_postgresql(postgres, master_key_file, tm
 def test_keyservice_process_on_a_postgresql_dsn(postgres, master_key_file, tmp_path):
     server, _ = postgres
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CIPHERFEED_KEYSERVICE_LISTEN": f"127.0.0.1:{port}",
-           "CIPHERFEED_KEYSERVICE_DSN": server.get_uri(), "CIPHERFEED_MASTER_KEY_FILE": str(master_key_file),
-           "CIPHERFEED_STATE_DIR": str(tmp_path)}  # fmt: skip
-    env.pop("CIPHERFEED_REDIS_URL", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.keyservice.server"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    proc = start_service(
+        "services.keyservice.server",
+        {
+            "CIPHERFEED_KEYSERVICE_LISTEN": f"127.0.0.1:{port}",
+            "CIPHERFEED_KEYSERVICE_DSN": server.get_uri(),
+            "CIPHERFEED_MASTER_KEY_FILE": str(master_key_file),
+            "CIPHERFEED_STATE_DIR": str(tmp_path),
+            "CIPHERFEED_REDIS_URL": "",
+        },
     )
     try:
-        assert b"listening" in proc.stdout.readline(), proc.stderr.read().decode()[-2000:]
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             keys = keyservice_pb2_grpc.KeyServiceStub(ch).GetPublicKeys(
                 keyservice_pb2.GetPublicKeysRequest(), timeout=10

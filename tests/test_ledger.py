@@ -18,6 +18,7 @@ from cipherfeed.checkpoint import DASH, Verifier, verify_checkpoint, vkey
 from cipherfeed.cli import web3_chain_root
 from cipherfeed.client.verify import AnchorEvidence, VerificationError, verify_receipt
 from cipherfeed.config import REPO_ROOT, LedgerConfig
+from cipherfeed.devprocess import start_service
 from cipherfeed.devredis import free_port
 from cipherfeed.merkle import leaf_hash, verify_consistency
 from cipherfeed.receipts import Receipt
@@ -213,26 +214,24 @@ def test_checkpoints_are_consistent_and_a_tampered_store_refuses_to_start(tmp_pa
         build_core(config, signer, anchoring=False)
 
 
-def start_ledger_process(tmp_path: Path, port: int, extra: dict[str, str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CIPHERFEED_LEDGER_LISTEN": f"127.0.0.1:{port}",
-           "CIPHERFEED_LEDGER_DSN": f"sqlite:///{tmp_path / 'ledger.db'}", "CIPHERFEED_LEDGER_SIGNER": "local",
-           "CIPHERFEED_LEDGER_ORIGIN": ORIGIN, "CIPHERFEED_CHECKPOINT_INTERVAL": "3600",
-           "CIPHERFEED_CHECKPOINT_EVERY": "1000000000", "CIPHERFEED_STATE_DIR": str(tmp_path), **extra}  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.ledger.server"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+def start_ledger_process(tmp_path: Path, port: int) -> subprocess.Popen:
+    return start_service(
+        "services.ledger.server",
+        {
+            "CIPHERFEED_LEDGER_LISTEN": f"127.0.0.1:{port}",
+            "CIPHERFEED_LEDGER_DSN": f"sqlite:///{tmp_path / 'ledger.db'}",
+            "CIPHERFEED_LEDGER_SIGNER": "local",
+            "CIPHERFEED_LEDGER_ORIGIN": ORIGIN,
+            "CIPHERFEED_CHECKPOINT_INTERVAL": "3600",
+            "CIPHERFEED_CHECKPOINT_EVERY": "1000000000",
+            "CIPHERFEED_STATE_DIR": str(tmp_path),
+        },
     )
-    line = proc.stdout.readline().decode()
-    assert "listening" in line, proc.stderr.read().decode()[-3000:]
-    return proc
 
 
 def test_crash_between_append_and_checkpoint_loses_nothing(tmp_path):
     port = free_port()
-    proc = start_ledger_process(tmp_path, port, {})
+    proc = start_ledger_process(tmp_path, port)
     receipts = [Receipt("aa" * 32, "bb" * 32, "cc" * 32, "dd" * 32, 1, i) for i in range(500)]
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -247,7 +246,7 @@ def test_crash_between_append_and_checkpoint_loses_nothing(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)  # acknowledged, never checkpointed: then a crash
         proc.wait(timeout=10)
-    proc = start_ledger_process(tmp_path, port, {})
+    proc = start_ledger_process(tmp_path, port)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = ledger_pb2_grpc.LedgerStub(ch)

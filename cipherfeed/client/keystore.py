@@ -95,3 +95,13 @@ def load_or_generate(directory: Path, params: HEParams) -> tuple[ClientKeys, boo
     keys = generate(params)
     save(keys, directory)
     return keys, True
+
+
+def load_test_keys(shared: ClientKeys) -> ClientKeys:
+    """For load and memory tests only: a fresh key pair that reuses ``shared``'s rotation keys, so
+    that many distinct users cost one rotation-key generation. Its scores decrypt to noise (the
+    rotation keys belong to another secret key); its bytes and memory behave like a real user's."""
+    kp = shared.cc.KeyGen()
+    return ClientKeys(
+        shared.params, shared.cc, kp.secretKey, kp.publicKey, serialize(kp.publicKey), shared.rotation_key_bytes
+    )
