@@ -41,3 +41,10 @@ def test_malformed_packed_bytes_are_refused():
     for bad in (b"", b"nope", packed[:-5], packed + b"x", wire.MAGIC + b"\x01\x00\x00\x00"):
         with pytest.raises(wire.WireError):
             wire.unpack(bad)
+
+
+@pytest.mark.parametrize("bits", [22, 23, 31, 40, 55, 58, 63])
+@pytest.mark.parametrize("n", [1, 7, 100, 8192])
+def test_word_packing_is_exact_for_every_width(bits, n):
+    values = np.frombuffer(os.urandom(8 * n), dtype="<u8") & np.uint64((1 << bits) - 1)
+    assert np.array_equal(wire._unpack_words(wire._pack_words(values, bits), n, bits), values)

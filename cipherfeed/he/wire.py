@@ -10,6 +10,7 @@ real ciphertexts and on random bytes), and a blob without such runs is stored as
 from __future__ import annotations
 
 import functools
+import math
 import struct
 
 import numpy as np
@@ -54,17 +55,39 @@ def _plan(n: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     return w, off, (np.uint64(64) - off) & np.uint64(63), off != 0
 
 
+@functools.lru_cache(maxsize=16)
+def _group_plan(bits: int) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
+    """Values per group, words per group, and for each output word of a group up to four
+    contributions: (value index, signed shift, valid). A group of 64 / gcd(bits, 64) values fills
+    a whole number of words, so every group packs the same way."""
+    per_group = 64 // math.gcd(bits, 64)
+    words = per_group * bits // 64
+    slots = -(-64 // bits) + 1  # values that can touch one 64-bit word
+    idx = np.zeros((slots, words), dtype=np.intp)
+    shift = np.zeros((slots, words), dtype=np.int64)
+    valid = np.zeros((slots, words), dtype=bool)
+    for k in range(words):
+        first, last = (64 * k) // bits, min((64 * k + 63) // bits, per_group - 1)
+        for c, i in enumerate(range(first, last + 1)):
+            idx[c, k], shift[c, k], valid[c, k] = i, bits * i - 64 * k, True
+    return per_group, words, idx, shift, valid
+
+
 def _pack_words(words: np.ndarray, bits: int) -> bytes:
+    """Packs values below 2**bits, group by group, with whole-array shifts (no per-value indexing)."""
     n = words.shape[0]
-    w, off, back, spills = _plan(n, bits)
-    out = np.zeros((n * bits + 63) // 64 + 1, dtype=np.uint64)
-    lo = words << off
-    hi = (words >> back) * spills  # zero where the value does not cross into the next word
-    for r in range(3):  # with bits >= 22, words r, r+3, ... never share an output word
-        sel = slice(r, None, 3)
-        out[w[sel]] |= lo[sel]
-        out[w[sel] + 1] |= hi[sel]
-    return out[: (n * bits + 63) // 64].tobytes()
+    per_group, out_words, idx, shift, valid = _group_plan(bits)
+    groups = -(-n // per_group)
+    v = np.zeros(groups * per_group, dtype=np.uint64)
+    v[:n] = words
+    v = v.reshape(groups, per_group)
+    out = np.zeros((groups, out_words), dtype=np.uint64)
+    for c in range(idx.shape[0]):
+        part = v[:, idx[c]]
+        left = np.where(shift[c] > 0, shift[c], 0).astype(np.uint64)
+        right = np.where(shift[c] < 0, -shift[c], 0).astype(np.uint64)
+        out |= np.where(valid[c], (part << left) >> right, np.uint64(0))
+    return out.reshape(-1)[: (n * bits + 63) // 64].tobytes()
 
 
 def _unpack_words(data: bytes, n: int, bits: int) -> np.ndarray:
