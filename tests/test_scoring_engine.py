@@ -4,6 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import openfhe
+import pytest
 
 from cipherfeed.client import keystore
 from cipherfeed.he import globalkeys, packing
@@ -12,14 +13,16 @@ from services.recommender.scoring import EncryptedScorer
 from services.recommender.synthetic import synthetic_catalogue
 
 
-def test_synthetic_catalogue_scores_match_plaintext_across_blocks():
+@pytest.mark.parametrize("strategy", ["flat", "bsgs"])
+def test_synthetic_catalogue_scores_match_plaintext_across_blocks(strategy):
     model = synthetic_catalogue(20_000, seed=7)  # 3 blocks, the last one ragged
     keys = keystore.generate(MESH_PARAMS)
     cc = keys.cc
     tag = "engine-test"
     globalkeys.file(cc, openfhe.DeserializeEvalKeyMapString(keys.rotation_key_bytes, openfhe.BINARY), tag)
     with ThreadPoolExecutor(2) as pool:
-        scorer = EncryptedScorer(model, MESH_PARAMS, pool)
+        scorer = EncryptedScorer(model, MESH_PARAMS, pool, strategy=strategy)
+        assert scorer.strategy == strategy
         assert scorer.block_count == 3
         rng = np.random.default_rng(1)
         u = rng.standard_normal(64)
