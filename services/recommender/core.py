@@ -178,11 +178,10 @@ class RecommenderCore:
             with self.installed.use(tag) as present:
                 if present:
                     ct.SetKeyTag(tag)
-                    outputs, timing = self.scorer.score(ct)
+                    blobs, timing = self.scorer.score(ct, finish=self._encode_scores)
                     break
         else:
             raise Unavailable("rotation keys were evicted repeatedly under load; retry")
-        blobs = list(self.pool.map(self._encode_scores, outputs))
         self.cache.set(result_key, _frame_blobs(blobs), self.redis_config.result_ttl)
         result = self._result(blobs, query_sha256, started, ref.key_id, version, from_cache=False)
         log.info(

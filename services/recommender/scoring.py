@@ -15,8 +15,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import openfhe
@@ -26,6 +28,7 @@ from cipherfeed.he.params import HEParams, build_context
 from services.recommender.artifact import ModelArtifact
 
 BSGS_MAX_BLOCKS = 20
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -124,12 +127,15 @@ class EncryptedScorer:
         self.cc.EvalAddInPlace(total, self._popularity[b])
         return total
 
-    def score(self, query: openfhe.Ciphertext) -> tuple[list[openfhe.Ciphertext], ScoreTiming]:
-        """The encrypted scores of every block; rotation keys must be registered under the
-        query's key tag (the caller holds the key registry's read lock)."""
+    def score(
+        self, query: openfhe.Ciphertext, finish: Callable[[openfhe.Ciphertext], T] = lambda ct: ct
+    ) -> tuple[list[T], ScoreTiming]:
+        """The encrypted scores of every block, each passed through ``finish`` (e.g. serialize) in
+        the block's own task, so that it overlaps other blocks' work; rotation keys must be filed
+        under the query's key tag (the caller holds the key registry's read lock)."""
         t0 = time.perf_counter()
         rotations = self._rotations(query)
         t1 = time.perf_counter()
-        outputs = list(self._pool.map(lambda b: self._block(b, rotations), range(self.block_count)))
+        outputs = list(self._pool.map(lambda b: finish(self._block(b, rotations)), range(self.block_count)))
         t2 = time.perf_counter()
         return outputs, ScoreTiming(rotations_ms=1e3 * (t1 - t0), blocks_ms=1e3 * (t2 - t1))
