@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -13,6 +14,11 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def log(msg: str) -> None:
+    """Progress for long runs, on stderr (the table goes to stdout)."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:

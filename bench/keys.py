@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench.common import machine, percentiles, timed_ms, write_json
+from bench.common import log, machine, percentiles, timed_ms, write_json
 from cipherfeed.cache import Keys
 from cipherfeed.client import keystore
 from cipherfeed.client.sdk import RecommenderClient
@@ -37,10 +36,6 @@ TARGETS = {
     "warm_request_overhead_bytes": 2048,
     "rss_drift": 0.05,
 }
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from bench.common import machine, percentiles, timed_ms, write_json
+from bench.common import log, machine, percentiles, timed_ms, write_json
 from cipherfeed.config import LedgerConfig
 from cipherfeed.merkle import CompactTree, leaf_hash, verify_inclusion
 from cipherfeed.receipts import Receipt
@@ -28,10 +27,6 @@ from services.ledger.server import build_core, serve
 from services.ledger.signers import LocalSigner
 
 TARGETS = {"receipts_per_second": 20_000, "inclusion_proof_ms_at_1m": 1.0, "verify_ms_at_1m": 0.2}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def receipts(n: int, seed: int) -> list[Receipt]:

@@ -9,14 +9,13 @@ same data in the same run, plaintext numpy and TenSEAL's CKKSVector.matmul doing
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import machine, percentiles, timed_ms, write_json
+from bench.common import log, machine, percentiles, timed_ms, write_json
 from cipherfeed.client import keystore
 from cipherfeed.client.sdk import RecommenderClient
 from cipherfeed.config import ClientConfig, GrpcLimits, KeyServiceConfig, MiB, RedisConfig
@@ -38,10 +37,6 @@ TARGETS = {
     "response_bytes_per_item": 16.0,
     "query_bytes": 600_000,
 }
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def tenseal_peer(x: np.ndarray, u: np.ndarray, prior: np.ndarray, reps: int) -> dict[str, Any]:
