@@ -178,6 +178,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from services.keyservice import server as keyservice_server
 
         return keyservice_server.main()
+    if args.service == "ledger":
+        from services.ledger import server as ledger_server
+
+        return ledger_server.main()
     from services.recommender import server as recommender_server
 
     return recommender_server.main()
@@ -320,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_keys_init)
 
     serve = sub.add_parser("serve", help="run a service (configured by CIPHERFEED_* variables)")
-    serve.add_argument("service", choices=["recommender", "keyservice"])
+    serve.add_argument("service", choices=["recommender", "keyservice", "ledger"])
     serve.set_defaults(func=cmd_serve)
 
     ver = sub.add_parser("verify", help="check a receipt: inclusion, checkpoint signature, on-chain anchor")

@@ -10,11 +10,15 @@ import sys
 from cipherfeed.config import REPO_ROOT
 
 
-def start_service(module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Runs ``python -m module`` with ``env`` added to this environment; returns once it serves."""
+def start_service(module: str, env: dict[str, str], args: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """Runs ``python -m module [args]`` with ``env`` added to this environment; returns once it serves."""
     full = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     proc = subprocess.Popen(
-        [sys.executable, "-m", module], cwd=REPO_ROOT, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-m", module, *(args or [])],
+        cwd=REPO_ROOT,
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     assert proc.stdout is not None and proc.stderr is not None
     line = proc.stdout.readline().decode()

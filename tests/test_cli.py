@@ -100,3 +100,32 @@ def test_demo_runs_the_whole_path(tmp_path, dataset_path):
     assert "top-10 identical: True" in demo.stderr
     assert "verified: leaf" in demo.stderr and "anchored on chain" in demo.stderr
     assert list((tmp_path / "models").glob("*.cfmodel"))
+
+
+def test_serve_starts_a_service_that_answers(tmp_path):
+    from cipherfeed.devprocess import start_service
+    from cipherfeed.devredis import free_port
+
+    port = free_port()
+    proc = start_service(
+        "cipherfeed.cli",
+        {
+            "CIPHERFEED_LEDGER_LISTEN": f"127.0.0.1:{port}",
+            "CIPHERFEED_LEDGER_DSN": f"sqlite:///{tmp_path / 'ledger.db'}",
+            "CIPHERFEED_LEDGER_SIGNER": "local",
+            "CIPHERFEED_STATE_DIR": str(tmp_path),
+        },
+        args=["serve", "ledger"],
+    )
+    try:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            reply = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="cipherfeed.v1.Ledger"), timeout=10
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
