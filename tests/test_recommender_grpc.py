@@ -1,5 +1,7 @@
 """A real recommender on loopback: encrypted top-10 equals plaintext top-10 for 20 dataset users."""
 
+import dataclasses
+
 import grpc
 import numpy as np
 from google.api import annotations_pb2
@@ -87,3 +89,13 @@ def test_every_public_rpc_has_an_http_annotation():
                     continue
                 rule = method.GetOptions().Extensions[annotations_pb2.http]
                 assert rule.WhichOneof("pattern"), f"{method.full_name} has no google.api.http rule"
+
+
+def test_manifest_is_fetched_once_and_refreshed_when_the_model_changes(client, tiktok_model):
+    first = client.manifest()
+    assert client.manifest() is first  # one download per model version
+    client._manifest = dataclasses.replace(first, model_version="0" * 64)  # as if the model changed
+    own = np.flatnonzero(tiktok_model.creator_index == 9)
+    feed, scored = client.recommend([Engagement(tiktok_model.item_ids[i], liked=True) for i in own], k=3)
+    assert len(feed) == 3 and scored.model_version == tiktok_model.version
+    assert client.manifest().model_version == tiktok_model.version

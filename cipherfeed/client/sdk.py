@@ -98,6 +98,7 @@ class RecommenderClient:
         self.key_id: str | None = None
         self.key_version: int = 0
         self._profile: tuple[bytes, str] | None = None  # (query sha256, profile_ref)
+        self._manifest: Manifest | None = None  # per model version; refreshed when the model changes
 
     def ledger_channel(self) -> grpc.Channel:
         if self._ledger_channel is None:
@@ -295,26 +296,35 @@ class RecommenderClient:
         )
         return list(response.items)
 
-    def manifest(self) -> Manifest:
-        m = self.stub.GetCatalogueManifest(recommender_pb2.GetCatalogueManifestRequest(), timeout=self._deadline)
-        ids = list(m.item_ids)
-        return Manifest(
-            model_version=m.model_version,
-            item_ids=ids,
-            creator_of=np.asarray(m.creator_index, dtype=np.int64),
-            creator_ids=list(m.creator_ids),
-            index_of={item_id: i for i, item_id in enumerate(ids)},
-        )
+    def manifest(self, refresh: bool = False) -> Manifest:
+        """The catalogue's item and creator ids (one download per model version)."""
+        if self._manifest is None or refresh:
+            m = self.stub.GetCatalogueManifest(recommender_pb2.GetCatalogueManifestRequest(), timeout=self._deadline)
+            ids = list(m.item_ids)
+            self._manifest = Manifest(
+                model_version=m.model_version,
+                item_ids=ids,
+                creator_of=np.asarray(m.creator_index, dtype=np.int64),
+                creator_ids=list(m.creator_ids),
+                index_of={item_id: i for i, item_id in enumerate(ids)},
+            )
+        return self._manifest
 
     def recommend(
         self, history: list[Engagement], k: int = 10, per_creator_cap: int = 2
     ) -> tuple[list[recommender_pb2.Item], EncryptedScores]:
         """The private feed for an engagement history: top ``k`` unseen items, capped per creator."""
-        manifest = self.manifest()
         engaged = self.items(item_ids=[e.item_id for e in history], include_embedding=True)
         embeddings = np.array([list(item.embedding) for item in engaged])
         u = interest_vector(embeddings, history)
-        scored = self.score(u, pin_model=manifest.model_version)
+        manifest = self.manifest()
+        try:
+            scored = self.score(u, pin_model=manifest.model_version)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION or "serves" not in (exc.details() or ""):
+                raise
+            manifest = self.manifest(refresh=True)  # the model changed since the cached manifest
+            scored = self.score(u, pin_model=manifest.model_version)
         seen = [manifest.index_of[e.item_id] for e in history if e.item_id in manifest.index_of]
         feed = rank_feed(scored.scores, k, manifest.creator_of, seen=seen, per_creator_cap=per_creator_cap)
         return (self.items(indices=feed) if feed else []), scored
