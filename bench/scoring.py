@@ -17,7 +17,7 @@ import numpy as np
 
 from bench.common import log, machine, percentiles, timed_ms, write_json
 from cipherfeed.client import keystore
-from cipherfeed.client.sdk import RecommenderClient
+from cipherfeed.client.sdk import RecommenderClient, encrypt_query
 from cipherfeed.config import ClientConfig, GrpcLimits, KeyServiceConfig, MiB, RedisConfig
 from cipherfeed.devredis import LocalRedis
 from cipherfeed.grpcutil import channel, start_server
@@ -79,13 +79,13 @@ def run_size(
     rng = np.random.default_rng(n)
     u = model.embeddings[rng.integers(0, n, 20)].astype(np.float64).sum(axis=0)
     u /= np.linalg.norm(u)
-    query = _encrypt(keys, u)
+    query = encrypt_query(keys, u)
     for _ in range(2):
         core.score(ref, query)
     samples = []
     result = None
     for _ in range(reps):
-        result = core.score(ref, _encrypt(keys, u))  # a fresh ciphertext each time: no result cache
+        result = core.score(ref, encrypt_query(keys, u))  # a fresh ciphertext each time: no result cache
         samples.append(result.server_millis)
     assert result is not None
     response_bytes = sum(len(b) for b in result.ciphertexts)
@@ -153,13 +153,6 @@ def run_size(
         peer["speedup_of_cipherfeed"] = peer["p50_ms"] / row["server"]["p50_ms"]
         row["tenseal"] = peer
     return row
-
-
-def _encrypt(keys: keystore.ClientKeys, u: np.ndarray) -> bytes:
-    from cipherfeed.he.codec import serialize
-
-    q = packing.replicate_query(u, MESH_PARAMS.padded_dim, MESH_PARAMS.slots)
-    return serialize(keys.cc.Encrypt(keys.public_key, keys.cc.MakeCKKSPackedPlaintext(q)))
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

@@ -61,6 +61,13 @@ class Manifest:
         return [int(i) for i in np.flatnonzero(self.creator_of == c)]
 
 
+def encrypt_query(keys: ClientKeys, u: np.ndarray) -> bytes:
+    """The serialized query: ``u`` repeated across every slot, encrypted under ``keys``."""
+    p = keys.params
+    slots = packing.replicate_query(u, p.padded_dim, p.slots)
+    return serialize(keys.cc.Encrypt(keys.public_key, keys.cc.MakeCKKSPackedPlaintext(slots)))
+
+
 def params_from_proto(p: common_pb2.HEParameters) -> HEParams:
     """The server's published parameters, refused unless 128-bit secure and self-consistent."""
     try:
@@ -193,11 +200,7 @@ class RecommenderClient:
         return self.keys
 
     def encrypt_query(self, u: np.ndarray) -> bytes:
-        keys = self._require_keys()
-        p = self.params()
-        slots = packing.replicate_query(u, p.padded_dim, p.slots)
-        pt = keys.cc.MakeCKKSPackedPlaintext(slots)
-        return serialize(keys.cc.Encrypt(keys.public_key, pt))
+        return encrypt_query(self._require_keys(), u)
 
     def upload_profile(self, u: np.ndarray) -> str:
         """Uploads the encrypted interest vector once; later scores send only the reference."""
