@@ -41,8 +41,7 @@ class LedgerCore:
 
     def verifier_keys(self) -> list[str]:
         signer = self.log.signer
-        keys = signer.public_keys() if hasattr(signer, "public_keys") else []
-        return [vkey(signer.name, k) for k in keys]
+        return [vkey(signer.name, k) for k in signer.public_keys()]
 
     def inclusion(self, index: int, size: int) -> tuple[int, list[bytes]]:
         size = size or self.latest_checkpoint().size

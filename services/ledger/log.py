@@ -35,6 +35,10 @@ class NoteSigner:
         """Returns (public key that signed, signature)."""
         raise NotImplementedError
 
+    def public_keys(self) -> list[bytes]:
+        """Every public key this signer has signed with, oldest first (for verifiers)."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class Appended:
@@ -64,6 +68,7 @@ class TransparencyLog:
         if latest is not None and (latest.size > self.tree.size or self.tree.root(latest.size) != latest.root):
             raise RuntimeError("the stored checkpoint does not match the stored leaves: refusing to serve")
         log.info("log %s: %d leaves loaded in %.1f s", origin, self.tree.size, time.perf_counter() - t0)
+        self._checkpointed = latest.size if latest else 0  # the latest signed size, kept by checkpoint()
         self._tree_lock = threading.RLock()
         self._checkpoint_lock = threading.Lock()
         self._queue: queue.Queue[tuple[list[bytes], Future[list[Appended]]] | None] = queue.Queue()
@@ -114,7 +119,7 @@ class TransparencyLog:
                 continue
             for (_, done), appended in zip(batch, results, strict=True):
                 done.set_result(appended)
-            if self.tree.size - self._last_size() >= self.checkpoint_every:
+            if self.tree.size - self._checkpointed >= self.checkpoint_every:
                 self._wake.set()
 
     def _commit(self, groups: list[list[bytes]]) -> list[list[Appended]]:
@@ -135,10 +140,6 @@ class TransparencyLog:
             return out
 
     # --- checkpoints ----------------------------------------------------------------------
-
-    def _last_size(self) -> int:
-        latest = self.store.latest_checkpoint()
-        return latest.size if latest else 0
 
     def _checkpoint_loop(self) -> None:
         while not self._stop.is_set():
@@ -168,6 +169,7 @@ class TransparencyLog:
             note = sign_note(body, self.signer.name, public_key, lambda _: signature)
             with self.store.transaction() as db:
                 self.store.add_checkpoint(db, size, root, note)
+            self._checkpointed = size
             row = CheckpointRow(size, root, note)
         log.info("checkpoint %d signed", size)
         if self.on_checkpoint is not None:
