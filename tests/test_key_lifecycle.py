@@ -180,5 +180,6 @@ def test_memory_stays_bounded_as_many_users_come_and_go(tiktok_model, keyservice
         running.stop(grace=1)
         core.close()
     assert core.installed.stats.evictions >= 22
+    assert not core.keys._fetch_locks  # nothing per user outlives its fetch
     # 20 more users' keys (~14 MB each, more once deserialized) would add ~300 MB if kept.
     assert rss[-1] - rss[3] < 120 * 2**20, [r // 2**20 for r in rss]

@@ -173,13 +173,20 @@ class KeyResolver:
         tag = f"{ref.key_id}:{version}"
         if self.installed.touch(tag):
             return tag, version
-        with self._fetch_lock(tag):
-            if not self.installed.touch(tag):
-                material = self._fetch(ref.key_id, version, status.material_sha256[version])
-                self.installed.install(tag, material.rotation_keys)
+        lock = self._fetch_lock(tag)
+        try:
+            with lock:
+                if not self.installed.touch(tag):
+                    material = self._fetch(ref.key_id, version, status.material_sha256[version])
+                    self.installed.install(tag, material.rotation_keys)
+        finally:
+            with self._fetch_locks_guard:  # only fetches in flight keep a lock: no growth per user
+                if self._fetch_locks.get(tag) is lock:
+                    del self._fetch_locks[tag]
         return tag, version
 
     def _fetch_lock(self, tag: str) -> threading.Lock:
+        """One fetch per tag at a time: concurrent first requests for a key share one download."""
         with self._fetch_locks_guard:
             return self._fetch_locks.setdefault(tag, threading.Lock())
 
