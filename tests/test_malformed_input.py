@@ -22,18 +22,19 @@ from cipherfeed.v1 import (
 STATUS = grpc.StatusCode
 
 
+def wide_channel(port: int) -> grpc.Channel:
+    """A channel whose own limits are far above the servers', so that their limits are what is tested."""
+    limit = 200 * 2**20
+    return grpc.insecure_channel(
+        f"127.0.0.1:{port}",
+        options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
+    )
+
+
 @pytest.fixture(scope="module")
 def stub(recommender):
-    port, _ = recommender
-    ch = grpc.insecure_channel(
-        f"127.0.0.1:{port}",
-        options=[
-            ("grpc.max_send_message_length", 200 * 2**20),
-            ("grpc.max_receive_message_length", 200 * 2**20),
-        ],
-    )
-    yield recommender_pb2_grpc.RecommenderStub(ch)
-    ch.close()
+    with wide_channel(recommender[0]) as ch:
+        yield recommender_pb2_grpc.RecommenderStub(ch)
 
 
 @pytest.fixture(scope="module")
@@ -161,15 +162,8 @@ def register(stub, public_key, rotation_keys):
 
 @pytest.fixture(scope="module")
 def keyservice_stub(keyservice):
-    ch = grpc.insecure_channel(
-        f"127.0.0.1:{keyservice[0]}",
-        options=[
-            ("grpc.max_send_message_length", 200 * 2**20),
-            ("grpc.max_receive_message_length", 200 * 2**20),
-        ],
-    )
-    yield keyservice_pb2_grpc.KeyServiceStub(ch)
-    ch.close()
+    with wide_channel(keyservice[0]) as ch:
+        yield keyservice_pb2_grpc.KeyServiceStub(ch)
 
 
 def test_invalid_key_material_is_refused_by_the_key_service(keyservice_stub, stub, client, valid_query, recommender):
