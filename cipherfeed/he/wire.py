@@ -9,13 +9,11 @@ real ciphertexts and on random bytes), and a blob without such runs is stored as
 
 from __future__ import annotations
 
-import functools
-import math
 import struct
 
 import numpy as np
 
-MAGIC = b"CFPK1"
+MAGIC = b"CFPK2"
 MIN_RUN = 1024  # words; shorter vectors are not worth a segment
 
 
@@ -46,56 +44,51 @@ def _find_runs(blob: bytes, lengths: tuple[int, ...]) -> list[tuple[int, int]]:
     return sorted(chosen)
 
 
-@functools.lru_cache(maxsize=16)
-def _plan(n: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Word index, bit offset, complementary shift and a has-high-part mask for n values of ``bits``."""
-    pos = np.arange(n, dtype=np.uint64) * np.uint64(bits)
-    w = (pos >> np.uint64(6)).astype(np.intp)
-    off = pos & np.uint64(63)
-    return w, off, (np.uint64(64) - off) & np.uint64(63), off != 0
+def _planes(bits: int) -> list[tuple[int, str]]:
+    """(shift, dtype) of each plane of a value below 2**bits: byte planes of 4, 2 and 1 bytes for its
+    low ``bits // 8`` bytes (each a contiguous numpy cast), then one bit plane per remaining bit."""
+    planes: list[tuple[int, str]] = []
+    shift = 0
+    for width, dtype in ((4, "<u4"), (2, "<u2"), (1, "u1")):
+        while bits - shift >= 8 * width:
+            planes.append((shift, dtype))
+            shift += 8 * width
+    planes += [(b, "bit") for b in range(shift, bits)]
+    return planes
 
 
-@functools.lru_cache(maxsize=16)
-def _group_plan(bits: int) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
-    """Values per group, words per group, and for each output word of a group up to four
-    contributions: (value index, signed shift, valid). A group of 64 / gcd(bits, 64) values fills
-    a whole number of words, so every group packs the same way."""
-    per_group = 64 // math.gcd(bits, 64)
-    words = per_group * bits // 64
-    slots = -(-64 // bits) + 1  # values that can touch one 64-bit word
-    idx = np.zeros((slots, words), dtype=np.intp)
-    shift = np.zeros((slots, words), dtype=np.int64)
-    valid = np.zeros((slots, words), dtype=bool)
-    for k in range(words):
-        first, last = (64 * k) // bits, min((64 * k + 63) // bits, per_group - 1)
-        for c, i in enumerate(range(first, last + 1)):
-            idx[c, k], shift[c, k], valid[c, k] = i, bits * i - 64 * k, True
-    return per_group, words, idx, shift, valid
+def _packed_size(n: int, bits: int) -> int:
+    return sum((n + 7) // 8 if dtype == "bit" else n * np.dtype(dtype).itemsize for _, dtype in _planes(bits))
 
 
 def _pack_words(words: np.ndarray, bits: int) -> bytes:
-    """Packs values below 2**bits, group by group, with whole-array shifts (no per-value indexing)."""
-    n = words.shape[0]
-    per_group, out_words, idx, shift, valid = _group_plan(bits)
-    groups = -(-n // per_group)
-    v = np.zeros(groups * per_group, dtype=np.uint64)
-    v[:n] = words
-    v = v.reshape(groups, per_group)
-    out = np.zeros((groups, out_words), dtype=np.uint64)
-    for c in range(idx.shape[0]):
-        part = v[:, idx[c]]
-        left = np.where(shift[c] > 0, shift[c], 0).astype(np.uint64)
-        right = np.where(shift[c] < 0, -shift[c], 0).astype(np.uint64)
-        out |= np.where(valid[c], (part << left) >> right, np.uint64(0))
-    return out.reshape(-1)[: (n * bits + 63) // 64].tobytes()
+    """Values below 2**bits, plane by plane (see ``_planes``): whole-array numpy operations only."""
+    v = np.asarray(words, dtype=np.uint64)
+    parts = []
+    for shift, dtype in _planes(bits):
+        shifted = v >> np.uint64(shift)
+        if dtype == "bit":
+            parts.append(np.packbits((shifted & np.uint64(1)).astype(np.uint8), bitorder="little").tobytes())
+        else:
+            parts.append(shifted.astype(dtype).tobytes())
+    return b"".join(parts)
 
 
 def _unpack_words(data: bytes, n: int, bits: int) -> np.ndarray:
-    w, off, back, spills = _plan(n, bits)
-    src = np.zeros((n * bits + 63) // 64 + 1, dtype=np.uint64)
-    src[: len(data) // 8] = np.frombuffer(data, dtype="<u8")
-    hi = (src[w + 1] << back) * spills
-    return ((src[w] >> off) | hi) & np.uint64((1 << bits) - 1)
+    out = np.zeros(n, dtype=np.uint64)
+    pos = 0
+    for shift, dtype in _planes(bits):
+        if dtype == "bit":
+            size = (n + 7) // 8
+            plane = np.unpackbits(
+                np.frombuffer(data, dtype=np.uint8, count=size, offset=pos), count=n, bitorder="little"
+            )
+        else:
+            size = n * np.dtype(dtype).itemsize
+            plane = np.frombuffer(data, dtype=dtype, count=n, offset=pos)
+        out |= plane.astype(np.uint64) << np.uint64(shift)
+        pos += size
+    return out
 
 
 def pack(blob: bytes, vector_lengths: tuple[int, ...]) -> bytes:
@@ -132,7 +125,7 @@ def unpack(data: bytes) -> bytes:
                 raise WireError("bad segment header")
             parts.append(data[pos : pos + raw_len])
             pos += raw_len
-            size = (n * bits + 63) // 64 * 8
+            size = _packed_size(n, bits)
             if pos + size > len(data):
                 raise WireError("truncated segment")
             parts.append(_unpack_words(data[pos : pos + size], n, bits).astype("<u8").tobytes())
