@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import redis
@@ -167,3 +168,52 @@ class Cache:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+class WriteBehind:
+    """Cache writes on one background thread, so a response never waits for Redis to store it.
+
+    Until an entry is written it is served from memory, so a retry reaching this process is still
+    answered without recomputation. At most ``max_pending`` entries wait; beyond that a write is
+    dropped (the cache is optional), so a slow Redis cannot grow this process's memory.
+    """
+
+    def __init__(self, cache: Cache, max_pending: int = 8) -> None:
+        self._cache = cache
+        self._max_pending = max_pending
+        self._pending: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-write")
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            value = self._pending.get(key)
+        return value if value is not None else self._cache.get(key)
+
+    def set(self, key: str, value: bytes, ttl_seconds: int) -> bool:
+        """Queues a write; False if it was dropped (too many pending, or closed)."""
+        with self._lock:
+            if len(self._pending) >= self._max_pending or key in self._pending:
+                return False
+            self._pending[key] = value
+        try:
+            self._writer.submit(self._write, key, value, ttl_seconds)
+        except RuntimeError:  # shut down
+            with self._lock:
+                self._pending.pop(key, None)
+            return False
+        return True
+
+    def _write(self, key: str, value: bytes, ttl_seconds: int) -> None:
+        try:
+            self._cache.set(key, value, ttl_seconds)
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+
+    def flush(self) -> None:
+        """Returns once every write queued before the call has been attempted."""
+        self._writer.submit(lambda: None).result()
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)

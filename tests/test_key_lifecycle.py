@@ -51,13 +51,16 @@ def refused(fn, *args, **kwargs):
     return info.value
 
 
-def test_disable_is_refused_by_every_replica_on_the_next_request(fresh_client, replica_b, keyservice, tmp_path):
+def test_disable_is_refused_by_every_replica_on_the_next_request(
+    fresh_client, recommender, replica_b, keyservice, tmp_path
+):
     a = fresh_client
     b = on(a, replica_b[0], keyservice[0], tmp_path)
     u = unit(1)
     query = a.encrypt_query(u)
     first = a.score_ciphertext(query)
     assert not first.from_cache
+    recommender[1].results.flush()  # results are written behind the response
     retried = b.score_ciphertext(query)  # same bytes on the other replica: from the shared cache
     assert retried.from_cache
     np.testing.assert_array_equal(retried.scores, first.scores)

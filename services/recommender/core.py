@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cipherfeed.cache import Cache, Keys
+from cipherfeed.cache import Cache, Keys, WriteBehind
 from cipherfeed.config import GrpcLimits, RedisConfig
 from cipherfeed.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from cipherfeed.he import wire
@@ -97,6 +97,7 @@ class RecommenderCore:
         self.model_version = model.version
         self.redis_config = redis_config or RedisConfig()
         self.cache = Cache(self.redis_config)
+        self.results = WriteBehind(self.cache)  # a response never waits for its result to be cached
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckks")
         self.codec = MaterialCodec(params)
         t0 = time.perf_counter()
@@ -122,6 +123,7 @@ class RecommenderCore:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.results.close()
         self.cache.close()
         if self.receipts is not None:
             self.receipts.close()
@@ -168,7 +170,7 @@ class RecommenderCore:
         checked = self.keys.usable_version(ref)  # a disabled key is refused, even from the cache
         version = checked[1]
         result_key = Keys.result(self.model_version, ref.key_id, version, query_sha256.hex())
-        cached = self.cache.get(result_key)
+        cached = self.results.get(result_key)
         if cached is not None:
             blobs = _unframe_blobs(cached)
             return self._result(blobs, query_sha256, started, ref.key_id, version, from_cache=True)
@@ -182,7 +184,7 @@ class RecommenderCore:
                     break
         else:
             raise Unavailable("rotation keys were evicted repeatedly under load; retry")
-        self.cache.set(result_key, _frame_blobs(blobs), self.redis_config.result_ttl)
+        self.results.set(result_key, _frame_blobs(blobs), self.redis_config.result_ttl)
         result = self._result(blobs, query_sha256, started, ref.key_id, version, from_cache=False)
         log.info(
             "scored %d items for key %s v%d: rotations %.1f ms, blocks %.1f ms, total %.1f ms",

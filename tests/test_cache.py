@@ -1,0 +1,42 @@
+"""The write-behind result cache: answers before Redis stores, serves pending entries, stays bounded."""
+
+import threading
+
+import redis
+
+from cipherfeed.cache import Cache, WriteBehind
+from cipherfeed.config import RedisConfig
+
+
+def test_pending_entries_are_served_from_memory_then_land_in_redis(redis_server):
+    cache = Cache(RedisConfig(url=redis_server.url))
+    writes = WriteBehind(cache, max_pending=2)
+    gate = threading.Event()
+    writes._writer.submit(gate.wait)  # hold the writer so that entries stay pending
+    try:
+        assert writes.set("cf:test:a", b"A" * 1000, 60)
+        assert writes.set("cf:test:b", b"B", 60)
+        assert not writes.set("cf:test:c", b"C", 60)  # bounded: the third is dropped, not queued
+        assert writes.get("cf:test:a") == b"A" * 1000  # a retry is answered before Redis has it
+        direct = redis.Redis.from_url(redis_server.url)
+        assert not direct.exists("cf:test:a")
+    finally:
+        gate.set()
+    writes.flush()
+    assert direct.get("cf:test:a") == b"A" * 1000 and direct.get("cf:test:b") == b"B"
+    assert 0 < direct.ttl("cf:test:a") <= 60
+    assert writes.get("cf:test:c") is None
+    writes.close()
+    assert not writes.set("cf:test:d", b"D", 60)  # closed: refused, nothing left pending
+    assert writes.get("cf:test:d") is None
+    cache.close()
+
+
+def test_a_failed_write_is_dropped_and_forgotten():
+    cache = Cache(RedisConfig(url="redis://127.0.0.1:1/0", socket_timeout=0.5, connect_timeout=0.5))
+    writes = WriteBehind(cache)
+    assert writes.set("cf:test:x", b"X", 60)  # accepted: the response does not wait
+    writes.flush()
+    assert writes.get("cf:test:x") is None  # the write failed, nothing is held in memory
+    assert cache.stats.errors >= 1
+    writes.close()
