@@ -5,18 +5,23 @@ import pytest
 from cipherfeed.he.params import MESH_PARAMS, HEParams, ParameterError, build_context, context_fingerprint
 
 
-def test_rotation_tree_reaches_every_offset_exactly_once():
-    reached = {0}
-    for level in MESH_PARAMS.rotation_levels():
-        reached = {base + step for base in reached for step in [0, *level]}
-    assert sorted(reached) == list(range(MESH_PARAMS.padded_dim))
-    assert MESH_PARAMS.rotation_indices == [1, 2, 3, 4, 8, 12, 16, 32, 48]
+def test_baby_and_giant_steps_reach_every_offset_exactly_once():
+    reached = [0]
+    for level in MESH_PARAMS.baby_levels():
+        reached = [base + step for base in reached for step in [0, *level]]
+    offsets = [g * MESH_PARAMS.baby_steps + b for g in range(MESH_PARAMS.giant_steps) for b in reached]
+    assert sorted(offsets) == list(range(MESH_PARAMS.padded_dim))
+    assert MESH_PARAMS.rotation_indices == [1, 2, 3, 4, 8, 12, 16]
 
 
-def test_radix_trades_keys_for_nothing_else():
-    flat = HEParams(rotation_radix=64)
-    assert flat.rotation_indices == list(range(1, 64))
-    assert len(HEParams(rotation_radix=2).rotation_indices) == 6
+def test_radix_and_baby_steps_trade_keys_for_work():
+    assert HEParams(rotation_radix=64, baby_steps=64).rotation_indices == list(range(1, 64))
+    assert HEParams(rotation_radix=2).rotation_indices == [1, 2, 4, 8, 16]
+    assert HEParams(baby_steps=64).giant_steps == 1
+    with pytest.raises(ParameterError, match="does not reach"):
+        HEParams(rotation_radix=3)
+    with pytest.raises(ParameterError, match="do not divide"):
+        HEParams(baby_steps=24)
 
 
 def test_mesh_context_is_128_bit_and_deterministic():

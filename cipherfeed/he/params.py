@@ -13,8 +13,10 @@ Chosen by measurement on a 2-core machine (README, "Parameter choice"):
   in the scores.
 * FIXEDMANUAL scaling: the default FLEXIBLEAUTOEXT makes ciphertext x plaintext products ~14x
   slower. COMPLEX data: two items per slot (real and imaginary part).
-* Rotations by 1..63 are built as a radix-4 tree of hoisted rotations, so a client generates
-  9 rotation keys (~14 MB) instead of 63 (~100 MB).
+* Rotations: the scorer needs the query rotated by 0..15 (baby steps, a radix-4 tree of hoisted
+  rotations: keys 1, 2, 3, 4, 8, 12) and partial sums rotated by 16 (giant steps, applied
+  Horner-style, so 32 and 48 need no keys of their own). A client generates 7 rotation keys
+  (~11 MB) instead of 63 (~100 MB).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class HEParams:
     key_switch_technique: str = "BV"
     embedding_dim: int = 64
     rotation_radix: int = 4
+    baby_steps: int = 16
 
     def __post_init__(self) -> None:
         if self.security_level not in ALLOWED_SECURITY_LEVELS:
@@ -58,6 +61,13 @@ class HEParams:
             raise ParameterError(f"embedding dimension {self.embedding_dim} does not fit {self.slots} slots")
         if self.rotation_radix < 2:
             raise ParameterError("rotation radix must be at least 2")
+        if self.baby_steps < 1 or self.padded_dim % self.baby_steps:
+            raise ParameterError(f"{self.baby_steps} baby steps do not divide the {self.padded_dim}-slot period")
+        reached = {0}
+        for level in self.baby_levels():
+            reached = {base + step for base in reached for step in [0, *level]}
+        if reached != set(range(self.baby_steps)):
+            raise ParameterError(f"a radix-{self.rotation_radix} tree does not reach {self.baby_steps} baby steps")
 
     @property
     def slots(self) -> int:
@@ -74,14 +84,20 @@ class HEParams:
         """The embedding dimension rounded up to a power of two (the query's period in slots)."""
         return 1 << max(0, (self.embedding_dim - 1).bit_length())
 
-    def rotation_levels(self) -> list[list[int]]:
-        """The rotation tree, widest steps first: level l rotates by multiples of radix^l."""
+    def baby_levels(self) -> list[list[int]]:
+        """The hoisted rotation tree reaching offsets 0..baby_steps-1, widest steps first: level l
+        rotates by multiples of radix^l."""
         levels: list[list[int]] = []
         step = 1
-        while step < self.padded_dim:
-            levels.append([step * i for i in range(1, min(self.rotation_radix, self.padded_dim // step))])
+        while step < self.baby_steps:
+            levels.append([step * i for i in range(1, min(self.rotation_radix, self.baby_steps // step))])
             step *= self.rotation_radix
         return levels[::-1]
+
+    @property
+    def giant_steps(self) -> int:
+        """Rotations by multiples of ``baby_steps`` that complete the period (Horner: one key)."""
+        return self.padded_dim // self.baby_steps
 
     @property
     def score_bound(self) -> float:
@@ -90,7 +106,11 @@ class HEParams:
 
     @property
     def rotation_indices(self) -> list[int]:
-        return sorted(k for level in self.rotation_levels() for k in level)
+        """The rotation keys a client generates: the baby-step tree's and the giant step."""
+        indices = {k for level in self.baby_levels() for k in level}
+        if self.giant_steps > 1:
+            indices.add(self.baby_steps)
+        return sorted(indices)
 
 
 MESH_PARAMS = HEParams()
@@ -121,6 +141,7 @@ def build_context(params: HEParams = MESH_PARAMS) -> openfhe.CryptoContext:
             openfhe.PKESchemeFeature.PKE,
             openfhe.PKESchemeFeature.KEYSWITCH,
             openfhe.PKESchemeFeature.LEVELEDSHE,
+            openfhe.PKESchemeFeature.ADVANCEDSHE,  # EvalAddMany: a group of products summed in one call
         ):
             cc.Enable(feature)
         if cc.GetRingDimension() != params.ring_dimension:
