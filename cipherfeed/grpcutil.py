@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cipherfeed import errors
+from cipherfeed import errors, heap
 from cipherfeed.config import GrpcLimits
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ def run_service(name: str, start: Callable[[], tuple[RunningServer, Any]]) -> in
     start-up errors exit with status 2 and a one-line message."""
     from cipherfeed.config import ConfigError
 
+    heap.limit_arenas(1)  # multi-MB key material is handled on many threads (see cipherfeed.heap)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         running, core = start()

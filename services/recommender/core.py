@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cipherfeed import heap
 from cipherfeed.cache import Cache, Keys, WriteBehind
 from cipherfeed.config import GrpcLimits, RedisConfig
 from cipherfeed.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
@@ -91,6 +92,7 @@ class RecommenderCore:
         keyservice_deadline: float = 10.0,
         receipts: ReceiptSpool | None = None,
     ) -> None:
+        heap.limit_arenas(1)  # before the pools start: key sets come and go on many threads
         self.model = model
         self.params = params
         self.limits = limits
