@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import psutil
 
 from bench.common import log, machine, percentiles, timed_ms, write_json
+from cipherfeed import heap
 from cipherfeed.cache import Keys
 from cipherfeed.client import keystore
 from cipherfeed.client.sdk import RecommenderClient
@@ -25,7 +27,7 @@ from cipherfeed.config import ClientConfig, GrpcLimits, MiB, RecommenderConfig, 
 from cipherfeed.devprocess import start_service
 from cipherfeed.devredis import LocalRedis, free_port
 from cipherfeed.he.params import MESH_PARAMS
-from cipherfeed.v1 import common_pb2, recommender_pb2
+from cipherfeed.v1 import common_pb2, keyservice_pb2, recommender_pb2
 from services.recommender.server import serve as serve_recommender
 from services.recommender.synthetic import synthetic_catalogue
 
@@ -45,11 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", default="keys")
     args = parser.parse_args(argv)
+    heap.limit_arenas(1)  # as the recommender's own process does at start (cipherfeed.heap)
     work = Path(tempfile.mkdtemp(prefix="cf-bench-keys-"))
     redis_server = LocalRedis.start()
     redis_config = RedisConfig(url=redis_server.url)
     # The key service runs in its own process, so the RSS measured here is the recommender's
-    # (plus a thin client), not the key service's 14 MB SQLite writes per registration.
+    # (plus a thin client), not the key service's 11 MB SQLite writes per registration.
     ks_port = free_port()
     ks_proc = start_service(
         "services.keyservice.server",
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             "CIPHERFEED_REDIS_URL": redis_server.url,
             "CIPHERFEED_GRPC_MAX_MESSAGE_BYTES": str(LIMITS.max_message_bytes),
         },
+        log_path=work / "keyservice.log",
     )
     model = synthetic_catalogue(8192, seed=1)  # one block: Score cost is mostly the key path
     rec_config = RecommenderConfig(
@@ -134,11 +138,18 @@ def main(argv: list[str] | None = None) -> int:
         process = psutil.Process()
         rss: list[tuple[int, int]] = []  # (users so far, RSS bytes)
         started = time.perf_counter()
+        user_ids: list[str] = []
         for i in range(args.users):
             user = RecommenderClient(client.config)
             user.keys = keystore.load_test_keys(shared)
             user.register()
             user.score(u)
+            user_ids.append(user.key_id)
+            # Keys evicted long ago (two cache sizes back) are destroyed, so the key service's
+            # store stays ~100 key sets (1.1 GB) instead of growing by 11 MB per user.
+            if i >= 2 * args.cache_size:
+                stale = keyservice_pb2.KeyStateRequest(key_id=user_ids[i - 2 * args.cache_size])
+                user.keyservice.DestroyKey(stale, timeout=30)
             user.close()
             if i == args.cache_size or i == args.users - 1 or (i + 1) % 100 == 0:
                 rss.append((i + 1, process.memory_info().rss))
@@ -165,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         ks_proc.terminate()
         ks_proc.wait(timeout=20)
         redis_server.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
     f, r, m = results["eval_key_fetch"], results["requests"], results["memory"]
     print(f"{'measure':<46} {'p50':>10} {'p95':>10}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'inclusion verify at 1e6 leaves, p50 / p95 (ms)':<52} {ver_p['p50_ms']:>6.3f} / {ver_p['p95_ms']:.3f}")
     print(f"{'gas per anchor (first / steady)':<52} {c['gas_per_anchor_first']:>7,} / {c['gas_per_anchor_steady']:,}")
     print(f"{'transactions per checkpoint':<52} {c['transactions'] / c['checkpoints']:>14.2f}")
+    shutil.rmtree(work, ignore_errors=True)
     path = write_json(args.out, {"machine": machine(), "targets": TARGETS, **results})
     log(f"wrote {path}")
     return 0

@@ -9,6 +9,7 @@ same data in the same run, plaintext numpy and TenSEAL's CKKSVector.matmul doing
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         ks_running.stop(grace=1)
         ks_core.close()
         redis_server.stop()
+        shutil.rmtree(work, ignore_errors=True)
     print_table(rows)
     path = write_json(
         args.out, {"machine": machine(), "params": MESH_PARAMS.__dict__, "targets": TARGETS, "rows": rows}
