@@ -13,13 +13,16 @@ run on one limb (q0), at half the cost and half the plaintext memory of two:
   rounding noise (~2^-L) against the diagonals' encoding error (~2^(L-55)); L = 31 keeps the
   largest score error near 1e-5 (measured; README "Parameter choice").
 * Query rotations are computed once per request as a tree of hoisted rotations (one
-  ``EvalFastRotationPrecompute`` per node) and shared by every block: all 63 (``flat``), or for
-  catalogues of up to ``BSGS_MAX_BLOCKS`` blocks only the 15 baby steps (``bsgs``): each block
-  then sums four groups of 16 products over diagonals pre-rotated by the group's offset and joins
-  them Horner-style with three rotations by 16 on one limb (measured on 2 cores, see
-  ``BSGS_MAX_BLOCKS``).
+  ``EvalFastRotationPrecompute`` per node) and shared by every block. For catalogues of up to
+  ``BSGS_MAX_BLOCKS`` blocks (``bsgs``) only the 15 baby steps are made; each block sums four
+  groups of 16 products (EvalAddMany) over diagonals pre-rotated by the group's offset and joins
+  them Horner-style with three rotations by 16 on one limb. Beyond that (``flat``) all 63 query
+  rotations are made (roots at 16, 32, 48 by a chain of rotations, then a baby tree from each),
+  and blocks need no rotations of their own: 48 more query rotations against 3 per block, even
+  at ~60 blocks on 2 cores (measured).
 * The popularity prior is added on q0 at the end, so a score ciphertext is one limb.
-* OpenFHE releases the GIL: rotations, blocks and encoding run on a pool of ``threads`` threads.
+* OpenFHE releases the GIL: rotations, blocks and encoding run on a pool of ``threads`` threads,
+  one task per block (finer tasks measured no better: the GIL round trips cost what they balance).
 """
 
 from __future__ import annotations
@@ -162,13 +165,11 @@ class EncryptedScorer:
         t0 = time.perf_counter()
         rotations = self._rotations(query)
         t1 = time.perf_counter()
-        # Groups are the unit of work (balanced across threads); each block's join follows them.
-        g_count = len(self._groups)
-        jobs = [(b, g) for b in range(self.block_count) for g in range(g_count)]
-        groups = list(self._pool.map(lambda job: self._group(job[0], job[1], rotations), jobs))
+        groups = range(len(self._groups))
         outputs = list(
             self._pool.map(
-                lambda b: finish(self._join(b, groups[b * g_count : (b + 1) * g_count])), range(self.block_count)
+                lambda b: finish(self._join(b, [self._group(b, g, rotations) for g in groups])),
+                range(self.block_count),
             )
         )
         t2 = time.perf_counter()
