@@ -118,25 +118,42 @@ class EncryptedScorer:
     def _rotations(self, query: openfhe.Ciphertext) -> list[openfhe.Ciphertext]:
         """rot(2^L query, k) for k < per_group, on two limbs, each rescaled to one limb: roots at
         the giant offsets (flat only: a chain of rotations by ``baby_steps``), then the baby-step
-        tree of hoisted rotations from every root, level by level across roots."""
+        tree of hoisted rotations from every root, level by level across roots. A node's
+        precomputation is made once and reused by every level; each rescale runs in the task that
+        made or precomputed its ciphertext (fewer tasks, fewer trips through the GIL)."""
         root = self.cc.EvalMultNoCheck(query, self._lift)
-        current: dict[int, openfhe.Ciphertext] = {0: root}
+        nodes: dict[int, openfhe.Ciphertext] = {0: root}
         for offset in range(self.params.baby_steps, self._per_group, self.params.baby_steps):
             root = self.cc.EvalRotate(root, self.params.baby_steps)
-            current[offset] = root
-        for steps in self.params.baby_levels():
-            nodes = list(current.items())
-            precomputed = list(self._pool.map(lambda node: self.cc.EvalFastRotationPrecompute(node[1]), nodes))
-            jobs = [(i, step) for i in range(len(nodes)) for step in steps]
+            nodes[offset] = root
+        precomputed: dict[int, object] = {}
+        rescaled: dict[int, openfhe.Ciphertext] = {}
+        levels = self.params.baby_levels()
+        for depth, steps in enumerate(levels):
+            parents = sorted(nodes)
+            fresh = [o for o in parents if o not in precomputed]
 
-            def rotate(job: tuple[int, int], nodes: list = nodes, pre: list = precomputed) -> openfhe.Ciphertext:
-                i, step = job
-                return self.cc.EvalFastRotation(nodes[i][1], step, self._cyclotomic_order, pre[i])
+            def prepare(o: int) -> tuple[object, openfhe.Ciphertext]:
+                return self.cc.EvalFastRotationPrecompute(nodes[o]), self.cc.Rescale(nodes[o])
 
-            rotated = list(self._pool.map(rotate, jobs))
-            for (i, step), ct in zip(jobs, rotated, strict=True):
-                current[nodes[i][0] + step] = ct
-        return list(self._pool.map(self.cc.Rescale, [current[k] for k in range(self._per_group)]))
+            for o, (pre, low) in zip(fresh, self._pool.map(prepare, fresh), strict=True):
+                precomputed[o], rescaled[o] = pre, low
+            leaf = depth == len(levels) - 1
+            jobs = [(o, step) for o in parents for step in steps]
+
+            def rotate(job: tuple[int, int], leaf: bool = leaf) -> tuple[openfhe.Ciphertext, openfhe.Ciphertext | None]:
+                o, step = job
+                ct = self.cc.EvalFastRotation(nodes[o], step, self._cyclotomic_order, precomputed[o])
+                return ct, self.cc.Rescale(ct) if leaf else None
+
+            for (o, step), (ct, low) in zip(jobs, self._pool.map(rotate, jobs), strict=True):
+                nodes[o + step] = ct
+                if low is not None:
+                    rescaled[o + step] = low
+        unscaled = [o for o in nodes if o not in rescaled]  # only when there is no tree at all
+        for o, low in zip(unscaled, self._pool.map(lambda o: self.cc.Rescale(nodes[o]), unscaled), strict=True):
+            rescaled[o] = low
+        return [rescaled[k] for k in range(self._per_group)]
 
     def _group(self, b: int, g: int, rotations: list[openfhe.Ciphertext]) -> openfhe.Ciphertext:
         """sum_j diag'_{g+j} * rot(u, j): one group's products, on one limb. EvalAddMany sums them
