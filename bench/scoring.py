@@ -97,7 +97,7 @@ def run_size(
         pt = keys.cc.Decrypt(keys.secret_key, core.codec.load_scores(wire.unpack(blob)))
         pt.SetLength(MESH_PARAMS.slots)
         decrypted.append(np.asarray(pt.GetCKKSPackedValue()))
-    got = packing.unpack_scores(decrypted, n, MESH_PARAMS.slots)
+    got = packing.unpack_scores(decrypted, n, MESH_PARAMS.slots, core.scorer.tail_fold, MESH_PARAMS.padded_dim)
     prior = model.popularity_weight * model.popularity
     x = model.embeddings
     numpy_samples = [timed_ms(lambda: x @ u.astype(np.float32) + prior)[1] for _ in range(max(reps, 20))]

@@ -23,6 +23,26 @@ def test_diagonal_layout_computes_matrix_vector_product(items, dim, dp, slots):
     np.testing.assert_allclose(simulate(x, u, dp, slots), x @ u, atol=1e-12)
 
 
+@pytest.mark.parametrize(("items", "fold"), [(5, 2), (16, 2), (3, 4), (8, 4), (1, 4)])
+def test_a_folded_block_needs_a_fold_th_of_the_diagonals(items, fold):
+    dp, slots = 8, 32
+    rng = np.random.default_rng(items * fold)
+    x = rng.standard_normal((items, dp))
+    u = rng.standard_normal(dp)
+    q = packing.replicate_query(u, dp, slots)
+    diags = packing.block_diagonals(packing.folded_block(x, fold, slots, dp), dp, slots)
+    acc = sum(diags[k] * np.roll(q, -k) for k in range(dp // fold))  # only the first dp / fold
+    acc = acc + packing.folded_values(np.arange(items, dtype=float), fold, slots)
+    got = packing.unpack_scores([acc], items, slots, fold=fold, padded_dim=dp)
+    np.testing.assert_allclose(got, x @ u + np.arange(items), atol=1e-12)
+
+
+def test_tail_fold_is_the_widest_that_fits():
+    assert [packing.tail_fold(n, 4096, 64, 4) for n in (1, 2048, 2049, 4096, 4097, 8192)] == [4, 4, 2, 2, 1, 1]
+    assert packing.tail_fold(100, 4096, 64, max_fold=2) == 2
+    assert packing.tail_fold(100, 64, 64, max_fold=4) == 1  # a piece must hold whole query periods
+
+
 def test_items_fill_real_then_imaginary_parts():
     values = np.arange(6, dtype=float)
     z = packing.block_values(values, slots=4)

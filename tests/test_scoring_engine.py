@@ -14,8 +14,9 @@ from services.recommender.synthetic import synthetic_catalogue
 
 
 @pytest.mark.parametrize("strategy", ["flat", "bsgs"])
-def test_synthetic_catalogue_scores_match_plaintext_across_blocks(strategy):
-    model = synthetic_catalogue(20_000, seed=7)  # 3 blocks, the last one ragged
+@pytest.mark.parametrize(("items", "fold"), [(20_000, 2), (17_000, 4), (21_384, 1)])
+def test_synthetic_catalogue_scores_match_plaintext_across_blocks(strategy, items, fold):
+    model = synthetic_catalogue(items, seed=7)  # 3 blocks, the last one ragged: folded or not
     keys = keystore.generate(MESH_PARAMS)
     cc = keys.cc
     tag = "engine-test"
@@ -24,6 +25,7 @@ def test_synthetic_catalogue_scores_match_plaintext_across_blocks(strategy):
         scorer = EncryptedScorer(model, MESH_PARAMS, pool, strategy=strategy)
         assert scorer.strategy == strategy
         assert scorer.block_count == 3
+        assert scorer.tail_fold == fold
         rng = np.random.default_rng(1)
         u = rng.standard_normal(64)
         u /= np.linalg.norm(u)
@@ -37,7 +39,7 @@ def test_synthetic_catalogue_scores_match_plaintext_across_blocks(strategy):
         pt = cc.Decrypt(keys.secret_key, o)
         pt.SetLength(4096)
         decrypted.append(np.asarray(pt.GetCKKSPackedValue()))
-    got = packing.unpack_scores(decrypted, model.item_count, 4096)
+    got = packing.unpack_scores(decrypted, model.item_count, 4096, scorer.tail_fold, 64)
     want = packing.plaintext_scores(model.embeddings, u, model.popularity, model.popularity_weight)
     assert np.max(np.abs(got - want)) < 1e-4
     assert list(np.argsort(-got)[:10]) == list(np.argsort(-want)[:10])

@@ -253,8 +253,13 @@ class RecommenderClient:
         p = self.params()
         if layout.slots != p.slots or layout.items_per_ciphertext != p.items_per_ciphertext:
             raise ClientError("server's score layout does not match the parameter set")
-        if len(blobs) != packing.block_count(layout.item_count, layout.items_per_ciphertext):
+        blocks = packing.block_count(layout.item_count, layout.items_per_ciphertext)
+        if len(blobs) != blocks:
             raise ClientError(f"{len(blobs)} score ciphertexts for {layout.item_count} items")
+        fold = max(1, layout.tail_fold)
+        last = layout.item_count - (blocks - 1) * layout.items_per_ciphertext
+        if fold > 1 and packing.tail_fold(last, p.slots, p.padded_dim, fold) != fold:
+            raise ClientError(f"server's tail fold {fold} does not fit a last block of {last} items")
         assert self._codec is not None
         decrypted = []
         for blob in blobs:
@@ -279,7 +284,7 @@ class RecommenderClient:
                 raise ClientError("the server's receipt id does not match what was sent and received")
         return EncryptedScores(
             model_version=response.model_version,
-            scores=packing.unpack_scores(decrypted, layout.item_count, p.slots),
+            scores=packing.unpack_scores(decrypted, layout.item_count, p.slots, fold, p.padded_dim),
             server_millis=response.server_millis,
             query_bytes=query_bytes,
             response_bytes=sum(len(b) for b in blobs),

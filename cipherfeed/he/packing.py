@@ -5,6 +5,12 @@ imaginary part of slot ``j``. The query ``u`` (padded to ``dp`` dimensions) is r
 slots, so rotating it by ``k`` puts ``u[(j + k) mod dp]`` in slot ``j``. Plaintext ``k`` of a block
 holds ``X[j, (j + k) mod dp] + i * X[j + slots, (j + k) mod dp]`` in slot ``j``; then
 ``sum_k diag_k * rot(E(u), k)`` has the two items' scores in slot ``j`` (Halevi-Shoup diagonals).
+
+A last block with at most ``2 * slots / F`` items is *folded* (F = 2 or 4): each item is placed F
+times, piece ``h`` of it in slot ``h * w + (c + h * dp / F) mod w`` (``w = slots / F``), where the
+first ``dp / F`` diagonals alone sum its dimensions ``h * dp / F ..`` onwards. The block then needs
+1/F of the products and no giant-step rotations, and the client adds the F partial sums of each
+item after decryption (``unfold_scores``).
 """
 
 from __future__ import annotations
@@ -58,12 +64,69 @@ def block_values(values: FloatArray, slots: int) -> ComplexArray:
     return full[:slots] + 1j * full[slots:]
 
 
-def unpack_scores(blocks: list[ComplexArray], item_count: int, slots: int) -> FloatArray:
-    """Item scores from the decrypted complex slots of each score ciphertext, in item order."""
+FOLDS = (4, 2)
+
+
+def tail_fold(items: int, slots: int, padded_dim: int, max_fold: int) -> int:
+    """The widest fold (at most ``max_fold``) that a last block of ``items`` fits; 1 for none."""
+    for fold in FOLDS:
+        width = slots // fold
+        if fold <= max_fold and items <= 2 * width and padded_dim % fold == 0 and width % padded_dim == 0:
+            return fold
+    return 1
+
+
+def fold_slots(fold: int, slots: int, padded_dim: int) -> npt.NDArray[np.intp]:
+    """Shape ``(fold, slots / fold)``: the slot of piece ``h`` of the item(s) of complex slot ``c``."""
+    width = slots // fold
+    c = np.arange(width)
+    h = np.arange(fold)[:, None]
+    return h * width + (c[None, :] + (padded_dim // fold) * h) % width
+
+
+def folded_block(block: FloatArray, fold: int, slots: int, padded_dim: int) -> FloatArray:
+    """Rows (``2 * slots`` of them, for ``block_diagonals``) holding every item once per piece."""
+    rows, dim = block.shape
+    width = slots // fold
+    if rows > 2 * width:
+        raise ValueError(f"{rows} items do not fit a {fold}-fold block of {2 * width}")
+    full = np.zeros((2 * width, dim))
+    full[:rows] = block
+    out = np.zeros((2 * slots, dim))
+    positions = fold_slots(fold, slots, padded_dim).reshape(-1)  # piece-major, as np.tile repeats
+    for part in (0, 1):
+        out[part * slots + positions] = np.tile(full[part * width : (part + 1) * width], (fold, 1))
+    return out
+
+
+def folded_values(values: FloatArray, fold: int, slots: int) -> ComplexArray:
+    """Per-item values of a folded block, in the slots of piece 0 (added once per item)."""
+    width = slots // fold
+    full = np.zeros(2 * width)
+    full[: values.shape[0]] = values
+    z = np.zeros(slots, dtype=np.complex128)
+    z[:width] = full[:width] + 1j * full[width:]
+    return z
+
+
+def unfold_scores(z: ComplexArray, fold: int, slots: int, padded_dim: int) -> FloatArray:
+    """The ``2 * slots / fold`` item scores of a folded block: each item's pieces summed."""
+    sums = np.asarray(z)[:slots][fold_slots(fold, slots, padded_dim)].sum(axis=0)
+    return np.concatenate([sums.real, sums.imag])
+
+
+def unpack_scores(
+    blocks: list[ComplexArray], item_count: int, slots: int, fold: int = 1, padded_dim: int = 64
+) -> FloatArray:
+    """Item scores from the decrypted complex slots of each score ciphertext, in item order; the
+    last block is unfolded when ``fold`` > 1."""
     parts = []
-    for z in blocks:
+    for i, z in enumerate(blocks):
         z = np.asarray(z)[:slots]
-        parts.append(np.concatenate([z.real, z.imag]))
+        if fold > 1 and i == len(blocks) - 1:
+            parts.append(unfold_scores(z, fold, slots, padded_dim))
+        else:
+            parts.append(np.concatenate([z.real, z.imag]))
     scores = np.concatenate(parts) if parts else np.zeros(0)
     if scores.shape[0] < item_count:
         raise ValueError(f"{scores.shape[0]} decrypted scores for {item_count} items")

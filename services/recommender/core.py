@@ -50,6 +50,7 @@ class ScoreResult:
     model_version: str
     item_count: int
     items_per_ciphertext: int
+    tail_fold: int
     slots: int
     ciphertexts: list[bytes]
     query_sha256: bytes
@@ -216,6 +217,7 @@ class RecommenderCore:
             model_version=self.model_version,
             item_count=self.model.item_count,
             items_per_ciphertext=self.params.items_per_ciphertext,
+            tail_fold=self.scorer.tail_fold,
             slots=self.params.slots,
             ciphertexts=blobs,
             query_sha256=query_sha256,

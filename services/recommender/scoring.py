@@ -84,7 +84,6 @@ class EncryptedScorer:
         self._cyclotomic_order = 2 * self.cc.GetRingDimension()
         per_block = params.items_per_ciphertext
         self.block_count = packing.block_count(model.item_count, per_block)
-        starts = [b * per_block for b in range(self.block_count)]
         if strategy == "auto":
             strategy = "bsgs" if self.block_count <= BSGS_MAX_BLOCKS else "flat"
         if strategy not in ("flat", "bsgs"):
@@ -95,23 +94,46 @@ class EncryptedScorer:
         # rotating by `baby` on one limb; flat: the query is rotated by every offset, no giant steps.
         self._groups = [g * baby for g in range(params.giant_steps)] if strategy == "bsgs" else [0]
         self._per_group = baby if strategy == "bsgs" else params.padded_dim
-        self._diagonals: list[list[openfhe.Plaintext]] = list(pool.map(self._encode_block, starts))
-        self._popularity: list[openfhe.Plaintext] = list(pool.map(self._encode_popularity, starts))
+        # A short last block is folded (see packing): 1/F of the products, no giant steps.
+        last_items = model.item_count - (self.block_count - 1) * per_block if model.item_count else per_block
+        max_fold = len(self._groups) if strategy == "bsgs" else params.padded_dim // baby
+        self.tail_fold = packing.tail_fold(last_items, params.slots, params.padded_dim, max_fold)
+        # (groups, products per group) of each block
+        self._shape = [(len(self._groups), self._per_group)] * self.block_count
+        if self.tail_fold > 1:
+            folded = len(self._groups) // self.tail_fold, self._per_group
+            if strategy == "flat":
+                folded = 1, self._per_group // self.tail_fold
+            self._shape[-1] = folded
+        self._diagonals: list[list[openfhe.Plaintext]] = list(pool.map(self._encode_block, range(self.block_count)))
+        self._popularity: list[openfhe.Plaintext] = list(pool.map(self._encode_popularity, range(self.block_count)))
 
-    def _encode_block(self, start: int) -> list[openfhe.Plaintext]:
-        block = self.model.embeddings[start : start + self.params.items_per_ciphertext].astype(np.float64)
+    def _folded(self, b: int) -> bool:
+        return self.tail_fold > 1 and b == self.block_count - 1
+
+    def _encode_block(self, b: int) -> list[openfhe.Plaintext]:
+        p = self.params
+        start = b * p.items_per_ciphertext
+        block = self.model.embeddings[start : start + p.items_per_ciphertext].astype(np.float64)
         block *= self._diagonal_scale
-        diagonals = packing.block_diagonals(block, self.params.padded_dim, self.params.slots)
+        if self._folded(b):
+            block = packing.folded_block(block, self.tail_fold, p.slots, p.padded_dim)
+        diagonals = packing.block_diagonals(block, p.padded_dim, p.slots)
+        groups, products = self._shape[b]
         # Group g uses diag_{g+j} rotated by -g, so that rot(sum_j pt * rot(u, j), g) is exact.
         return [
-            self.cc.MakeCKKSPackedPlaintext(np.roll(diagonals[g + j], g), 1, 1, None, self.params.slots)
-            for g in self._groups
-            for j in range(self._per_group)
+            self.cc.MakeCKKSPackedPlaintext(np.roll(diagonals[g + j], g), 1, 1, None, p.slots)
+            for g in self._groups[:groups]
+            for j in range(products)
         ]
 
-    def _encode_popularity(self, start: int) -> openfhe.Plaintext:
+    def _encode_popularity(self, b: int) -> openfhe.Plaintext:
+        start = b * self.params.items_per_ciphertext
         prior = self.model.popularity_weight * self.model.popularity[start : start + self.params.items_per_ciphertext]
-        values = packing.block_values(prior, self.params.slots)
+        if self._folded(b):
+            values = packing.folded_values(prior, self.tail_fold, self.params.slots)
+        else:
+            values = packing.block_values(prior, self.params.slots)
         # Level 1, scale 2^55: where the scores live.
         return self.cc.MakeCKKSPackedPlaintext(values, 1, 1, None, self.params.slots)
 
@@ -160,8 +182,8 @@ class EncryptedScorer:
         in one call: fewer trips through the GIL than one EvalAddInPlace per product (~13% on 2
         threads)."""
         diagonals = self._diagonals[b]
-        base = g * self._per_group
-        products = [self.cc.EvalMult(rotations[j], diagonals[base + j]) for j in range(self._per_group)]
+        count = self._shape[b][1]
+        products = [self.cc.EvalMult(rotations[j], diagonals[g * count + j]) for j in range(count)]
         return self.cc.EvalAddMany(products)
 
     def _join(self, b: int, groups: list[openfhe.Ciphertext]) -> openfhe.Ciphertext:
@@ -182,10 +204,9 @@ class EncryptedScorer:
         t0 = time.perf_counter()
         rotations = self._rotations(query)
         t1 = time.perf_counter()
-        groups = range(len(self._groups))
         outputs = list(
             self._pool.map(
-                lambda b: finish(self._join(b, [self._group(b, g, rotations) for g in groups])),
+                lambda b: finish(self._join(b, [self._group(b, g, rotations) for g in range(self._shape[b][0])])),
                 range(self.block_count),
             )
         )

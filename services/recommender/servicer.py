@@ -64,6 +64,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                 item_count=result.item_count,
                 items_per_ciphertext=result.items_per_ciphertext,
                 slots=result.slots,
+                tail_fold=result.tail_fold,
             ),
             score_ciphertexts=result.ciphertexts,
             query_sha256=result.query_sha256,
