@@ -27,6 +27,7 @@ run on one limb (q0), at half the cost and half the plaintext memory of two:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -138,43 +139,57 @@ class EncryptedScorer:
         return self.cc.MakeCKKSPackedPlaintext(values, 1, 1, None, self.params.slots)
 
     def _rotations(self, query: openfhe.Ciphertext) -> list[openfhe.Ciphertext]:
-        """rot(2^L query, k) for k < per_group, on two limbs, each rescaled to one limb: roots at
-        the giant offsets (flat only: a chain of rotations by ``baby_steps``), then the baby-step
-        tree of hoisted rotations from every root, level by level across roots. A node's
-        precomputation is made once and reused by every level; each rescale runs in the task that
-        made or precomputed its ciphertext (fewer tasks, fewer trips through the GIL)."""
+        """rot(2^L query, k) for k < per_group, on two limbs, each rescaled to one limb.
+
+        Roots sit at the giant offsets (flat only: a chain of rotations by ``baby_steps``). Every
+        node spawns the baby-step tree below it as soon as it exists: a node made at tree depth d
+        is precomputed once and rotated by the steps of every level from d on (the root by 4, 8,
+        12 and by 1, 2, 3 at once), its children submitted before its own rescale, so neither
+        thread waits for a level to finish."""
         root = self.cc.EvalMultNoCheck(query, self._lift)
-        nodes: dict[int, openfhe.Ciphertext] = {0: root}
+        roots = {0: root}
         for offset in range(self.params.baby_steps, self._per_group, self.params.baby_steps):
             root = self.cc.EvalRotate(root, self.params.baby_steps)
-            nodes[offset] = root
-        precomputed: dict[int, object] = {}
-        rescaled: dict[int, openfhe.Ciphertext] = {}
+            roots[offset] = root
         levels = self.params.baby_levels()
-        for depth, steps in enumerate(levels):
-            parents = sorted(nodes)
-            fresh = [o for o in parents if o not in precomputed]
+        rescaled: dict[int, openfhe.Ciphertext] = {}
+        failures: list[BaseException] = []
+        guard = threading.Lock()
+        finished = threading.Event()
 
-            def prepare(o: int) -> tuple[object, openfhe.Ciphertext]:
-                return self.cc.EvalFastRotationPrecompute(nodes[o]), self.cc.Rescale(nodes[o])
+        def settle(offset: int, low: openfhe.Ciphertext | None, failure: BaseException | None = None) -> None:
+            with guard:
+                if failure is not None:
+                    failures.append(failure)
+                else:
+                    rescaled[offset] = low
+                if failures or len(rescaled) == self._per_group:
+                    finished.set()
 
-            for o, (pre, low) in zip(fresh, self._pool.map(prepare, fresh), strict=True):
-                precomputed[o], rescaled[o] = pre, low
-            leaf = depth == len(levels) - 1
-            jobs = [(o, step) for o in parents for step in steps]
+        def node(offset: int, ct: openfhe.Ciphertext, depth: int) -> None:
+            try:
+                children = [(d, step) for d in range(depth, len(levels)) for step in levels[d]]
+                if children:
+                    pre = self.cc.EvalFastRotationPrecompute(ct)
+                    for d, step in children:
+                        self._pool.submit(child, offset + step, ct, step, pre, d + 1)
+                settle(offset, self.cc.Rescale(ct))
+            except BaseException as exc:  # handed to the caller below
+                settle(offset, None, exc)
 
-            def rotate(job: tuple[int, int], leaf: bool = leaf) -> tuple[openfhe.Ciphertext, openfhe.Ciphertext | None]:
-                o, step = job
-                ct = self.cc.EvalFastRotation(nodes[o], step, self._cyclotomic_order, precomputed[o])
-                return ct, self.cc.Rescale(ct) if leaf else None
+        def child(offset: int, parent: openfhe.Ciphertext, step: int, pre: object, depth: int) -> None:
+            try:
+                ct = self.cc.EvalFastRotation(parent, step, self._cyclotomic_order, pre)
+            except BaseException as exc:
+                settle(offset, None, exc)
+                return
+            node(offset, ct, depth)
 
-            for (o, step), (ct, low) in zip(jobs, self._pool.map(rotate, jobs), strict=True):
-                nodes[o + step] = ct
-                if low is not None:
-                    rescaled[o + step] = low
-        unscaled = [o for o in nodes if o not in rescaled]  # only when there is no tree at all
-        for o, low in zip(unscaled, self._pool.map(lambda o: self.cc.Rescale(nodes[o]), unscaled), strict=True):
-            rescaled[o] = low
+        for offset, ct in roots.items():
+            self._pool.submit(node, offset, ct, 0)
+        finished.wait()
+        if failures:
+            raise failures[0]
         return [rescaled[k] for k in range(self._per_group)]
 
     def _group(self, b: int, g: int, rotations: list[openfhe.Ciphertext]) -> openfhe.Ciphertext:
