@@ -1,15 +1,18 @@
 """A real recommender on loopback: encrypted top-10 equals plaintext top-10 for 20 dataset users."""
 
 import dataclasses
+import hashlib
 
 import grpc
 import numpy as np
+import pytest
 from google.api import annotations_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from cipherfeed.client.interest import Engagement, interest_vector
 from cipherfeed.client.ranking import rank_feed
+from cipherfeed.client.sdk import ClientError
 from cipherfeed.he.packing import plaintext_scores
 from cipherfeed.v1 import keyservice_pb2, ledger_pb2, recommender_pb2
 
@@ -45,6 +48,19 @@ def test_encrypted_top10_equals_plaintext_top10_for_20_users(client, tiktok_mode
         assert len(feed) == 10 and not set(feed) & set(seen)
         assert max(np.bincount(m.creator_index[feed])) <= 2
     assert exact >= USERS - 2
+
+
+def test_client_refuses_a_layout_that_breaks_the_folding_rule(client, tiktok_model):
+    query = client.encrypt_query(np.ones(64) / 8)
+    request = recommender_pb2.ScoreRequest(key=client._key_ref(), query_ciphertext=query)
+    response = client.stub.Score(request, timeout=30)
+    assert response.layout.tail_fold == 4  # 26,558 items: a 1,982-item last block
+    digest = hashlib.sha256(query).digest()
+    assert len(client._decrypt(response, digest, len(query)).scores) == tiktok_model.item_count
+    for wrong in (0, 1, 2, 8):
+        response.layout.tail_fold = wrong
+        with pytest.raises(ClientError, match="tail fold"):
+            client._decrypt(response, digest, len(query))
 
 
 def test_sdk_recommend_returns_item_metadata(client, tiktok_model):

@@ -258,8 +258,9 @@ class RecommenderClient:
             raise ClientError(f"{len(blobs)} score ciphertexts for {layout.item_count} items")
         fold = max(1, layout.tail_fold)
         last = layout.item_count - (blocks - 1) * layout.items_per_ciphertext
-        if fold > 1 and packing.tail_fold(last, p.slots, p.padded_dim, fold) != fold:
-            raise ClientError(f"server's tail fold {fold} does not fit a last block of {last} items")
+        expected = packing.tail_fold(last, p.slots, p.padded_dim, p.giant_steps)
+        if fold != expected:
+            raise ClientError(f"server's tail fold {fold} is not the layout's {expected} for a last block of {last}")
         assert self._codec is not None
         decrypted = []
         for blob in blobs:

@@ -97,8 +97,8 @@ class EncryptedScorer:
         self._per_group = baby if strategy == "bsgs" else params.padded_dim
         # A short last block is folded (see packing): 1/F of the products, no giant steps.
         last_items = model.item_count - (self.block_count - 1) * per_block if model.item_count else per_block
-        max_fold = len(self._groups) if strategy == "bsgs" else params.padded_dim // baby
-        self.tail_fold = packing.tail_fold(last_items, params.slots, params.padded_dim, max_fold)
+        # One rule for both strategies (and for the client, which checks it): at most giant_steps.
+        self.tail_fold = packing.tail_fold(last_items, params.slots, params.padded_dim, params.giant_steps)
         # (groups, products per group) of each block
         self._shape = [(len(self._groups), self._per_group)] * self.block_count
         if self.tail_fold > 1:
