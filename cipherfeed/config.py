@@ -66,7 +66,7 @@ class GrpcLimits:
 
     max_message_bytes: int = 64 * MiB
     max_query_bytes: int = 2 * MiB  # one query ciphertext; the mesh's is ~263 KB
-    max_eval_key_bytes: int = 32 * MiB  # one client's rotation key set; the mesh's is ~14 MB
+    max_eval_key_bytes: int = 32 * MiB  # one client's rotation key set; the mesh's is ~11 MB
 
     @classmethod
     def from_env(cls) -> GrpcLimits:
@@ -192,7 +192,7 @@ class RecommenderConfig:
     listen: str = "127.0.0.1:50051"
     grpc_workers: int = 8
     scoring_threads: int = 2  # OpenFHE releases the GIL: one thread per core
-    max_registered_keys: int = 64  # rotation key sets held in process (~14 MB each)...
+    max_registered_keys: int = 64  # rotation key sets held in process (~11 MB each)...
     max_registered_key_bytes: int = 1024 * MiB  # ...and at most this many bytes of them
     keyservice_target: str = "127.0.0.1:50052"
     keyservice_deadline_seconds: float = 10.0
