@@ -44,3 +44,15 @@ def test_synthetic_catalogue_scores_match_plaintext_across_blocks(strategy, item
     assert np.max(np.abs(got - want)) < 1e-4
     assert list(np.argsort(-got)[:10]) == list(np.argsort(-want)[:10])
     assert timing.rotations_ms > 0 and timing.blocks_ms > 0
+
+
+def test_a_failing_rotation_is_raised_not_waited_for():
+    model = synthetic_catalogue(9_000, seed=3)
+    keys = keystore.generate(MESH_PARAMS)
+    cc = keys.cc
+    with ThreadPoolExecutor(2) as pool:
+        scorer = EncryptedScorer(model, MESH_PARAMS, pool)
+        ct = cc.Encrypt(keys.public_key, cc.MakeCKKSPackedPlaintext(packing.replicate_query(np.ones(64) / 8, 64, 4096)))
+        ct.SetKeyTag("no-keys-filed-under-this-tag")
+        with pytest.raises(RuntimeError, match="not generated"):
+            scorer.score(ct)
