@@ -174,13 +174,16 @@ class WriteBehind:
     """Cache writes on one background thread, so a response never waits for Redis to store it.
 
     Until an entry is written it is served from memory, so a retry reaching this process is still
-    answered without recomputation. At most ``max_pending`` entries wait; beyond that a write is
-    dropped (the cache is optional), so a slow Redis cannot grow this process's memory.
+    answered without recomputation. At most ``max_pending`` entries and ``max_pending_bytes`` wait;
+    beyond that a write is dropped (the cache is optional), so a slow Redis cannot grow this
+    process's memory (a 1M-item result is ~15 MB).
     """
 
-    def __init__(self, cache: Cache, max_pending: int = 8) -> None:
+    def __init__(self, cache: Cache, max_pending: int = 8, max_pending_bytes: int = 64 << 20) -> None:
         self._cache = cache
         self._max_pending = max_pending
+        self._max_pending_bytes = max_pending_bytes
+        self._pending_bytes = 0
         self._pending: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-write")
@@ -193,23 +196,29 @@ class WriteBehind:
     def set(self, key: str, value: bytes, ttl_seconds: int) -> bool:
         """Queues a write; False if it was dropped (too many pending, or closed)."""
         with self._lock:
-            if len(self._pending) >= self._max_pending or key in self._pending:
+            full = len(self._pending) >= self._max_pending
+            if full or key in self._pending or self._pending_bytes + len(value) > self._max_pending_bytes:
                 return False
             self._pending[key] = value
+            self._pending_bytes += len(value)
         try:
             self._writer.submit(self._write, key, value, ttl_seconds)
         except RuntimeError:  # shut down
-            with self._lock:
-                self._pending.pop(key, None)
+            self._forget(key)
             return False
         return True
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            value = self._pending.pop(key, None)
+            if value is not None:
+                self._pending_bytes -= len(value)
 
     def _write(self, key: str, value: bytes, ttl_seconds: int) -> None:
         try:
             self._cache.set(key, value, ttl_seconds)
         finally:
-            with self._lock:
-                self._pending.pop(key, None)
+            self._forget(key)
 
     def flush(self) -> None:
         """Returns once every write queued before the call has been attempted."""

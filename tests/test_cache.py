@@ -32,6 +32,23 @@ def test_pending_entries_are_served_from_memory_then_land_in_redis(redis_server)
     cache.close()
 
 
+def test_pending_bytes_are_bounded_too(redis_server):
+    cache = Cache(RedisConfig(url=redis_server.url))
+    writes = WriteBehind(cache, max_pending=8, max_pending_bytes=1000)
+    gate = threading.Event()
+    writes._writer.submit(gate.wait)
+    try:
+        assert writes.set("cf:test:big", b"x" * 800, 60)
+        assert not writes.set("cf:test:more", b"y" * 300, 60)  # 1,100 bytes would wait: dropped
+        assert writes.set("cf:test:small", b"z" * 200, 60)
+    finally:
+        gate.set()
+    writes.flush()
+    assert writes.set("cf:test:more", b"y" * 300, 60)  # written ones no longer count
+    writes.close()
+    cache.close()
+
+
 def test_a_failed_write_is_dropped_and_forgotten():
     cache = Cache(RedisConfig(url="redis://127.0.0.1:1/0", socket_timeout=0.5, connect_timeout=0.5))
     writes = WriteBehind(cache)
