@@ -31,9 +31,10 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
 
 
 def machine_speed() -> dict[str, float]:
-    """Two probes of this machine's state at run time, so that runs can be compared: SHA-256
-    throughput (CPU-bound) and a 256 MiB array copy (memory-bound). On shared VMs the second one
-    moves between runs while the first stays put, and the encrypted scoring moves with it."""
+    """Two probes of this machine's state at run time, recorded beside the results: SHA-256
+    throughput (CPU-bound) and a 256 MiB array copy (streaming memory). They catch a slower or
+    throttled machine; they do not catch everything that moves encrypted scoring on a shared VM
+    (two runs 25% apart here both copied at ~26 GB/s)."""
     import hashlib
 
     import numpy as np
