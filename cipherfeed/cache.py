@@ -194,7 +194,8 @@ class WriteBehind:
         return value if value is not None else self._cache.get(key)
 
     def set(self, key: str, value: bytes, ttl_seconds: int) -> bool:
-        """Queues a write; False if it was dropped (too many pending, or closed)."""
+        """Queues a write; False if it was dropped (already pending, too many entries or bytes
+        pending, or closed)."""
         with self._lock:
             full = len(self._pending) >= self._max_pending
             if full or key in self._pending or self._pending_bytes + len(value) > self._max_pending_bytes:

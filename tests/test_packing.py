@@ -39,6 +39,8 @@ def test_a_folded_block_needs_a_fold_th_of_the_diagonals(items, fold):
 
 def test_tail_fold_is_the_widest_that_fits():
     assert [packing.tail_fold(n, 4096, 64, 4) for n in (1, 2048, 2049, 4096, 4097, 8192)] == [4, 4, 2, 2, 1, 1]
+    # Only the last block counts: 8192 + 1696 items (the 100k catalogue's tail) folds 4 ways.
+    assert [packing.tail_fold(n, 4096, 64, 4) for n in (0, 8192 + 1696, 8192 + 3000, 2 * 8192)] == [1, 4, 2, 1]
     assert packing.tail_fold(100, 4096, 64, max_fold=2) == 2
     assert packing.tail_fold(100, 64, 64, max_fold=4) == 1  # a piece must hold whole query periods
 

@@ -253,14 +253,12 @@ class RecommenderClient:
         p = self.params()
         if layout.slots != p.slots or layout.items_per_ciphertext != p.items_per_ciphertext:
             raise ClientError("server's score layout does not match the parameter set")
-        blocks = packing.block_count(layout.item_count, layout.items_per_ciphertext)
-        if len(blobs) != blocks:
+        if len(blobs) != packing.block_count(layout.item_count, layout.items_per_ciphertext):
             raise ClientError(f"{len(blobs)} score ciphertexts for {layout.item_count} items")
         fold = max(1, layout.tail_fold)
-        last = layout.item_count - (blocks - 1) * layout.items_per_ciphertext
-        expected = packing.tail_fold(last, p.slots, p.padded_dim, p.giant_steps)
+        expected = packing.tail_fold(layout.item_count, p.slots, p.padded_dim, p.giant_steps)
         if fold != expected:
-            raise ClientError(f"server's tail fold {fold} is not the layout's {expected} for a last block of {last}")
+            raise ClientError(f"server's tail fold {fold} is not the layout's {expected} for {layout.item_count} items")
         assert self._codec is not None
         decrypted = []
         for blob in blobs:

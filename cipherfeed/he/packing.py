@@ -67,8 +67,12 @@ def block_values(values: FloatArray, slots: int) -> ComplexArray:
 FOLDS = (4, 2)
 
 
-def tail_fold(items: int, slots: int, padded_dim: int, max_fold: int) -> int:
-    """The widest fold (at most ``max_fold``) that a last block of ``items`` fits; 1 for none."""
+def tail_fold(item_count: int, slots: int, padded_dim: int, max_fold: int) -> int:
+    """The widest fold (at most ``max_fold``) that the last block of a catalogue of ``item_count``
+    items fits; 1 for none. Server and client both apply this rule."""
+    if item_count < 1:
+        return 1
+    items = item_count - (block_count(item_count, 2 * slots) - 1) * 2 * slots  # in the last block
     for fold in FOLDS:
         width = slots // fold
         if fold <= max_fold and items <= 2 * width and padded_dim % fold == 0 and width % padded_dim == 0:

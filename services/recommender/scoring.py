@@ -83,8 +83,7 @@ class EncryptedScorer:
         self._lift = 1 << lift_bits
         self._diagonal_scale = 2.0**-lift_bits
         self._cyclotomic_order = 2 * self.cc.GetRingDimension()
-        per_block = params.items_per_ciphertext
-        self.block_count = packing.block_count(model.item_count, per_block)
+        self.block_count = packing.block_count(model.item_count, params.items_per_ciphertext)
         if strategy == "auto":
             strategy = "bsgs" if self.block_count <= BSGS_MAX_BLOCKS else "flat"
         if strategy not in ("flat", "bsgs"):
@@ -96,9 +95,8 @@ class EncryptedScorer:
         self._groups = [g * baby for g in range(params.giant_steps)] if strategy == "bsgs" else [0]
         self._per_group = baby if strategy == "bsgs" else params.padded_dim
         # A short last block is folded (see packing): 1/F of the products, no giant steps.
-        last_items = model.item_count - (self.block_count - 1) * per_block if model.item_count else per_block
         # One rule for both strategies (and for the client, which checks it): at most giant_steps.
-        self.tail_fold = packing.tail_fold(last_items, params.slots, params.padded_dim, params.giant_steps)
+        self.tail_fold = packing.tail_fold(model.item_count, params.slots, params.padded_dim, params.giant_steps)
         # (groups, products per group) of each block
         self._shape = [(len(self._groups), self._per_group)] * self.block_count
         if self.tail_fold > 1:
