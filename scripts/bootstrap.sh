@@ -47,11 +47,15 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
 fi
 
-stamp=".venv/.cipherfeed-installed-$extras-$(cat pyproject.toml | sha256sum | cut -c1-16)"
+stamp=".venv/.cipherfeed-installed-$extras-$(cat pyproject.toml cipherfeed/he/_rnsmac.c | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "bootstrap: installing cipherfeed[$extras] (first run takes a few minutes)" >&2
   .venv/bin/python -m pip install --quiet --progress-bar off -e ".[$extras]"
   touch "$stamp"
+  if ! ls cipherfeed/he/_rnsmac.*.so >/dev/null 2>&1; then
+    echo "bootstrap: the scoring kernel (cipherfeed/he/_rnsmac.c) was not compiled: no C compiler?" >&2
+    echo "  cipherfeed works without it, with OpenFHE's own products (about 2x slower scoring)." >&2
+  fi
 fi
 .venv/bin/python scripts/gen_protos.py
 

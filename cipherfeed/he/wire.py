@@ -21,7 +21,7 @@ class WireError(ValueError):
     """Packed bytes are malformed."""
 
 
-def _find_runs(blob: bytes, lengths: tuple[int, ...]) -> list[tuple[int, int]]:
+def find_runs(blob: bytes, lengths: tuple[int, ...]) -> list[tuple[int, int]]:
     """(byte offset, word count) of vectors of the given lengths, in order, not overlapping.
 
     A header field can equal a vector length too; among overlapping candidates the one whose
@@ -93,7 +93,7 @@ def _unpack_words(data: bytes, n: int, bits: int) -> np.ndarray:
 
 def pack(blob: bytes, vector_lengths: tuple[int, ...]) -> bytes:
     segments: list[tuple[int, int, int, bytes]] = []
-    for start, n in _find_runs(blob, vector_lengths):
+    for start, n in find_runs(blob, vector_lengths):
         if n < MIN_RUN:
             continue
         words = np.frombuffer(blob, dtype="<u8", count=n, offset=start).astype(np.uint64)

@@ -16,7 +16,7 @@ from cipherfeed.cache import Cache, Keys, WriteBehind
 from cipherfeed.config import GrpcLimits, RedisConfig
 from cipherfeed.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from cipherfeed.he import wire
-from cipherfeed.he.codec import MaterialCodec, ciphertext_sha256, serialize
+from cipherfeed.he.codec import MaterialCodec, ciphertext_sha256
 from cipherfeed.he.params import HEParams
 from cipherfeed.receipts import ModelRecord, Receipt
 from cipherfeed.v1 import common_pb2, keyservice_pb2_grpc
@@ -200,8 +200,8 @@ class RecommenderCore:
         )
         return result
 
-    def _encode_scores(self, ct: object) -> bytes:
-        return wire.pack(serialize(ct), (self.params.ring_dimension,))
+    def _encode_scores(self, blob: bytes) -> bytes:
+        return wire.pack(blob, (self.params.ring_dimension,))
 
     def _result(
         self, blobs: list[bytes], query_sha256: bytes, started: float, key_id: str, version: int, from_cache: bool

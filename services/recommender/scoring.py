@@ -37,7 +37,9 @@ from typing import TypeVar
 import numpy as np
 import openfhe
 
-from cipherfeed.he import packing
+from cipherfeed.he import packing, rnsmac
+from cipherfeed.he.codec import serialize
+from cipherfeed.he.onelimb import OneLimbLayout
 from cipherfeed.he.params import HEParams, build_context
 from services.recommender.artifact import ModelArtifact
 
@@ -66,6 +68,7 @@ class EncryptedScorer:
         pool: ThreadPoolExecutor,
         strategy: str = "auto",
         lift_bits: int = QUERY_LIFT_BITS,
+        kernel: str = "auto",
     ) -> None:
         if not 0 < lift_bits < params.scaling_mod_bits:
             raise ValueError(f"query lift of {lift_bits} bits is outside 1..{params.scaling_mod_bits - 1}")
@@ -104,8 +107,24 @@ class EncryptedScorer:
             if strategy == "flat":
                 folded = 1, self._per_group // self.tail_fold
             self._shape[-1] = folded
-        self._diagonals: list[list[openfhe.Plaintext]] = list(pool.map(self._encode_block, range(self.block_count)))
+        if kernel == "auto":
+            kernel = "native" if rnsmac.available() else "openfhe"
+        if kernel not in ("native", "openfhe"):
+            raise ValueError(f"unknown scoring kernel {kernel!r}")
+        if kernel == "native" and not rnsmac.available():
+            raise RuntimeError("the native scoring kernel was asked for but is not built")
+        self.kernel = kernel
+        self._modulus = int(self.cc.GetModulusCKKS())  # q0: the one limb every product lives on
         self._popularity: list[openfhe.Plaintext] = list(pool.map(self._encode_popularity, range(self.block_count)))
+        if kernel == "native":
+            self._layout, self._unit = self._one_limb_reference()
+            # Each block's diagonals as words (groups, products, n) in Montgomery form, and its
+            # popularity prior as words (n,): OpenFHE's own encodings, read out once.
+            native = list(pool.map(self._native_block, range(self.block_count)))
+            self._diagonal_words = [d for d, _ in native]
+            self._popularity_words = [p for _, p in native]
+        else:
+            self._diagonals: list[list[openfhe.Plaintext]] = list(pool.map(self._encode_block, range(self.block_count)))
 
     def _folded(self, b: int) -> bool:
         return self.tail_fold > 1 and b == self.block_count - 1
@@ -126,6 +145,37 @@ class EncryptedScorer:
             for j in range(products)
         ]
 
+    def _one_limb_reference(self) -> tuple[OneLimbLayout, openfhe.Ciphertext]:
+        """The serialization layout of a one-limb ciphertext, and a one-limb ciphertext (1, 0):
+        c0 = 1 at every evaluation point, so that its product with a plaintext *is* the
+        plaintext's polynomial as OpenFHE encoded it."""
+        kp = self.cc.KeyGen()
+        zeros = np.zeros(self.params.slots, dtype=np.complex128)
+        fresh = self.cc.Encrypt(kp.publicKey, self.cc.MakeCKKSPackedPlaintext(zeros))
+        one_limb = self.cc.Rescale(self.cc.EvalMultNoCheck(fresh, self._lift))
+        reference = serialize(one_limb)
+        layout = OneLimbLayout.learn(reference, self.params.ring_dimension)
+        polys = np.zeros((2, self.params.ring_dimension), dtype=np.uint64)
+        polys[0] = 1
+        loaded = openfhe.DeserializeCiphertextString(layout.write(reference, polys), openfhe.BINARY)
+        unit = one_limb.Clone()
+        unit.SetElements(loaded.GetElements())
+        return layout, unit
+
+    def _plaintext_words(self, pt: openfhe.Plaintext) -> rnsmac.Words:
+        polys = np.empty((2, self.params.ring_dimension), dtype=np.uint64)
+        self._layout.read(serialize(self.cc.EvalMult(self._unit, pt)), polys)
+        return polys[0]
+
+    def _native_block(self, b: int) -> tuple[rnsmac.Words, rnsmac.Words]:
+        groups, products = self._shape[b]
+        plaintexts = self._encode_block(b)
+        words = np.empty((groups, products, self.params.ring_dimension), dtype=np.uint64)
+        for i, pt in enumerate(plaintexts):
+            words[i // products, i % products] = self._plaintext_words(pt)
+        rnsmac.to_montgomery(words, self._modulus)
+        return words, self._plaintext_words(self._popularity[b])
+
     def _encode_popularity(self, b: int) -> openfhe.Plaintext:
         start = b * self.params.items_per_ciphertext
         prior = self.model.popularity_weight * self.model.popularity[start : start + self.params.items_per_ciphertext]
@@ -136,8 +186,9 @@ class EncryptedScorer:
         # Level 1, scale 2^55: where the scores live.
         return self.cc.MakeCKKSPackedPlaintext(values, 1, 1, None, self.params.slots)
 
-    def _rotations(self, query: openfhe.Ciphertext) -> list[openfhe.Ciphertext]:
-        """rot(2^L query, k) for k < per_group, on two limbs, each rescaled to one limb.
+    def _rotations(self, query: openfhe.Ciphertext, words: rnsmac.Words | None = None) -> list[openfhe.Ciphertext]:
+        """rot(2^L query, k) for k < per_group, on two limbs, each rescaled to one limb (and, given
+        ``words`` of shape (per_group, 2, n), its polynomials copied into words[k]).
 
         Roots sit at the giant offsets (flat only: a chain of rotations by ``baby_steps``). Every
         node spawns the baby-step tree below it as soon as it exists: a node made at tree depth d
@@ -171,7 +222,10 @@ class EncryptedScorer:
                     pre = self.cc.EvalFastRotationPrecompute(ct)
                     for d, step in children:
                         self._pool.submit(child, offset + step, ct, step, pre, d + 1)
-                settle(offset, self.cc.Rescale(ct))
+                low = self.cc.Rescale(ct)
+                if words is not None:
+                    self._layout.read(serialize(low), words[offset])
+                settle(offset, low)
             except BaseException as exc:  # handed to the caller below
                 settle(offset, None, exc)
 
@@ -199,29 +253,63 @@ class EncryptedScorer:
         products = [self.cc.EvalMult(rotations[j], diagonals[g * count + j]) for j in range(count)]
         return self.cc.EvalAddMany(products)
 
-    def _join(self, b: int, groups: list[openfhe.Ciphertext]) -> openfhe.Ciphertext:
-        """Horner: P_0 + rot(P_1 + rot(P_2 + ..., step), step), plus the popularity prior."""
+    def _join(self, groups: list[openfhe.Ciphertext]) -> openfhe.Ciphertext:
+        """Horner: P_0 + rot(P_1 + rot(P_2 + ..., step), step)."""
         total = groups[-1]
         for partial in reversed(groups[:-1]):
             total = self.cc.EvalRotate(total, self.params.baby_steps)
             self.cc.EvalAddInPlace(total, partial)
-        self.cc.EvalAddInPlace(total, self._popularity[b])
         return total
 
+    def _block(self, b: int, rotations: list[openfhe.Ciphertext]) -> bytes:
+        """One block's serialized score ciphertext, with OpenFHE's products."""
+        total = self._join([self._group(b, g, rotations) for g in range(self._shape[b][0])])
+        self.cc.EvalAddInPlace(total, self._popularity[b])
+        return serialize(total)
+
+    def _native_block_scores(self, b: int, words: rnsmac.Words, template: bytes, zero: openfhe.Ciphertext) -> bytes:
+        """The same ciphertext with the fused kernel: each group's products summed in one pass (the
+        prior added to group 0, which Horner leaves unrotated). A block of one group is written
+        straight into the serialization; several are loaded into OpenFHE to be joined, each added
+        to ``zero`` first: OpenFHE evaluates a deserialized ciphertext's own additions ~12x slower
+        (it carries its own copy of the parameters), a sum made by this process's context at full
+        speed."""
+        groups, products = self._shape[b]
+        sums = []
+        for g in range(groups):
+            out = np.empty((2, self.params.ring_dimension), dtype=np.uint64)
+            add = self._popularity_words[b] if g == 0 else None
+            rnsmac.multiply_accumulate(out, words[:products], self._diagonal_words[b][g], self._modulus, add)
+            sums.append(self._layout.write(template, out))
+        if groups == 1:
+            return sums[0]
+        loaded = [self.cc.EvalAdd(zero, openfhe.DeserializeCiphertextString(s, openfhe.BINARY)) for s in sums]
+        return serialize(self._join(loaded))
+
     def score(
-        self, query: openfhe.Ciphertext, finish: Callable[[openfhe.Ciphertext], T] = lambda ct: ct
+        self, query: openfhe.Ciphertext, finish: Callable[[bytes], T] = lambda blob: blob
     ) -> tuple[list[T], ScoreTiming]:
-        """The encrypted scores of every block, each passed through ``finish`` (e.g. serialize) in
-        the block's own task, so that it overlaps other blocks' work; rotation keys must be filed
-        under the query's key tag (the caller holds the key registry's read lock)."""
+        """The serialized encrypted scores of every block, each passed through ``finish`` (e.g.
+        pack) in the block's own task, so that it overlaps other blocks' work; rotation keys must be
+        filed under the query's key tag (the caller holds the key registry's read lock)."""
         t0 = time.perf_counter()
-        rotations = self._rotations(query)
+        if self.kernel == "native":
+            words = np.empty((self._per_group, 2, self.params.ring_dimension), dtype=np.uint64)
+            rotations = self._rotations(query, words)
+            # Every output carries OpenFHE's metadata for a product under this query's key tag.
+            product = self.cc.EvalMult(rotations[0], self._popularity[0])
+            template, zero = serialize(product), self.cc.EvalSub(product, product)
+
+            def block(b: int) -> T:
+                return finish(self._native_block_scores(b, words, template, zero))
+
+        else:
+            rotations = self._rotations(query)
+
+            def block(b: int) -> T:
+                return finish(self._block(b, rotations))
+
         t1 = time.perf_counter()
-        outputs = list(
-            self._pool.map(
-                lambda b: finish(self._join(b, [self._group(b, g, rotations) for g in range(self._shape[b][0])])),
-                range(self.block_count),
-            )
-        )
+        outputs = list(self._pool.map(block, range(self.block_count)))
         t2 = time.perf_counter()
         return outputs, ScoreTiming(rotations_ms=1e3 * (t1 - t0), blocks_ms=1e3 * (t2 - t1))
