@@ -20,8 +20,8 @@ def reference(ciphertexts: np.ndarray, plaintexts: np.ndarray, q: int, add: np.n
     for c in range(2):
         for i in range(n):
             total = sum(int(ciphertexts[j, c, i]) * int(plaintexts[j, i]) for j in range(count))
-            if c == 0 and add is not None:
-                total += int(add[i])
+            if add is not None:
+                total += int(add[c, i])
             out[c, i] = total % q
     return out
 
@@ -47,7 +47,7 @@ def test_products_summed_match_exact_integers(q, count, n, with_add):
     cts = rng.integers(0, q, (count, 2, n), dtype=np.uint64)
     pts = rng.integers(0, q, (count, n), dtype=np.uint64)
     cts[0, :, 0] = pts[:, 0] = q - 1  # the largest words: the 128-bit accumulator's worst case
-    add = rng.integers(0, q, n, dtype=np.uint64) if with_add else None
+    add = rng.integers(0, q, (2, n), dtype=np.uint64) if with_add else None
     out = np.empty((2, n), dtype=np.uint64)
     rnsmac.multiply_accumulate(out, cts, montgomery(pts, q), q, add)
     assert np.array_equal(out, reference(cts, pts, q, add))
@@ -79,7 +79,7 @@ def test_shapes_dtypes_and_buffer_sizes_are_checked():
     with pytest.raises(ValueError, match="shapes do not match"):
         rnsmac.multiply_accumulate(out, cts[:2], pts, Q0)
     with pytest.raises(ValueError, match="shapes do not match"):
-        rnsmac.multiply_accumulate(out, cts, pts, Q0, np.zeros(7, np.uint64))
+        rnsmac.multiply_accumulate(out, cts, pts, Q0, np.zeros(8, np.uint64))  # add is (2, n)
     with pytest.raises(ValueError, match="uint64"):
         rnsmac.multiply_accumulate(out, cts.astype(np.int64), pts, Q0)
     with pytest.raises(ValueError, match="C-contiguous"):

@@ -3,7 +3,8 @@
  *
  * Computes exactly what OpenFHE's EvalMult(ct, pt) per product followed by EvalAddMany computes on
  * ciphertexts of one limb in evaluation (NTT) form: out_c[i] = sum_j ct_j,c[i] * pt_j[i] mod q,
- * for both ciphertext polynomials c = 0, 1, plus an optional plaintext added to c = 0. Nothing here
+ * for both ciphertext polynomials c = 0, 1, plus an optional ciphertext (or a plaintext with c1 = 0)
+ * added to the sum (OpenFHE's EvalAdd). Nothing here
  * is secret or random: the inputs are public ring elements (a ciphertext is public data), and the
  * results are bit-identical to OpenFHE's (the tests compare serialized bytes).
  *
@@ -67,13 +68,15 @@ static void mac_core(uint64_t *out, const uint64_t *ct, const uint64_t *pt, Py_s
             }
         }
         for (Py_ssize_t i = 0; i < len; i++) {
-            uint64_t r = redc(acc0[i], q, qneg);
+            uint64_t r0 = redc(acc0[i], q, qneg), r1 = redc(acc1[i], q, qneg);
             if (add) {
-                r += add[i0 + i];
-                r = r >= q ? r - q : r;
+                r0 += add[i0 + i];
+                r1 += add[n + i0 + i];
+                r0 = r0 >= q ? r0 - q : r0;
+                r1 = r1 >= q ? r1 - q : r1;
             }
-            out[i0 + i] = r;
-            out[n + i0 + i] = redc(acc1[i], q, qneg);
+            out[i0 + i] = r0;
+            out[n + i0 + i] = r1;
         }
     }
 }
@@ -81,7 +84,7 @@ static void mac_core(uint64_t *out, const uint64_t *ct, const uint64_t *pt, Py_s
 PyDoc_STRVAR(mac_doc,
              "mac(out, ciphertexts, plaintexts, count, n, modulus, add=None)\n\n"
              "out (2*n words) = sum over j < count of ciphertexts[j] (2*n words each, c0 then c1) times\n"
-             "plaintexts[j] (n words each, in Montgomery form), mod modulus, plus add (n words) on c0.\n"
+             "plaintexts[j] (n words each, in Montgomery form), plus add (2*n words), mod modulus.\n"
              "Words are native uint64, below the modulus. Releases the GIL.");
 
 static PyObject *mac(PyObject *self, PyObject *args) {
@@ -95,7 +98,7 @@ static PyObject *mac(PyObject *self, PyObject *args) {
         goto done;
     }
     if (check_modulus(q, count) || check_size(&out, 2 * n, "out") || check_size(&ct, count * 2 * n, "ciphertexts") ||
-        check_size(&pt, count * n, "plaintexts") || (add.buf && check_size(&add, n, "add")))
+        check_size(&pt, count * n, "plaintexts") || (add.buf && check_size(&add, 2 * n, "add")))
         goto done;
     Py_BEGIN_ALLOW_THREADS
     mac_core(out.buf, ct.buf, pt.buf, count, n, q, add.buf);

@@ -2,7 +2,7 @@
 
 ``multiply_accumulate`` computes, for ciphertexts and plaintexts of one RNS limb in evaluation
 form, exactly what OpenFHE's ``EvalMult(ct_j, pt_j)`` followed by ``EvalAddMany`` (and an
-``EvalAdd`` of one more plaintext) computes, with one modular reduction per coefficient instead of
+``EvalAdd`` of one more ciphertext or plaintext) computes, with one modular reduction per coefficient instead of
 one per product and no ciphertext allocated per product. The arithmetic is public (a ciphertext is
 public data); it holds no key and draws no randomness.
 """
@@ -44,10 +44,10 @@ def to_montgomery(values: Words, modulus: int) -> None:
 def multiply_accumulate(
     out: Words, ciphertexts: Words, plaintexts: Words, modulus: int, add: Words | None = None
 ) -> None:
-    """out (2, n) = sum_j ciphertexts[j] (2, n) * plaintexts[j] (n,) mod modulus, plus ``add`` on
-    the first polynomial. ``plaintexts`` in Montgomery form; every word below the modulus."""
+    """out (2, n) = sum_j ciphertexts[j] (2, n) * plaintexts[j] (n,) + add (2, n) mod modulus (a
+    plaintext is added as (pt, 0)). ``plaintexts`` in Montgomery form; every word below the modulus."""
     count, n = plaintexts.shape
-    if ciphertexts.shape != (count, 2, n) or out.shape != (2, n) or (add is not None and add.shape != (n,)):
+    if ciphertexts.shape != (count, 2, n) or out.shape != (2, n) or (add is not None and add.shape != (2, n)):
         raise ValueError(
             f"shapes do not match: out {out.shape}, ciphertexts {ciphertexts.shape}, plaintexts {plaintexts.shape}"
         )

@@ -119,10 +119,10 @@ class EncryptedScorer:
         if kernel == "native":
             self._layout, self._unit = self._one_limb_reference()
             # Each block's diagonals as words (groups, products, n) in Montgomery form, and its
-            # popularity prior as words (n,): OpenFHE's own encodings, read out once.
+            # popularity prior as the words (2, n) of (pt, 0): OpenFHE's own encodings, read out once.
             native = list(pool.map(self._native_block, range(self.block_count)))
             self._diagonal_words = [d for d, _ in native]
-            self._popularity_words = [p for _, p in native]
+            self._prior_words = [p for _, p in native]
         else:
             self._diagonals: list[list[openfhe.Plaintext]] = list(pool.map(self._encode_block, range(self.block_count)))
 
@@ -174,7 +174,9 @@ class EncryptedScorer:
         for i, pt in enumerate(plaintexts):
             words[i // products, i % products] = self._plaintext_words(pt)
         rnsmac.to_montgomery(words, self._modulus)
-        return words, self._plaintext_words(self._popularity[b])
+        prior = np.zeros((2, self.params.ring_dimension), dtype=np.uint64)  # a plaintext adds to c0 only
+        prior[0] = self._plaintext_words(self._popularity[b])
+        return words, prior
 
     def _encode_popularity(self, b: int) -> openfhe.Plaintext:
         start = b * self.params.items_per_ciphertext
@@ -268,23 +270,38 @@ class EncryptedScorer:
         return serialize(total)
 
     def _native_block_scores(self, b: int, words: rnsmac.Words, template: bytes, zero: openfhe.Ciphertext) -> bytes:
-        """The same ciphertext with the fused kernel: each group's products summed in one pass (the
-        prior added to group 0, which Horner leaves unrotated). A block of one group is written
-        straight into the serialization; several are loaded into OpenFHE to be joined, each added
-        to ``zero`` first: OpenFHE evaluates a deserialized ciphertext's own additions ~12x slower
-        (it carries its own copy of the parameters), a sum made by this process's context at full
-        speed."""
+        """The same ciphertext with the fused kernel: each group's products summed in one pass.
+
+        A block of one group is its sum plus the prior, written straight into the serialization.
+        Otherwise groups 1.. are loaded into OpenFHE (each added to ``zero`` first: OpenFHE
+        evaluates a deserialized ciphertext's own additions ~12x slower, as it carries its own
+        copy of the parameters) and joined Horner-style; the last rotation's result comes back
+        out as words and group 0, the prior and it are summed in one more pass, written into that
+        rotation's own serialization (so the bytes are those of the OpenFHE path)."""
         groups, products = self._shape[b]
-        sums = []
-        for g in range(groups):
-            out = np.empty((2, self.params.ring_dimension), dtype=np.uint64)
-            add = self._popularity_words[b] if g == 0 else None
-            rnsmac.multiply_accumulate(out, words[:products], self._diagonal_words[b][g], self._modulus, add)
-            sums.append(self._layout.write(template, out))
+        n = self.params.ring_dimension
+        diagonals, prior = self._diagonal_words[b], self._prior_words[b]
+
+        def group_sum(g: int, add: rnsmac.Words | None) -> rnsmac.Words:
+            out = np.empty((2, n), dtype=np.uint64)
+            rnsmac.multiply_accumulate(out, words[:products], diagonals[g], self._modulus, add)
+            return out
+
         if groups == 1:
-            return sums[0]
-        loaded = [self.cc.EvalAdd(zero, openfhe.DeserializeCiphertextString(s, openfhe.BINARY)) for s in sums]
-        return serialize(self._join(loaded))
+            return self._layout.write(template, group_sum(0, prior))
+        loaded = [
+            self.cc.EvalAdd(
+                zero,
+                openfhe.DeserializeCiphertextString(self._layout.write(template, group_sum(g, None)), openfhe.BINARY),
+            )
+            for g in range(1, groups)
+        ]
+        rotated = serialize(self.cc.EvalRotate(self._join(loaded), self.params.baby_steps))
+        addend = np.empty((2, n), dtype=np.uint64)
+        self._layout.read(rotated, addend)
+        addend[0] += prior[0]  # both below q0 < 2^62: no overflow
+        addend[0] %= np.uint64(self._modulus)
+        return self._layout.write(rotated, group_sum(0, addend))
 
     def score(
         self, query: openfhe.Ciphertext, finish: Callable[[bytes], T] = lambda blob: blob
