@@ -18,8 +18,6 @@
 
 typedef unsigned __int128 u128;
 
-#define TILE 256 /* coefficients per pass: 32 streams of 64 KiB-apart arrays would alias in L1 */
-
 static uint64_t neg_inverse(uint64_t q) { /* -q^-1 mod 2^64, q odd (Newton: 6 doublings of 1 bit) */
     uint64_t inv = q;
     for (int i = 0; i < 6; i++) inv *= 2 - q * inv;
@@ -53,55 +51,53 @@ static int check_size(Py_buffer *b, Py_ssize_t words, const char *name) {
     return 0;
 }
 
-static void mac_core(uint64_t *out, const uint64_t *ct, const uint64_t *pt, Py_ssize_t count, Py_ssize_t n,
-                     uint64_t q, const uint64_t *add) {
+/* ct: (2, n, stride) words, the first count of each row used; pt: (n, count); add: (2, n) or NULL.
+ * Coefficient-major, so that the count products of one coefficient are contiguous and summed in
+ * registers (a product-major layout streams 2 * count arrays 64 KiB apart, which alias in L1). */
+static void mac_core(uint64_t *out, const uint64_t *ct, const uint64_t *pt, Py_ssize_t count, Py_ssize_t stride,
+                     Py_ssize_t n, uint64_t q, const uint64_t *add) {
     uint64_t qneg = neg_inverse(q);
-    u128 acc0[TILE], acc1[TILE];
-    for (Py_ssize_t i0 = 0; i0 < n; i0 += TILE) {
-        Py_ssize_t len = n - i0 < TILE ? n - i0 : TILE;
-        for (Py_ssize_t i = 0; i < len; i++) acc0[i] = acc1[i] = 0;
-        for (Py_ssize_t j = 0; j < count; j++) { /* each plaintext word is read once, for c0 and c1 */
-            const uint64_t *a0 = ct + (j * 2) * n + i0, *a1 = a0 + n, *b = pt + j * n + i0;
-            for (Py_ssize_t i = 0; i < len; i++) {
-                acc0[i] += (u128)a0[i] * b[i];
-                acc1[i] += (u128)a1[i] * b[i];
-            }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const uint64_t *a0 = ct + i * stride, *a1 = ct + (n + i) * stride, *b = pt + i * count;
+        u128 s0 = 0, s1 = 0;
+        for (Py_ssize_t j = 0; j < count; j++) {
+            s0 += (u128)a0[j] * b[j];
+            s1 += (u128)a1[j] * b[j];
         }
-        for (Py_ssize_t i = 0; i < len; i++) {
-            uint64_t r0 = redc(acc0[i], q, qneg), r1 = redc(acc1[i], q, qneg);
-            if (add) {
-                r0 += add[i0 + i];
-                r1 += add[n + i0 + i];
-                r0 = r0 >= q ? r0 - q : r0;
-                r1 = r1 >= q ? r1 - q : r1;
-            }
-            out[i0 + i] = r0;
-            out[n + i0 + i] = r1;
+        uint64_t r0 = redc(s0, q, qneg), r1 = redc(s1, q, qneg);
+        if (add) {
+            r0 += add[i];
+            r1 += add[n + i];
+            r0 = r0 >= q ? r0 - q : r0;
+            r1 = r1 >= q ? r1 - q : r1;
         }
+        out[i] = r0;
+        out[n + i] = r1;
     }
 }
 
 PyDoc_STRVAR(mac_doc,
-             "mac(out, ciphertexts, plaintexts, count, n, modulus, add=None)\n\n"
-             "out (2*n words) = sum over j < count of ciphertexts[j] (2*n words each, c0 then c1) times\n"
-             "plaintexts[j] (n words each, in Montgomery form), plus add (2*n words), mod modulus.\n"
-             "Words are native uint64, below the modulus. Releases the GIL.");
+             "mac(out, ciphertexts, plaintexts, count, stride, n, modulus, add=None)\n\n"
+             "out[c][i] = sum over j < count of ciphertexts[c][i][j] * plaintexts[i][j] + add[c][i] mod modulus,\n"
+             "for c = 0, 1 and i < n. Native uint64 words, below the modulus: out (2, n), ciphertexts\n"
+             "(2, n, stride), plaintexts (n, count) in Montgomery form, add (2, n) or None. Releases the GIL.");
 
 static PyObject *mac(PyObject *self, PyObject *args) {
     Py_buffer out, ct, pt, add = {0};
-    Py_ssize_t count, n;
+    Py_ssize_t count, stride, n;
     unsigned long long q;
-    PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "w*y*y*nnK|y*:mac", &out, &ct, &pt, &count, &n, &q, &add)) return NULL;
-    if (n <= 0) {
-        PyErr_SetString(PyExc_ValueError, "n must be positive");
+    PyObject *add_obj = Py_None, *result = NULL;
+    if (!PyArg_ParseTuple(args, "w*y*y*nnnK|O:mac", &out, &ct, &pt, &count, &stride, &n, &q, &add_obj)) return NULL;
+    if (add_obj != Py_None && PyObject_GetBuffer(add_obj, &add, PyBUF_SIMPLE) < 0) goto done;
+    if (n <= 0 || count < 1 || stride < count) {
+        PyErr_SetString(PyExc_ValueError, "need n > 0 and 1 <= count <= stride");
         goto done;
     }
-    if (check_modulus(q, count) || check_size(&out, 2 * n, "out") || check_size(&ct, count * 2 * n, "ciphertexts") ||
-        check_size(&pt, count * n, "plaintexts") || (add.buf && check_size(&add, 2 * n, "add")))
+    if (check_modulus(q, count) || check_size(&out, 2 * n, "out") || check_size(&ct, 2 * n * stride, "ciphertexts") ||
+        check_size(&pt, n * count, "plaintexts") || (add.buf && check_size(&add, 2 * n, "add")))
         goto done;
     Py_BEGIN_ALLOW_THREADS
-    mac_core(out.buf, ct.buf, pt.buf, count, n, q, add.buf);
+    mac_core(out.buf, ct.buf, pt.buf, count, stride, n, q, add.buf);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:

@@ -14,8 +14,11 @@ import numpy.typing as npt
 
 try:
     from cipherfeed.he import _rnsmac
-except ImportError:  # built by `pip install` when a C compiler is present (scripts/bootstrap.sh)
+
+    IMPORT_ERROR: str | None = None
+except ImportError as exc:  # built by `pip install` when a C compiler is present (scripts/bootstrap.sh)
     _rnsmac = None
+    IMPORT_ERROR = str(exc)
 
 Words = npt.NDArray[np.uint64]
 
@@ -26,7 +29,7 @@ def available() -> bool:
 
 def _require() -> object:
     if _rnsmac is None:
-        raise RuntimeError("the native scoring kernel is not built (cipherfeed/he/_rnsmac.c needs a C compiler)")
+        raise RuntimeError(f"the native scoring kernel is not available: {IMPORT_ERROR}")
     return _rnsmac
 
 
@@ -44,17 +47,19 @@ def to_montgomery(values: Words, modulus: int) -> None:
 def multiply_accumulate(
     out: Words, ciphertexts: Words, plaintexts: Words, modulus: int, add: Words | None = None
 ) -> None:
-    """out (2, n) = sum_j ciphertexts[j] (2, n) * plaintexts[j] (n,) + add (2, n) mod modulus (a
-    plaintext is added as (pt, 0)). ``plaintexts`` in Montgomery form; every word below the modulus."""
-    count, n = plaintexts.shape
-    if ciphertexts.shape != (count, 2, n) or out.shape != (2, n) or (add is not None and add.shape != (2, n)):
-        raise ValueError(
-            f"shapes do not match: out {out.shape}, ciphertexts {ciphertexts.shape}, plaintexts {plaintexts.shape}"
-        )
+    """out[c, i] = sum_j ciphertexts[c, i, j] * plaintexts[i, j] + add[c, i] mod modulus.
+
+    Coefficient-major: ``ciphertexts`` (2, n, k) holds ciphertext j's polynomials c0, c1 in
+    column j, of which the first ``plaintexts.shape[1]`` (<= k) are used; ``plaintexts`` (n,
+    count) in Montgomery form; ``add`` (2, n) a ciphertext, or a plaintext as (pt, 0). Every
+    word below the modulus."""
+    n, count = plaintexts.shape
+    if ciphertexts.ndim != 3 or ciphertexts.shape[:2] != (2, n) or ciphertexts.shape[2] < count:
+        raise ValueError(f"shapes do not match: ciphertexts {ciphertexts.shape}, plaintexts {plaintexts.shape}")
+    if out.shape != (2, n) or (add is not None and add.shape != (2, n)):
+        raise ValueError(f"out and add must be (2, {n}), got {out.shape} and {None if add is None else add.shape}")
     for a, name in ((out, "out"), (ciphertexts, "ciphertexts"), (plaintexts, "plaintexts")):
         _words(a, name)
-    if add is None:
-        _require().mac(out, ciphertexts, plaintexts, count, n, modulus)
-    else:
+    if add is not None:
         _words(add, "add")
-        _require().mac(out, ciphertexts, plaintexts, count, n, modulus, add)
+    _require().mac(out, ciphertexts, plaintexts, count, ciphertexts.shape[2], n, modulus, add)

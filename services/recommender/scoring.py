@@ -118,7 +118,7 @@ class EncryptedScorer:
         self._popularity: list[openfhe.Plaintext] = list(pool.map(self._encode_popularity, range(self.block_count)))
         if kernel == "native":
             self._layout, self._unit = self._one_limb_reference()
-            # Each block's diagonals as words (groups, products, n) in Montgomery form, and its
+            # Each block's diagonals as words (groups, n, products) in Montgomery form, and its
             # popularity prior as the words (2, n) of (pt, 0): OpenFHE's own encodings, read out once.
             native = list(pool.map(self._native_block, range(self.block_count)))
             self._diagonal_words = [d for d, _ in native]
@@ -170,9 +170,9 @@ class EncryptedScorer:
     def _native_block(self, b: int) -> tuple[rnsmac.Words, rnsmac.Words]:
         groups, products = self._shape[b]
         plaintexts = self._encode_block(b)
-        words = np.empty((groups, products, self.params.ring_dimension), dtype=np.uint64)
+        words = np.empty((groups, self.params.ring_dimension, products), dtype=np.uint64)
         for i, pt in enumerate(plaintexts):
-            words[i // products, i % products] = self._plaintext_words(pt)
+            words[i // products, :, i % products] = self._plaintext_words(pt)
         rnsmac.to_montgomery(words, self._modulus)
         prior = np.zeros((2, self.params.ring_dimension), dtype=np.uint64)  # a plaintext adds to c0 only
         prior[0] = self._plaintext_words(self._popularity[b])
@@ -190,7 +190,7 @@ class EncryptedScorer:
 
     def _rotations(self, query: openfhe.Ciphertext, words: rnsmac.Words | None = None) -> list[openfhe.Ciphertext]:
         """rot(2^L query, k) for k < per_group, on two limbs, each rescaled to one limb (and, given
-        ``words`` of shape (per_group, 2, n), its polynomials copied into words[k]).
+        ``words`` of shape (2, n, per_group), its polynomials copied into words[:, :, k]).
 
         Roots sit at the giant offsets (flat only: a chain of rotations by ``baby_steps``). Every
         node spawns the baby-step tree below it as soon as it exists: a node made at tree depth d
@@ -226,7 +226,7 @@ class EncryptedScorer:
                         self._pool.submit(child, offset + step, ct, step, pre, d + 1)
                 low = self.cc.Rescale(ct)
                 if words is not None:
-                    self._layout.read(serialize(low), words[offset])
+                    self._layout.read(serialize(low), words[:, :, offset])
                 settle(offset, low)
             except BaseException as exc:  # handed to the caller below
                 settle(offset, None, exc)
@@ -278,13 +278,13 @@ class EncryptedScorer:
         copy of the parameters) and joined Horner-style; the last rotation's result comes back
         out as words and group 0, the prior and it are summed in one more pass, written into that
         rotation's own serialization (so the bytes are those of the OpenFHE path)."""
-        groups, products = self._shape[b]
+        groups = self._shape[b][0]
         n = self.params.ring_dimension
         diagonals, prior = self._diagonal_words[b], self._prior_words[b]
 
         def group_sum(g: int, add: rnsmac.Words | None) -> rnsmac.Words:
             out = np.empty((2, n), dtype=np.uint64)
-            rnsmac.multiply_accumulate(out, words[:products], diagonals[g], self._modulus, add)
+            rnsmac.multiply_accumulate(out, words, diagonals[g], self._modulus, add)
             return out
 
         if groups == 1:
@@ -311,7 +311,7 @@ class EncryptedScorer:
         filed under the query's key tag (the caller holds the key registry's read lock)."""
         t0 = time.perf_counter()
         if self.kernel == "native":
-            words = np.empty((self._per_group, 2, self.params.ring_dimension), dtype=np.uint64)
+            words = np.empty((2, self.params.ring_dimension, self._per_group), dtype=np.uint64)
             rotations = self._rotations(query, words)
             # Every output carries OpenFHE's metadata for a product under this query's key tag.
             product = self.cc.EvalMult(rotations[0], self._popularity[0])
