@@ -15,14 +15,21 @@ run on one limb (q0), at half the cost and half the plaintext memory of two:
 * Query rotations are computed once per request as a tree of hoisted rotations (one
   ``EvalFastRotationPrecompute`` per node) and shared by every block. For catalogues of up to
   ``BSGS_MAX_BLOCKS`` blocks (``bsgs``) only the 15 baby steps are made; each block sums four
-  groups of 16 products (EvalAddMany) over diagonals pre-rotated by the group's offset and joins
-  them Horner-style with three rotations by 16 on one limb. Beyond that (``flat``) all 63 query
+  groups of 16 products over diagonals pre-rotated by the group's offset and joins them
+  Horner-style with three rotations by 16 on one limb. Beyond that (``flat``) all 63 query
   rotations are made (roots at 16, 32, 48 by a chain of rotations, then a baby tree from each),
-  and blocks need no rotations of their own: 48 more query rotations against 3 per block, even
-  at ~60 blocks on 2 cores (measured).
+  and blocks need no rotations of their own (48 more query rotations against 3 per block).
+* The products of a group are summed by one of two kernels with identical results (the tests
+  compare the serialized bytes). ``openfhe``: EvalMult per product, EvalAddMany per group.
+  ``native`` (``cipherfeed/he/_rnsmac.c``, used when it was compiled): the rotations'
+  and diagonals' polynomials are read out of OpenFHE's serializations once (``onelimb``) and
+  each group is summed per coefficient in 128 bits with one reduction, ~7x less work than
+  OpenFHE's per-product calls; group sums go back into OpenFHE (deserialized) only where a
+  giant-step rotation needs them, and the last Horner step is summed in the kernel too.
 * The popularity prior is added on q0 at the end, so a score ciphertext is one limb.
-* OpenFHE releases the GIL: rotations, blocks and encoding run on a pool of ``threads`` threads,
-  one task per block (finer tasks measured no better: the GIL round trips cost what they balance).
+* OpenFHE releases the GIL, and so does the kernel: rotations, blocks and encoding run on a pool
+  of ``threads`` threads, one task per block (finer tasks measured no better: the GIL round trips
+  cost what they balance).
 """
 
 from __future__ import annotations
@@ -43,7 +50,9 @@ from cipherfeed.he.onelimb import OneLimbLayout
 from cipherfeed.he.params import HEParams, build_context
 from services.recommender.artifact import ModelArtifact
 
-BSGS_MAX_BLOCKS = 60
+# Where the flat strategy's 48 extra query rotations cost less than 3 giant steps per block
+# (measured on 2 cores): the native kernel makes blocks cheap, so it crosses over sooner.
+BSGS_MAX_BLOCKS = {"native": 30, "openfhe": 60}
 QUERY_LIFT_BITS = 31
 T = TypeVar("T")
 
@@ -87,8 +96,15 @@ class EncryptedScorer:
         self._diagonal_scale = 2.0**-lift_bits
         self._cyclotomic_order = 2 * self.cc.GetRingDimension()
         self.block_count = packing.block_count(model.item_count, params.items_per_ciphertext)
+        if kernel == "auto":
+            kernel = "native" if rnsmac.available() else "openfhe"
+        if kernel not in ("native", "openfhe"):
+            raise ValueError(f"unknown scoring kernel {kernel!r}")
+        if kernel == "native" and not rnsmac.available():
+            raise RuntimeError("the native scoring kernel was asked for but is not built")
+        self.kernel = kernel
         if strategy == "auto":
-            strategy = "bsgs" if self.block_count <= BSGS_MAX_BLOCKS else "flat"
+            strategy = "bsgs" if self.block_count <= BSGS_MAX_BLOCKS[kernel] else "flat"
         if strategy not in ("flat", "bsgs"):
             raise ValueError(f"unknown scoring strategy {strategy!r}")
         self.strategy = strategy
@@ -107,13 +123,6 @@ class EncryptedScorer:
             if strategy == "flat":
                 folded = 1, self._per_group // self.tail_fold
             self._shape[-1] = folded
-        if kernel == "auto":
-            kernel = "native" if rnsmac.available() else "openfhe"
-        if kernel not in ("native", "openfhe"):
-            raise ValueError(f"unknown scoring kernel {kernel!r}")
-        if kernel == "native" and not rnsmac.available():
-            raise RuntimeError("the native scoring kernel was asked for but is not built")
-        self.kernel = kernel
         self._modulus = int(self.cc.GetModulusCKKS())  # q0: the one limb every product lives on
         self._popularity: list[openfhe.Plaintext] = list(pool.map(self._encode_popularity, range(self.block_count)))
         if kernel == "native":
@@ -188,15 +197,18 @@ class EncryptedScorer:
         # Level 1, scale 2^55: where the scores live.
         return self.cc.MakeCKKSPackedPlaintext(values, 1, 1, None, self.params.slots)
 
-    def _rotations(self, query: openfhe.Ciphertext, words: rnsmac.Words | None = None) -> list[openfhe.Ciphertext]:
-        """rot(2^L query, k) for k < per_group, on two limbs, each rescaled to one limb (and, given
-        ``words`` of shape (2, n, per_group), its polynomials copied into words[:, :, k]).
+    def _rotations(
+        self, query: openfhe.Ciphertext, lowered: Callable[[int, openfhe.Ciphertext], None] | None = None
+    ) -> list[openfhe.Ciphertext]:
+        """rot(2^L query, k) for k < per_group, on two limbs, each rescaled to one limb (and
+        handed to ``lowered(k, ct)`` in the task that made it).
 
         Roots sit at the giant offsets (flat only: a chain of rotations by ``baby_steps``). Every
         node spawns the baby-step tree below it as soon as it exists: a node made at tree depth d
         is precomputed once and rotated by the steps of every level from d on (the root by 4, 8,
-        12 and by 1, 2, 3 at once), its children submitted before its own rescale, so neither
-        thread waits for a level to finish."""
+        12 and by 1, 2, 3 at once), its children submitted as soon as the precomputation is
+        done, and its own rescale submitted before it starts, so neither thread waits for a level
+        to finish (nor, at the root, for the first precomputation)."""
         root = self.cc.EvalMultNoCheck(query, self._lift)
         roots = {0: root}
         for offset in range(self.params.baby_steps, self._per_group, self.params.baby_steps):
@@ -217,19 +229,28 @@ class EncryptedScorer:
                 if failures or len(rescaled) == self._per_group:
                     finished.set()
 
-        def node(offset: int, ct: openfhe.Ciphertext, depth: int) -> None:
+        def lower(offset: int, ct: openfhe.Ciphertext) -> None:
             try:
-                children = [(d, step) for d in range(depth, len(levels)) for step in levels[d]]
-                if children:
-                    pre = self.cc.EvalFastRotationPrecompute(ct)
-                    for d, step in children:
-                        self._pool.submit(child, offset + step, ct, step, pre, d + 1)
                 low = self.cc.Rescale(ct)
-                if words is not None:
-                    self._layout.read(serialize(low), words[:, :, offset])
+                if lowered is not None:
+                    lowered(offset, low)
                 settle(offset, low)
             except BaseException as exc:  # handed to the caller below
                 settle(offset, None, exc)
+
+        def node(offset: int, ct: openfhe.Ciphertext, depth: int) -> None:
+            children = [(d, step) for d in range(depth, len(levels)) for step in levels[d]]
+            if not children:
+                lower(offset, ct)
+                return
+            self._pool.submit(lower, offset, ct)
+            try:
+                pre = self.cc.EvalFastRotationPrecompute(ct)
+            except BaseException as exc:
+                settle(offset + children[0][1], None, exc)
+                return
+            for d, step in children:
+                self._pool.submit(child, offset + step, ct, step, pre, d + 1)
 
         def child(offset: int, parent: openfhe.Ciphertext, step: int, pre: object, depth: int) -> None:
             try:
@@ -311,11 +332,18 @@ class EncryptedScorer:
         filed under the query's key tag (the caller holds the key registry's read lock)."""
         t0 = time.perf_counter()
         if self.kernel == "native":
-            words = np.empty((2, self.params.ring_dimension, self._per_group), dtype=np.uint64)
-            rotations = self._rotations(query, words)
-            # Every output carries OpenFHE's metadata for a product under this query's key tag.
-            product = self.cc.EvalMult(rotations[0], self._popularity[0])
-            template, zero = serialize(product), self.cc.EvalSub(product, product)
+            n = self.params.ring_dimension
+            words = np.empty((2, n, self._per_group), dtype=np.uint64)
+            first: list[tuple[bytes, openfhe.Ciphertext]] = []
+
+            def lowered(offset: int, low: openfhe.Ciphertext) -> None:
+                self._layout.read(serialize(low), words[:, :, offset])
+                if offset == 0:  # outputs carry OpenFHE's metadata for a product under this key tag
+                    product = self.cc.EvalMult(low, self._popularity[0])
+                    first.append((serialize(product), self.cc.EvalSub(product, product)))
+
+            self._rotations(query, lowered)
+            template, zero = first[0]
 
             def block(b: int) -> T:
                 return finish(self._native_block_scores(b, words, template, zero))
