@@ -25,6 +25,13 @@ def test_real_score_ciphertexts_round_trip_and_shrink():
     pt = cc.Decrypt(keys.secret_key, openfhe.DeserializeCiphertextString(wire.unpack(packed), openfhe.BINARY))
     pt.SetLength(2)
     np.testing.assert_allclose(pt.GetCKKSPackedValue(), [0.5 + 0.25j] * 2, atol=1e-6)
+    # Given the vectors' offsets (the scorer knows them), packing skips the scan: same bytes.
+    runs = wire.find_runs(blob, (MESH_PARAMS.ring_dimension,))
+    assert wire.pack(blob, (MESH_PARAMS.ring_dimension,), runs) == packed
+    with pytest.raises(ValueError, match="overlap or fall outside"):
+        wire.pack(blob, (8192,), [(runs[0][0], 8192), (runs[0][0] + 8, 8192)])
+    with pytest.raises(ValueError, match="overlap or fall outside"):
+        wire.pack(blob, (8192,), [(len(blob) - 8, 8192)])
 
 
 @pytest.mark.parametrize("size", [0, 1, 7, 8, 100, 70_000, 200_000])

@@ -74,11 +74,42 @@ def serialize(obj: object) -> bytes:
 
 
 def ciphertext_sha256(blobs: list[bytes]) -> bytes:
+    """SHA-256 over each blob's 8-byte big-endian length and bytes, in order."""
     h = hashlib.sha256()
     for blob in blobs:
         h.update(len(blob).to_bytes(8, "big"))
         h.update(blob)
     return h.digest()
+
+
+class OrderedDigest:
+    """``ciphertext_sha256`` of ``count`` blobs handed over in any order (e.g. by the threads that
+    make them): each is hashed as soon as every blob before it is in, so hashing overlaps the
+    work still going on instead of following it."""
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._next = 0
+        self._waiting: dict[int, bytes] = {}
+        self._hash = hashlib.sha256()
+        self._lock = threading.Lock()
+
+    def add(self, index: int, blob: bytes) -> None:
+        with self._lock:
+            if not self._next <= index < self._count or index in self._waiting:
+                raise ValueError(f"blob {index} is out of range or already added")
+            self._waiting[index] = blob
+            while self._next in self._waiting:
+                ready = self._waiting.pop(self._next)
+                self._hash.update(len(ready).to_bytes(8, "big"))
+                self._hash.update(ready)
+                self._next += 1
+
+    def digest(self) -> bytes:
+        with self._lock:
+            if self._next != self._count:
+                raise RuntimeError(f"{self._count - self._next} of {self._count} blobs are missing")
+            return self._hash.digest()
 
 
 class MaterialCodec:

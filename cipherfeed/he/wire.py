@@ -9,6 +9,7 @@ real ciphertexts and on random bytes), and a blob without such runs is stored as
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import numpy as np
@@ -92,9 +93,17 @@ def _unpack_words(data: bytes, n: int, bits: int) -> np.ndarray:
     return out
 
 
-def pack(blob: bytes, vector_lengths: tuple[int, ...]) -> bytes:
+def pack(blob: bytes, vector_lengths: tuple[int, ...], runs: list[tuple[int, int]] | None = None) -> bytes:
+    """``blob`` with its coefficient vectors bit-packed. ``runs`` ((byte offset, word count) of
+    each vector, in order), when the caller knows them, saves the scan."""
+    if runs is None:
+        runs = find_runs(blob, vector_lengths)
+    elif any(s < e + 8 * m for (e, m), (s, _) in itertools.pairwise(runs)) or any(
+        s < 0 or s + 8 * m > len(blob) for s, m in runs
+    ):
+        raise ValueError("runs overlap or fall outside the blob")
     segments: list[tuple[int, int, int, bytes]] = []
-    for start, n in find_runs(blob, vector_lengths):
+    for start, n in runs:
         if n < MIN_RUN:
             continue
         words = np.frombuffer(blob, dtype="<u8", count=n, offset=start).astype(np.uint64)

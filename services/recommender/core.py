@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import secrets
@@ -16,7 +17,7 @@ from cipherfeed.cache import Cache, Keys, WriteBehind
 from cipherfeed.config import GrpcLimits, RedisConfig
 from cipherfeed.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from cipherfeed.he import wire
-from cipherfeed.he.codec import MaterialCodec, ciphertext_sha256
+from cipherfeed.he.codec import MaterialCodec, OrderedDigest, ciphertext_sha256
 from cipherfeed.he.params import HEParams
 from cipherfeed.receipts import ModelRecord, Receipt
 from cipherfeed.v1 import common_pb2, keyservice_pb2_grpc
@@ -183,12 +184,13 @@ class RecommenderCore:
             with self.installed.use(tag) as present:
                 if present:
                     ct.SetKeyTag(tag)
-                    blobs, timing = self.scorer.score(ct, finish=self._encode_scores)
+                    digest = OrderedDigest(self.scorer.block_count)  # hashed as the blocks come in
+                    blobs, timing = self.scorer.score(ct, finish=functools.partial(self._encode_scores, digest=digest))
                     break
         else:
             raise Unavailable("rotation keys were evicted repeatedly under load; retry")
         self.results.set(result_key, _frame_blobs(blobs), self.redis_config.result_ttl)
-        result = self._result(blobs, query_sha256, started, ref.key_id, version, from_cache=False)
+        result = self._result(blobs, query_sha256, started, ref.key_id, version, False, digest.digest())
         log.info(
             "scored %d items for key %s v%d: rotations %.1f ms, blocks %.1f ms, total %.1f ms",
             self.model.item_count,
@@ -200,13 +202,23 @@ class RecommenderCore:
         )
         return result
 
-    def _encode_scores(self, blob: bytes) -> bytes:
-        return wire.pack(blob, (self.params.ring_dimension,))
+    def _encode_scores(self, b: int, blob: bytes, digest: OrderedDigest) -> bytes:
+        packed = wire.pack(blob, (self.params.ring_dimension,), self.scorer.vector_runs(blob))
+        digest.add(b, packed)
+        return packed
 
     def _result(
-        self, blobs: list[bytes], query_sha256: bytes, started: float, key_id: str, version: int, from_cache: bool
+        self,
+        blobs: list[bytes],
+        query_sha256: bytes,
+        started: float,
+        key_id: str,
+        version: int,
+        from_cache: bool,
+        response_sha256: bytes | None = None,
     ) -> ScoreResult:
-        response_sha256 = ciphertext_sha256(blobs)
+        if response_sha256 is None:
+            response_sha256 = ciphertext_sha256(blobs)
         receipt_id, when = "", 0
         if self.receipts is not None:  # one receipt per answer, cached or not: a bounded enqueue
             when = _now_ms()

@@ -324,12 +324,19 @@ class EncryptedScorer:
         addend[0] %= np.uint64(self._modulus)
         return self._layout.write(rotated, group_sum(0, addend))
 
+    def vector_runs(self, blob: bytes) -> list[tuple[int, int]] | None:
+        """(byte offset, word count) of a score serialization's two polynomials, if known."""
+        if self.kernel != "native":
+            return None
+        return [(start, self.params.ring_dimension) for start in self._layout.offsets(blob)]
+
     def score(
-        self, query: openfhe.Ciphertext, finish: Callable[[bytes], T] = lambda blob: blob
+        self, query: openfhe.Ciphertext, finish: Callable[[int, bytes], T] = lambda b, blob: blob
     ) -> tuple[list[T], ScoreTiming]:
-        """The serialized encrypted scores of every block, each passed through ``finish`` (e.g.
-        pack) in the block's own task, so that it overlaps other blocks' work; rotation keys must be
-        filed under the query's key tag (the caller holds the key registry's read lock)."""
+        """The serialized encrypted scores of every block, each passed through ``finish(b, blob)``
+        (e.g. pack and hash) in the block's own task, so that it overlaps other blocks' work;
+        rotation keys must be filed under the query's key tag (the caller holds the key
+        registry's read lock)."""
         t0 = time.perf_counter()
         if self.kernel == "native":
             n = self.params.ring_dimension
@@ -346,13 +353,13 @@ class EncryptedScorer:
             template, zero = first[0]
 
             def block(b: int) -> T:
-                return finish(self._native_block_scores(b, words, template, zero))
+                return finish(b, self._native_block_scores(b, words, template, zero))
 
         else:
             rotations = self._rotations(query)
 
             def block(b: int) -> T:
-                return finish(self._block(b, rotations))
+                return finish(b, self._block(b, rotations))
 
         t1 = time.perf_counter()
         outputs = list(self._pool.map(block, range(self.block_count)))
