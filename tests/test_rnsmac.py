@@ -25,14 +25,15 @@ R = 1 << 64
 
 
 def reference(ciphertexts: np.ndarray, plaintexts: np.ndarray, q: int, add: np.ndarray | None) -> np.ndarray:
-    n, count = plaintexts.shape
-    out = np.empty((2, n), dtype=np.uint64)
-    for c in range(2):
-        for i in range(n):
-            total = sum(int(ciphertexts[c, i, j]) * int(plaintexts[i, j]) for j in range(count))
-            if add is not None:
-                total += int(add[c, i])
-            out[c, i] = total % q
+    groups, n, count = plaintexts.shape
+    out = np.empty((groups, 2, n), dtype=np.uint64)
+    for g in range(groups):
+        for c in range(2):
+            for i in range(n):
+                total = sum(int(ciphertexts[c, i, j]) * int(plaintexts[g, i, j]) for j in range(count))
+                if add is not None:
+                    total += int(add[g, c, i])
+                out[g, c, i] = total % q
     return out
 
 
@@ -44,24 +45,25 @@ def montgomery(values: np.ndarray, q: int) -> np.ndarray:
 
 @needs_kernel
 @pytest.mark.parametrize(
-    ("q", "count", "stride", "n", "with_add"),
+    ("q", "groups", "count", "stride", "n", "with_add"),
     [
-        (Q0, 1, 1, 7, False),  # the mesh's 58-bit first modulus
-        (Q0, 16, 16, 300, True),
-        (Q0, 4, 16, 300, True),  # a folded block: the first 4 of 16 rotations
-        (Q0, 64, 64, 513, False),
-        ((1 << 62) - 57, 4, 4, 300, True),  # the largest modulus, with as many products as it allows
-        (1_000_003, 64, 64, 300, True),
+        (Q0, 1, 1, 1, 7, False),  # the mesh's 58-bit first modulus
+        (Q0, 4, 16, 16, 300, False),  # a block's four groups in one pass
+        (Q0, 1, 16, 16, 300, True),
+        (Q0, 1, 4, 16, 300, True),  # a folded block: the first 4 of 16 rotations
+        (Q0, 1, 64, 64, 513, False),  # the flat strategy's one group of 64
+        ((1 << 62) - 57, 2, 4, 4, 300, True),  # the largest modulus, with as many products as it allows
+        (1_000_003, 3, 64, 64, 300, True),
     ],
 )
-def test_products_summed_match_exact_integers(q, count, stride, n, with_add):
-    rng = np.random.default_rng(count * n + stride)
+def test_products_summed_match_exact_integers(q, groups, count, stride, n, with_add):
+    rng = np.random.default_rng(count * n + stride + groups)
     cts = rng.integers(0, q, (2, n, stride), dtype=np.uint64)
-    pts = rng.integers(0, q, (n, count), dtype=np.uint64)
+    pts = rng.integers(0, q, (groups, n, count), dtype=np.uint64)
     cts[:, 0, :] = q - 1  # the largest words: the 128-bit accumulator's worst case
-    pts[0, :] = q - 1
-    add = rng.integers(0, q, (2, n), dtype=np.uint64) if with_add else None
-    out = np.empty((2, n), dtype=np.uint64)
+    pts[:, 0, :] = q - 1
+    add = rng.integers(0, q, (groups, 2, n), dtype=np.uint64) if with_add else None
+    out = np.empty((groups, 2, n), dtype=np.uint64)
     rnsmac.multiply_accumulate(out, cts, montgomery(pts, q), q, add)
     assert np.array_equal(out, reference(cts, pts, q, add))
 
@@ -83,35 +85,53 @@ def test_montgomery_form_is_times_two_to_the_64():
     ],
 )
 def test_unsafe_moduli_and_counts_are_refused(q, count, message):
-    out = np.empty((2, 4), dtype=np.uint64)
+    out = np.empty((1, 2, 4), dtype=np.uint64)
     with pytest.raises(ValueError, match=message):
-        rnsmac.multiply_accumulate(out, np.zeros((2, 4, count), np.uint64), np.zeros((4, count), np.uint64), q)
+        rnsmac.multiply_accumulate(out, np.zeros((2, 4, count), np.uint64), np.zeros((1, 4, count), np.uint64), q)
 
 
 @needs_kernel
 def test_shapes_dtypes_and_buffer_sizes_are_checked():
-    out = np.empty((2, 8), dtype=np.uint64)
-    cts, pts = np.zeros((2, 8, 3), np.uint64), np.zeros((8, 3), np.uint64)
+    out = np.empty((2, 2, 8), dtype=np.uint64)
+    cts, pts = np.zeros((2, 8, 3), np.uint64), np.zeros((2, 8, 3), np.uint64)
     with pytest.raises(ValueError, match="shapes do not match"):
         rnsmac.multiply_accumulate(out, cts[:, :, :2], pts, Q0)  # fewer ciphertexts than plaintexts
-    with pytest.raises(ValueError, match="must be \\(2, 8\\)"):
-        rnsmac.multiply_accumulate(out, cts, pts, Q0, np.zeros(8, np.uint64))
+    with pytest.raises(ValueError, match="must be \\(2, 2, 8\\)"):
+        rnsmac.multiply_accumulate(out, cts, pts, Q0, np.zeros((2, 8), np.uint64))
+    with pytest.raises(ValueError, match="must be \\(2, 2, 8\\)"):
+        rnsmac.multiply_accumulate(out[:1], cts, pts, Q0)
     with pytest.raises(ValueError, match="uint64"):
         rnsmac.multiply_accumulate(out, cts.astype(np.int64), pts, Q0)
     with pytest.raises(ValueError, match="C-contiguous"):
-        rnsmac.multiply_accumulate(out, cts, np.zeros((8, 6), np.uint64)[:, ::2], Q0)
+        rnsmac.multiply_accumulate(out, cts, np.zeros((2, 8, 6), np.uint64)[:, :, ::2], Q0)
     # Below the typed wrapper, the C function checks every buffer's size itself.
     from cipherfeed.he import _rnsmac
 
-    with pytest.raises(ValueError, match="plaintexts holds 184 bytes; expected 192"):
-        _rnsmac.mac(out, cts, pts.ravel()[:-1], 3, 3, 8, Q0)
+    with pytest.raises(ValueError, match="plaintexts holds 376 bytes; expected 384"):
+        _rnsmac.mac(out, cts, pts.ravel()[:-1], 2, 3, 3, 8, Q0)
     with pytest.raises(ValueError, match="count <= stride"):
-        _rnsmac.mac(out, cts, pts, 3, 2, 8, Q0)
+        _rnsmac.mac(out, cts, pts, 2, 3, 2, 8, Q0)
+    with pytest.raises(ValueError, match="groups > 0"):
+        _rnsmac.mac(out, cts, pts, 0, 3, 3, 8, Q0)
     with pytest.raises(ValueError, match="add holds 8 bytes"):
-        _rnsmac.mac(out, cts, pts, 3, 3, 8, Q0, np.zeros(1, np.uint64))
+        _rnsmac.mac(out, cts, pts, 2, 3, 3, 8, Q0, np.zeros(1, np.uint64))
     with pytest.raises(TypeError):
-        _rnsmac.mac(b"read-only", cts, pts, 3, 3, 8, Q0)
+        _rnsmac.mac(b"read-only", cts, pts, 2, 3, 3, 8, Q0)
     with pytest.raises(TypeError):
-        _rnsmac.mac(out, cts, pts, 3, 3, 8, Q0, "not a buffer")
+        _rnsmac.mac(out, cts, pts, 2, 3, 3, 8, Q0, "not a buffer")
     with pytest.raises(ValueError, match="whole 64-bit words"):
         _rnsmac.to_montgomery(bytearray(12), Q0)
+    with pytest.raises(ValueError, match="same number of 64-bit words"):
+        _rnsmac.add_mod(bytearray(16), bytes(8), Q0)
+
+
+@needs_kernel
+def test_modular_addition_in_place():
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(0, Q0, 1000, dtype=np.uint64), rng.integers(0, Q0, 1000, dtype=np.uint64)
+    a[0] = b[0] = Q0 - 1
+    out = a.copy()
+    rnsmac.add_mod(out, b, Q0)
+    assert [int(v) for v in out] == [(int(x) + int(y)) % Q0 for x, y in zip(a, b, strict=True)]
+    with pytest.raises(ValueError, match="shapes do not match"):
+        rnsmac.add_mod(out, b[:-1], Q0)

@@ -51,53 +51,63 @@ static int check_size(Py_buffer *b, Py_ssize_t words, const char *name) {
     return 0;
 }
 
-/* ct: (2, n, stride) words, the first count of each row used; pt: (n, count); add: (2, n) or NULL.
- * Coefficient-major, so that the count products of one coefficient are contiguous and summed in
- * registers (a product-major layout streams 2 * count arrays 64 KiB apart, which alias in L1). */
-static void mac_core(uint64_t *out, const uint64_t *ct, const uint64_t *pt, Py_ssize_t count, Py_ssize_t stride,
-                     Py_ssize_t n, uint64_t q, const uint64_t *add) {
+/* ct: (2, n, stride) words, the first count of each row used; pt: (groups, n, count); out and add:
+ * (groups, 2, n), add may be NULL. Coefficient-major, so that the count products of one coefficient
+ * are contiguous and summed in registers (a product-major layout streams 2 * count arrays 64 KiB
+ * apart, which alias in L1), and every group is summed while a coefficient's ciphertext words are
+ * in L1: the ciphertexts are read from memory once per call, not once per group. */
+static void mac_core(uint64_t *out, const uint64_t *ct, const uint64_t *pt, Py_ssize_t groups, Py_ssize_t count,
+                     Py_ssize_t stride, Py_ssize_t n, uint64_t q, const uint64_t *add) {
     uint64_t qneg = neg_inverse(q);
     for (Py_ssize_t i = 0; i < n; i++) {
-        const uint64_t *a0 = ct + i * stride, *a1 = ct + (n + i) * stride, *b = pt + i * count;
-        u128 s0 = 0, s1 = 0;
-        for (Py_ssize_t j = 0; j < count; j++) {
-            s0 += (u128)a0[j] * b[j];
-            s1 += (u128)a1[j] * b[j];
+        const uint64_t *a0 = ct + i * stride, *a1 = ct + (n + i) * stride;
+        for (Py_ssize_t g = 0; g < groups; g++) {
+            const uint64_t *b = pt + (g * n + i) * count;
+            u128 s0 = 0, s1 = 0;
+            for (Py_ssize_t j = 0; j < count; j++) {
+                s0 += (u128)a0[j] * b[j];
+                s1 += (u128)a1[j] * b[j];
+            }
+            uint64_t r0 = redc(s0, q, qneg), r1 = redc(s1, q, qneg);
+            uint64_t *o = out + g * 2 * n;
+            if (add) {
+                const uint64_t *d = add + g * 2 * n;
+                r0 += d[i];
+                r1 += d[n + i];
+                r0 = r0 >= q ? r0 - q : r0;
+                r1 = r1 >= q ? r1 - q : r1;
+            }
+            o[i] = r0;
+            o[n + i] = r1;
         }
-        uint64_t r0 = redc(s0, q, qneg), r1 = redc(s1, q, qneg);
-        if (add) {
-            r0 += add[i];
-            r1 += add[n + i];
-            r0 = r0 >= q ? r0 - q : r0;
-            r1 = r1 >= q ? r1 - q : r1;
-        }
-        out[i] = r0;
-        out[n + i] = r1;
     }
 }
 
 PyDoc_STRVAR(mac_doc,
-             "mac(out, ciphertexts, plaintexts, count, stride, n, modulus, add=None)\n\n"
-             "out[c][i] = sum over j < count of ciphertexts[c][i][j] * plaintexts[i][j] + add[c][i] mod modulus,\n"
-             "for c = 0, 1 and i < n. Native uint64 words, below the modulus: out (2, n), ciphertexts\n"
-             "(2, n, stride), plaintexts (n, count) in Montgomery form, add (2, n) or None. Releases the GIL.");
+             "mac(out, ciphertexts, plaintexts, groups, count, stride, n, modulus, add=None)\n\n"
+             "out[g][c][i] = sum over j < count of ciphertexts[c][i][j] * plaintexts[g][i][j] + add[g][c][i]\n"
+             "mod modulus, for g < groups, c = 0, 1 and i < n. Native uint64 words below the modulus: out\n"
+             "(groups, 2, n), ciphertexts (2, n, stride), plaintexts (groups, n, count) in Montgomery form,\n"
+             "add (groups, 2, n) or None. Releases the GIL.");
 
 static PyObject *mac(PyObject *self, PyObject *args) {
     Py_buffer out, ct, pt, add = {0};
-    Py_ssize_t count, stride, n;
+    Py_ssize_t groups, count, stride, n;
     unsigned long long q;
     PyObject *add_obj = Py_None, *result = NULL;
-    if (!PyArg_ParseTuple(args, "w*y*y*nnnK|O:mac", &out, &ct, &pt, &count, &stride, &n, &q, &add_obj)) return NULL;
+    if (!PyArg_ParseTuple(args, "w*y*y*nnnnK|O:mac", &out, &ct, &pt, &groups, &count, &stride, &n, &q, &add_obj))
+        return NULL;
     if (add_obj != Py_None && PyObject_GetBuffer(add_obj, &add, PyBUF_SIMPLE) < 0) goto done;
-    if (n <= 0 || count < 1 || stride < count) {
-        PyErr_SetString(PyExc_ValueError, "need n > 0 and 1 <= count <= stride");
+    if (n <= 0 || groups < 1 || count < 1 || stride < count) {
+        PyErr_SetString(PyExc_ValueError, "need n > 0, groups > 0 and 1 <= count <= stride");
         goto done;
     }
-    if (check_modulus(q, count) || check_size(&out, 2 * n, "out") || check_size(&ct, 2 * n * stride, "ciphertexts") ||
-        check_size(&pt, n * count, "plaintexts") || (add.buf && check_size(&add, 2 * n, "add")))
+    if (check_modulus(q, count) || check_size(&out, groups * 2 * n, "out") ||
+        check_size(&ct, 2 * n * stride, "ciphertexts") || check_size(&pt, groups * n * count, "plaintexts") ||
+        (add.buf && check_size(&add, groups * 2 * n, "add")))
         goto done;
     Py_BEGIN_ALLOW_THREADS
-    mac_core(out.buf, ct.buf, pt.buf, count, stride, n, q, add.buf);
+    mac_core(out.buf, ct.buf, pt.buf, groups, count, stride, n, q, add.buf);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
@@ -105,6 +115,34 @@ done:
     PyBuffer_Release(&ct);
     PyBuffer_Release(&pt);
     if (add.buf) PyBuffer_Release(&add);
+    return result;
+}
+
+PyDoc_STRVAR(add_mod_doc,
+             "add_mod(out, values, modulus)\n\n"
+             "out[i] = out[i] + values[i] mod modulus, in place (native uint64 words below the modulus).");
+
+static PyObject *add_mod(PyObject *self, PyObject *args) {
+    Py_buffer out, v;
+    unsigned long long q;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "w*y*K:add_mod", &out, &v, &q)) return NULL;
+    if (check_modulus(q, 1) == 0) {
+        if (out.len != v.len || out.len % sizeof(uint64_t)) {
+            PyErr_SetString(PyExc_ValueError, "out and values must be the same number of 64-bit words");
+        } else {
+            uint64_t *o = out.buf;
+            const uint64_t *a = v.buf;
+            Py_ssize_t len = out.len / (Py_ssize_t)sizeof(uint64_t);
+            for (Py_ssize_t i = 0; i < len; i++) {
+                uint64_t r = o[i] + a[i];
+                o[i] = r >= q ? r - q : r;
+            }
+            result = Py_NewRef(Py_None);
+        }
+    }
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&v);
     return result;
 }
 
@@ -135,6 +173,7 @@ static PyObject *to_montgomery(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"mac", mac, METH_VARARGS, mac_doc},
+    {"add_mod", add_mod, METH_VARARGS, add_mod_doc},
     {"to_montgomery", to_montgomery, METH_VARARGS, to_montgomery_doc},
     {NULL, NULL, 0, NULL},
 };

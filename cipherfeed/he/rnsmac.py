@@ -47,19 +47,30 @@ def to_montgomery(values: Words, modulus: int) -> None:
 def multiply_accumulate(
     out: Words, ciphertexts: Words, plaintexts: Words, modulus: int, add: Words | None = None
 ) -> None:
-    """out[c, i] = sum_j ciphertexts[c, i, j] * plaintexts[i, j] + add[c, i] mod modulus.
+    """out[g, c, i] = sum_j ciphertexts[c, i, j] * plaintexts[g, i, j] + add[g, c, i] mod modulus.
 
     Coefficient-major: ``ciphertexts`` (2, n, k) holds ciphertext j's polynomials c0, c1 in
-    column j, of which the first ``plaintexts.shape[1]`` (<= k) are used; ``plaintexts`` (n,
-    count) in Montgomery form; ``add`` (2, n) a ciphertext, or a plaintext as (pt, 0). Every
+    column j, of which the first ``count = plaintexts.shape[2]`` (<= k) are used; ``plaintexts``
+    (groups, n, count) in Montgomery form, one sum per group, every group computed in one pass
+    over the ciphertexts; ``add`` (groups, 2, n) ciphertexts, or plaintexts as (pt, 0). Every
     word below the modulus."""
-    n, count = plaintexts.shape
+    groups, n, count = plaintexts.shape
     if ciphertexts.ndim != 3 or ciphertexts.shape[:2] != (2, n) or ciphertexts.shape[2] < count:
         raise ValueError(f"shapes do not match: ciphertexts {ciphertexts.shape}, plaintexts {plaintexts.shape}")
-    if out.shape != (2, n) or (add is not None and add.shape != (2, n)):
-        raise ValueError(f"out and add must be (2, {n}), got {out.shape} and {None if add is None else add.shape}")
+    shape = (groups, 2, n)
+    if out.shape != shape or (add is not None and add.shape != shape):
+        raise ValueError(f"out and add must be {shape}, got {out.shape} and {None if add is None else add.shape}")
     for a, name in ((out, "out"), (ciphertexts, "ciphertexts"), (plaintexts, "plaintexts")):
         _words(a, name)
     if add is not None:
         _words(add, "add")
-    _require().mac(out, ciphertexts, plaintexts, count, ciphertexts.shape[2], n, modulus, add)
+    _require().mac(out, ciphertexts, plaintexts, groups, count, ciphertexts.shape[2], n, modulus, add)
+
+
+def add_mod(out: Words, values: Words, modulus: int) -> None:
+    """out = out + values mod modulus, in place (a ciphertext or plaintext addition)."""
+    if out.shape != values.shape:
+        raise ValueError(f"shapes do not match: {out.shape} and {values.shape}")
+    _words(out, "out")
+    _words(values, "values")
+    _require().add_mod(out, values, modulus)

@@ -291,38 +291,32 @@ class EncryptedScorer:
         return serialize(total)
 
     def _native_block_scores(self, b: int, words: rnsmac.Words, template: bytes, zero: openfhe.Ciphertext) -> bytes:
-        """The same ciphertext with the fused kernel: each group's products summed in one pass.
+        """The same ciphertext with the fused kernel: every group's products summed in one pass.
 
         A block of one group is its sum plus the prior, written straight into the serialization.
         Otherwise groups 1.. are loaded into OpenFHE (each added to ``zero`` first: OpenFHE
         evaluates a deserialized ciphertext's own additions ~12x slower, as it carries its own
         copy of the parameters) and joined Horner-style; the last rotation's result comes back
-        out as words and group 0, the prior and it are summed in one more pass, written into that
-        rotation's own serialization (so the bytes are those of the OpenFHE path)."""
+        out as words and is added to group 0 and the prior, written into that rotation's own
+        serialization (so the bytes are those of the OpenFHE path)."""
         groups = self._shape[b][0]
         n = self.params.ring_dimension
         diagonals, prior = self._diagonal_words[b], self._prior_words[b]
-
-        def group_sum(g: int, add: rnsmac.Words | None) -> rnsmac.Words:
-            out = np.empty((2, n), dtype=np.uint64)
-            rnsmac.multiply_accumulate(out, words, diagonals[g], self._modulus, add)
-            return out
-
+        sums = np.empty((groups, 2, n), dtype=np.uint64)
         if groups == 1:
-            return self._layout.write(template, group_sum(0, prior))
+            rnsmac.multiply_accumulate(sums, words, diagonals, self._modulus, prior[None])
+            return self._layout.write(template, sums[0])
+        rnsmac.multiply_accumulate(sums, words, diagonals, self._modulus)
         loaded = [
-            self.cc.EvalAdd(
-                zero,
-                openfhe.DeserializeCiphertextString(self._layout.write(template, group_sum(g, None)), openfhe.BINARY),
-            )
-            for g in range(1, groups)
+            self.cc.EvalAdd(zero, openfhe.DeserializeCiphertextString(self._layout.write(template, p), openfhe.BINARY))
+            for p in sums[1:]
         ]
         rotated = serialize(self.cc.EvalRotate(self._join(loaded), self.params.baby_steps))
-        addend = np.empty((2, n), dtype=np.uint64)
-        self._layout.read(rotated, addend)
-        addend[0] += prior[0]  # both below q0 < 2^62: no overflow
-        addend[0] %= np.uint64(self._modulus)
-        return self._layout.write(rotated, group_sum(0, addend))
+        joined = np.empty((2, n), dtype=np.uint64)
+        self._layout.read(rotated, joined)
+        rnsmac.add_mod(sums[0], joined, self._modulus)
+        rnsmac.add_mod(sums[0], prior, self._modulus)
+        return self._layout.write(rotated, sums[0])
 
     def vector_runs(self, blob: bytes) -> list[tuple[int, int]] | None:
         """(byte offset, word count) of a score serialization's two polynomials, if known."""
