@@ -2,7 +2,9 @@
 
 For each catalogue size (synthetic, d = 64): server compute p50/p95 for one Score (key state,
 validate, rotate, multiply, serialize and pack; each sample starts once the previous answer's
-result-cache write, made behind its response, is done), microseconds per item, query/response/evaluation-key
+result-cache write, made behind its response, is done), beside each sample a fixed OpenFHE job
+(four two-limb rotation precomputations on one thread, "probe": this shared VM's speed moves by
+up to 1.6x within minutes, and the probe moves with it), microseconds per item, query/response/evaluation-key
 bytes, a gRPC round trip on loopback including client encryption and decryption, and, on the
 same data in the same run, plaintext numpy and TenSEAL's CKKSVector.matmul doing the same scoring.
 """
@@ -85,6 +87,8 @@ def run_size(
     for _ in range(2):
         core.score(ref, query)
     samples = []
+    probes = []
+    probe_ct = keys.cc.Encrypt(keys.public_key, keys.cc.MakeCKKSPackedPlaintext(packing.replicate_query(u, 64, 4096)))
     result = None
     for _ in range(reps):
         query = encrypt_query(keys, u)  # a fresh ciphertext each time: no result cache hit
@@ -93,6 +97,8 @@ def run_size(
         core.results.flush()
         result = core.score(ref, query)
         samples.append(result.server_millis)
+        # The machine's state beside each sample: a fixed NTT-bound OpenFHE job on one thread.
+        probes.append(timed_ms(lambda: [keys.cc.EvalFastRotationPrecompute(probe_ct) for _ in range(4)])[1])
     assert result is not None
     response_bytes = sum(len(b) for b in result.ciphertexts)
 
@@ -137,6 +143,7 @@ def run_size(
         "dim": 64,
         "blocks": core.scorer.block_count,
         "server": percentiles(samples),
+        "openfhe_probe": percentiles(probes),
         "us_per_item_p50": 1e3 * float(np.percentile(samples, 50)) / n,
         "round_trip": percentiles(rtt),
         "query_bytes": len(query),
@@ -163,7 +170,7 @@ def run_size(
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = (
-        f"{'items':>9} {'p50 ms':>8} {'p95 ms':>8} {'us/item':>8} {'rtt ms':>8} {'query KB':>9} "
+        f"{'items':>9} {'p50 ms':>8} {'p95 ms':>8} {'probe ms':>8} {'us/item':>8} {'rtt ms':>8} {'query KB':>9} "
         f"{'resp B/item':>11} {'evalkey MB':>10} {'max err':>9} {'top10':>5} {'numpy ms':>9} "
         f"{'TenSEAL ms':>11} {'speedup':>8}"
     )
@@ -173,6 +180,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         t = r.get("tenseal") or {"p50_ms": float("nan"), "speedup_of_cipherfeed": float("nan")}
         print(
             f"{r['items']:>9,} {r['server']['p50_ms']:>8.1f} {r['server']['p95_ms']:>8.1f} "
+            f"{r['openfhe_probe']['p50_ms']:>8.1f} "
             f"{r['us_per_item_p50']:>8.3f} {r['round_trip']['p50_ms']:>8.1f} {r['query_bytes'] / 1e3:>9.0f} "
             f"{r['response_bytes_per_item']:>11.2f} {r['eval_key_bytes'] / 1e6:>10.1f} "
             f"{r['max_abs_error']:>9.1e} {'yes' if r['top10_identical'] else 'NO':>5} "

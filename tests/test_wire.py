@@ -55,3 +55,14 @@ def test_malformed_packed_bytes_are_refused():
 def test_word_packing_is_exact_for_every_width(bits, n):
     values = np.frombuffer(os.urandom(8 * n), dtype="<u8") & np.uint64((1 << bits) - 1)
     assert np.array_equal(wire._unpack_words(wire._pack_words(values, bits), n, bits), values)
+
+
+@pytest.mark.skipif(not wire._NATIVE_PLANES, reason="cipherfeed/he/_rnsmac.c was not compiled")
+@pytest.mark.parametrize("bits", [22, 23, 31, 32, 40, 47, 48, 55, 56, 57, 58, 63])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 8192])
+def test_compiled_planes_are_the_numpy_planes(monkeypatch, bits, n):
+    words = np.random.default_rng(bits * n).integers(0, 1 << bits, n, dtype=np.uint64)
+    native = wire._pack_words(words, bits)
+    monkeypatch.setattr(wire, "_NATIVE_PLANES", False)
+    assert wire._pack_words(words, bits) == native
+    assert np.array_equal(wire._unpack_words(native, n, bits), words)

@@ -15,6 +15,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 typedef unsigned __int128 u128;
 
@@ -171,7 +172,69 @@ static PyObject *to_montgomery(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(pack_planes_doc,
+             "pack_planes(words, bits) -> bytes\n\n"
+             "Values below 2^bits (native uint64 words) as cipherfeed.he.wire lays them out: byte planes\n"
+             "of 4, 2 and 1 bytes (little-endian) for the low bits // 8 bytes, then one bit plane\n"
+             "(little bit order) per remaining bit. Releases the GIL.");
+
+static PyObject *pack_planes(PyObject *self, PyObject *args) {
+    Py_buffer v;
+    int bits;
+    if (!PyArg_ParseTuple(args, "y*i:pack_planes", &v, &bits)) return NULL;
+    if (bits < 1 || bits > 64 || v.len % sizeof(uint64_t)) {
+        PyErr_SetString(PyExc_ValueError, "bits must be 1..64 and words whole 64-bit words");
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    Py_ssize_t n = v.len / (Py_ssize_t)sizeof(uint64_t), size = 0;
+    int widths[8], shifts[8], planes = 0, shift = 0;
+    for (int width = 4; width >= 1; width /= 2)
+        while (bits - shift >= 8 * width) {
+            widths[planes] = width;
+            shifts[planes++] = shift;
+            size += n * width;
+            shift += 8 * width;
+        }
+    size += (Py_ssize_t)(bits - shift) * ((n + 7) / 8);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (!out) {
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+    const uint64_t *w = v.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (int p = 0; p < planes; p++) {
+        int s = shifts[p];
+        if (widths[p] == 4) /* little-endian host assumed by the format: memcpy of the low bytes */
+            for (Py_ssize_t i = 0; i < n; i++, o += 4) { uint32_t x = (uint32_t)(w[i] >> s); memcpy(o, &x, 4); }
+        else if (widths[p] == 2)
+            for (Py_ssize_t i = 0; i < n; i++, o += 2) { uint16_t x = (uint16_t)(w[i] >> s); memcpy(o, &x, 2); }
+        else
+            for (Py_ssize_t i = 0; i < n; i++) *o++ = (uint8_t)(w[i] >> s);
+    }
+    for (int bit = shift; bit < bits; bit++) {
+        Py_ssize_t full = n / 8;
+        for (Py_ssize_t k = 0; k < full; k++) {
+            const uint64_t *x = w + 8 * k;
+            *o++ = (uint8_t)(((x[0] >> bit) & 1) | ((x[1] >> bit) & 1) << 1 | ((x[2] >> bit) & 1) << 2 |
+                             ((x[3] >> bit) & 1) << 3 | ((x[4] >> bit) & 1) << 4 | ((x[5] >> bit) & 1) << 5 |
+                             ((x[6] >> bit) & 1) << 6 | ((x[7] >> bit) & 1) << 7);
+        }
+        if (n % 8) {
+            uint8_t byte = 0;
+            for (Py_ssize_t j = 8 * full; j < n; j++) byte |= (uint8_t)((w[j] >> bit) & 1) << (j - 8 * full);
+            *o++ = byte;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&v);
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"pack_planes", pack_planes, METH_VARARGS, pack_planes_doc},
     {"mac", mac, METH_VARARGS, mac_doc},
     {"add_mod", add_mod, METH_VARARGS, add_mod_doc},
     {"to_montgomery", to_montgomery, METH_VARARGS, to_montgomery_doc},

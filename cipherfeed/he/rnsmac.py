@@ -74,3 +74,10 @@ def add_mod(out: Words, values: Words, modulus: int) -> None:
     _words(out, "out")
     _words(values, "values")
     _require().add_mod(out, values, modulus)
+
+
+def pack_planes(words: Words, bits: int) -> bytes:
+    """``cipherfeed.he.wire``'s plane layout of values below 2**bits, in one call without the GIL."""
+    if words.dtype != np.dtype("<u8") or not words.flags.c_contiguous:
+        raise ValueError("words must be C-contiguous little-endian uint64")
+    return _require().pack_planes(words, bits)

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import itertools
 import struct
+import sys
 
 import numpy as np
 
+from cipherfeed.he import rnsmac
+
 MAGIC = b"CFPK2"
+_NATIVE_PLANES = rnsmac.available() and sys.byteorder == "little"
 MIN_RUN = 1024  # words; shorter vectors are not worth a segment
 
 
@@ -64,7 +68,11 @@ def _packed_size(n: int, bits: int) -> int:
 
 
 def _pack_words(words: np.ndarray, bits: int) -> bytes:
-    """Values below 2**bits, plane by plane (see ``_planes``): whole-array numpy operations only."""
+    """Values below 2**bits, plane by plane (see ``_planes``): in the compiled kernel when it is
+    built (one call that releases the GIL, ~3x faster, where numpy's ~30 small calls each
+    contend for the GIL with the scorer's other thread), else whole-array numpy operations."""
+    if _NATIVE_PLANES:
+        return rnsmac.pack_planes(np.ascontiguousarray(words, dtype="<u8"), bits)
     v = np.asarray(words, dtype=np.uint64)
     parts = []
     for shift, dtype in _planes(bits):
@@ -106,7 +114,7 @@ def pack(blob: bytes, vector_lengths: tuple[int, ...], runs: list[tuple[int, int
     for start, n in runs:
         if n < MIN_RUN:
             continue
-        words = np.frombuffer(blob, dtype="<u8", count=n, offset=start).astype(np.uint64)
+        words = np.frombuffer(blob, dtype="<u8", count=n, offset=start)
         bits = max(int(words.max()).bit_length(), 22)
         if bits >= 64:
             continue
