@@ -16,7 +16,7 @@ from cipherfeed import heap
 from cipherfeed.cache import Cache, Keys, WriteBehind
 from cipherfeed.config import GrpcLimits, RedisConfig
 from cipherfeed.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from cipherfeed.he import wire
+from cipherfeed.he import rnsmac, wire
 from cipherfeed.he.codec import MaterialCodec, OrderedDigest, ciphertext_sha256
 from cipherfeed.he.params import HEParams
 from cipherfeed.receipts import ModelRecord, Receipt
@@ -107,11 +107,14 @@ class RecommenderCore:
         t0 = time.perf_counter()
         self.scorer = EncryptedScorer(model, params, self.pool)
         log.info(
-            "model %s: %d items encoded into %d blocks in %.1f s",
+            "model %s: %d items encoded into %d blocks in %.1f s (%s strategy, %s kernel%s)",
             self.model_version[:16],
             model.item_count,
             self.scorer.block_count,
             time.perf_counter() - t0,
+            self.scorer.strategy,
+            self.scorer.kernel,
+            "" if self.scorer.kernel == "native" else f": {rnsmac.IMPORT_ERROR}",
         )
         t0 = time.perf_counter()
         self.codec.warm_up()
