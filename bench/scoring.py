@@ -4,7 +4,7 @@ For each catalogue size (synthetic, d = 64): server compute p50/p95 for one Scor
 validate, rotate, multiply, serialize and pack; each sample starts once the previous answer's
 result-cache write, made behind its response, is done), beside each sample a fixed OpenFHE job
 (four two-limb rotation precomputations on one thread, "probe": this shared VM's speed moves by
-up to 1.6x within minutes, and the probe moves with it), microseconds per item, query/response/evaluation-key
+up to 1.5x for minutes at a time, and the probe moves with it), microseconds per item, query/response/evaluation-key
 bytes, a gRPC round trip on loopback including client encryption and decryption, and, on the
 same data in the same run, plaintext numpy and TenSEAL's CKKSVector.matmul doing the same scoring.
 """

@@ -75,11 +75,10 @@ def serialize(obj: object) -> bytes:
 
 def ciphertext_sha256(blobs: list[bytes]) -> bytes:
     """SHA-256 over each blob's 8-byte big-endian length and bytes, in order."""
-    h = hashlib.sha256()
-    for blob in blobs:
-        h.update(len(blob).to_bytes(8, "big"))
-        h.update(blob)
-    return h.digest()
+    digest = OrderedDigest(len(blobs))
+    for i, blob in enumerate(blobs):
+        digest.add(i, blob)
+    return digest.digest()
 
 
 class OrderedDigest:

@@ -167,9 +167,9 @@ class EncryptedScorer:
         polys = np.zeros((2, self.params.ring_dimension), dtype=np.uint64)
         polys[0] = 1
         loaded = openfhe.DeserializeCiphertextString(layout.write(reference, polys), openfhe.BINARY)
-        unit = one_limb.Clone()
-        unit.SetElements(loaded.GetElements())
-        return layout, unit
+        # Added to a zero this context made, like every deserialized ciphertext here (see
+        # _native_block_scores): the sum evaluates at full speed.
+        return layout, self.cc.EvalAdd(self.cc.EvalSub(one_limb, one_limb), loaded)
 
     def _plaintext_words(self, pt: openfhe.Plaintext) -> rnsmac.Words:
         polys = np.empty((2, self.params.ring_dimension), dtype=np.uint64)
@@ -246,8 +246,8 @@ class EncryptedScorer:
             self._pool.submit(lower, offset, ct)
             try:
                 pre = self.cc.EvalFastRotationPrecompute(ct)
-            except BaseException as exc:
-                settle(offset + children[0][1], None, exc)
+            except BaseException as exc:  # its children will never come: fail the whole tree
+                settle(offset, None, exc)
                 return
             for d, step in children:
                 self._pool.submit(child, offset + step, ct, step, pre, d + 1)
