@@ -191,7 +191,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000", help="comma-separated catalogue sizes")
-    parser.add_argument("--million", action="store_true", help="also run 1,000,000 items (~10 GB RAM, minutes)")
+    parser.add_argument(
+        "--million", action="store_true", help="also run 1,000,000 items (~2 GB RAM, 10 without the kernel; minutes)"
+    )
     parser.add_argument("--reps", type=int, default=20, help="timed Score calls per size")
     parser.add_argument("--tenseal-reps", type=int, default=1, help="TenSEAL runs per size (0 to skip)")
     parser.add_argument("--out", default="scoring", help="results file name under bench/results/ (no .json)")
