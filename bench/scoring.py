@@ -88,7 +88,7 @@ def run_size(
         core.score(ref, query)
     samples = []
     probes = []
-    probe_ct = keys.cc.Encrypt(keys.public_key, keys.cc.MakeCKKSPackedPlaintext(packing.replicate_query(u, 64, 4096)))
+    probe_ct = core.codec.load_query(query)  # a two-limb ciphertext like every query
     result = None
     for _ in range(reps):
         query = encrypt_query(keys, u)  # a fresh ciphertext each time: no result cache hit

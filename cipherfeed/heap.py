@@ -20,23 +20,22 @@ import ctypes
 M_ARENA_MAX = -8  # glibc's <malloc.h>
 
 
+def _call_libc(name: str, argtypes: list[type], *args: int) -> int | None:
+    """``name(*args)`` in the running process's C library; None where it has no such function."""
+    try:
+        function = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):  # not glibc
+        return None
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return function(*args)
+
+
 def limit_arenas(count: int = 1) -> bool:
     """Caps the number of malloc arenas; threads that start afterwards share them. True if set."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the running process's C library
-    except (OSError, AttributeError):  # not glibc
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return mallopt(M_ARENA_MAX, count) == 1
+    return _call_libc("mallopt", [ctypes.c_int, ctypes.c_int], M_ARENA_MAX, count) == 1
 
 
 def trim() -> bool:
     """Returns the heap's free pages to the system (``malloc_trim(0)``). True if any were."""
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return False
-    malloc_trim.argtypes = [ctypes.c_size_t]
-    malloc_trim.restype = ctypes.c_int
-    return malloc_trim(0) == 1
+    return _call_libc("malloc_trim", [ctypes.c_size_t], 0) == 1
