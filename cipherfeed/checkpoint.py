@@ -108,20 +108,40 @@ def open_note(note: str, verifiers: Iterable[Verifier]) -> tuple[str, list[Verif
     return body, signed_by
 
 
+MAX_TREE_SIZE = 2**64 - 1  # C2SP sizes are uint64
+_SIZE_DIGITS = len(str(MAX_TREE_SIZE))
+
+
+def parse_tree_size(text: str) -> int:
+    """A C2SP tree size: ASCII decimal digits, no sign, no leading zero (except "0"), a uint64.
+    (``str.isdigit`` and ``int`` also take other scripts' digits, superscripts and underscores.)"""
+    if (
+        not 0 < len(text) <= _SIZE_DIGITS
+        or not all("0" <= c <= "9" for c in text)
+        or (len(text) > 1 and text[0] == "0")
+    ):
+        raise NoteError("a checkpoint size is ASCII decimal without leading zeros")
+    size = int(text)
+    if size > MAX_TREE_SIZE:
+        raise NoteError("a checkpoint size is at most 2**64 - 1")
+    return size
+
+
 def parse_checkpoint(body: str) -> Checkpoint:
     lines = body.split("\n")
     if len(lines) < 4 or lines[-1] != "":
         raise NoteError("a checkpoint body has origin, size and root lines")
     origin, size_text, root_text = lines[0], lines[1], lines[2]
-    if not origin or not size_text.isdigit() or (size_text != "0" and size_text.startswith("0")):
-        raise NoteError("malformed checkpoint origin or size")
+    if not origin:
+        raise NoteError("a checkpoint names its origin")
+    size = parse_tree_size(size_text)
     try:
         root = base64.b64decode(root_text, validate=True)
     except (ValueError, binascii.Error) as exc:
         raise NoteError("checkpoint root is not base64") from exc
     if len(root) != 32:
         raise NoteError("checkpoint root is not 32 bytes")
-    return Checkpoint(origin=origin, size=int(size_text), root=root)
+    return Checkpoint(origin=origin, size=size, root=root)
 
 
 def verify_checkpoint(note: str, verifiers: Iterable[Verifier], origin: str | None = None) -> Checkpoint:

@@ -56,6 +56,11 @@ def default_dataset_path() -> Path:
     return Path(_env_str("CIPHERFEED_DATASET", str(REPO_ROOT.parent / "shared" / "data" / "tiktok_profiles.csv")))
 
 
+def default_vectors_dir() -> Path:
+    """Published test vectors (e.g. RFC 6962 proofs), read in place from the shared folder."""
+    return Path(_env_str("CIPHERFEED_VECTORS", str(REPO_ROOT.parent / "shared" / "vectors")))
+
+
 def default_state_dir() -> Path:
     return Path(_env_str("CIPHERFEED_STATE_DIR", str(REPO_ROOT / "var")))
 

@@ -122,10 +122,14 @@ def verify_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes],
     """RFC 9162 section 2.1.3.2; raises ProofError unless ``proof`` proves ``leaf`` at ``index``."""
     if not 0 <= index < size:
         raise ProofError(f"leaf index {index} is outside a tree of size {size}")
+    # In a size-1 tree the root is the leaf hash itself: without these checks two equal byte
+    # strings of any length (even empty) would "verify".
+    if len(leaf) != HASH_SIZE or len(root) != HASH_SIZE:
+        raise ProofError(f"a leaf hash and a root are {HASH_SIZE} bytes")
+    if any(len(p) != HASH_SIZE for p in proof):
+        raise ProofError(f"every proof hash is {HASH_SIZE} bytes")
     fn, sn, r = index, size - 1, leaf
     for p in proof:
-        if len(p) != HASH_SIZE:
-            raise ProofError("proof hash has the wrong length")
         if sn == 0:
             raise ProofError("inclusion proof is too long")
         if fn & 1 or fn == sn:
@@ -148,15 +152,17 @@ def verify_consistency(old_size: int, new_size: int, old_root: bytes, new_root: 
     """RFC 9162 section 2.1.4.2; raises ProofError unless the old tree is a prefix of the new one."""
     if not 0 < old_size <= new_size:
         raise ProofError(f"no consistency between sizes {old_size} and {new_size}")
-    if old_size == new_size:
+    if old_size == new_size:  # nothing to hash: the roots must simply be the same bytes
         if proof:
             raise ProofError("consistency proof between equal sizes must be empty")
         if old_root != new_root:
             raise ProofError("equal sizes with different roots")
         return
     path = list(proof)
+    if len(old_root) != HASH_SIZE or len(new_root) != HASH_SIZE:
+        raise ProofError(f"a root is {HASH_SIZE} bytes")
     if any(len(p) != HASH_SIZE for p in path):
-        raise ProofError("proof hash has the wrong length")
+        raise ProofError(f"every proof hash is {HASH_SIZE} bytes")
     if old_size & (old_size - 1) == 0:  # a power of two: the old root is the first node
         path.insert(0, old_root)
     if not path:

@@ -115,3 +115,17 @@ def test_impossible_requests():
         tree.consistency_proof(2, 4)
     with pytest.raises(ProofError):
         tree.root(4)
+
+
+@pytest.mark.parametrize("length", [0, 1, 31, 33, 64])
+def test_every_hash_an_inclusion_check_reads_is_32_bytes(length):
+    """A size-1 tree's proof is empty and its root is the leaf hash: a short "hash" must not pass."""
+    odd = b"\x07" * length
+    with pytest.raises(ProofError, match="32 bytes"):
+        verify_inclusion(0, 1, odd, [], odd)
+    tree = CompactTree([leaf_hash(b"a"), leaf_hash(b"b")])
+    with pytest.raises(ProofError, match="32 bytes"):
+        verify_inclusion(0, 2, tree.leaf(0), [tree.leaf(1)], odd)
+    with pytest.raises(ProofError, match="32 bytes"):
+        verify_inclusion(0, 2, odd, [tree.leaf(1)], tree.root())
+    verify_inclusion(0, 1, tree.leaf(0), [], tree.leaf(0))  # the real size-1 case still verifies
