@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
 
 from cipherfeed import errors, heap
 from cipherfeed.config import GrpcLimits
@@ -29,26 +34,151 @@ STATUS_FOR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
 )
+# A status travels twice in the trailers (grpc-message and grpc-status-details-bin, base64), and
+# gRPC's default limit for all metadata a client receives is 8 KiB: stay well inside it.
+MAX_MESSAGE_CHARS = 512
+MAX_METADATA_ENTRIES = 8
+MAX_METADATA_CHARS = 128
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def code_of(exc: errors.CipherfeedError) -> grpc.StatusCode:
+    for error_type, code in STATUS_FOR:
+        if isinstance(exc, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def rich_status(
+    code: grpc.StatusCode,
+    reason: str,
+    message: str,
+    metadata: dict[str, str] | None = None,
+    retry_after: float | None = None,
+) -> status_pb2.Status:
+    """A google.rpc.Status with an ErrorInfo (and a RetryInfo when ``retry_after`` is given), bounded in size."""
+    info = error_details_pb2.ErrorInfo(
+        reason=reason,
+        domain=errors.DOMAIN,
+        metadata={
+            _clip(k, MAX_METADATA_CHARS): _clip(v, MAX_METADATA_CHARS)
+            for k, v in list((metadata or {}).items())[:MAX_METADATA_ENTRIES]
+        },
+    )
+    status = status_pb2.Status(code=code.value[0], message=_clip(message, MAX_MESSAGE_CHARS))
+    status.details.add().Pack(info)
+    if retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(max(0.0, retry_after) * 1e9))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return status
+
+
+class RefusalLog:
+    """One log line per refused request, rate-limited by a token bucket per reason: a flood of bad
+    requests costs a few lines a second, and the next line logged says how many were suppressed."""
+
+    def __init__(self, burst: int = 20, per_second: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = burst
+        self.per_second = per_second
+        self.clock = clock
+        self.counts: collections.Counter[str] = collections.Counter()  # refusals per reason, all of them
+        self._buckets: dict[str, tuple[float, float, int]] = {}  # reason -> (tokens, at, suppressed)
+        self._lock = threading.Lock()
+
+    def record(self, method: str, code: grpc.StatusCode, reason: str, message: str, peer: str) -> None:
+        now = self.clock()
+        with self._lock:
+            self.counts[reason] += 1
+            tokens, at, suppressed = self._buckets.get(reason, (float(self.burst), now, 0))
+            tokens = min(float(self.burst), tokens + (now - at) * self.per_second)
+            if tokens < 1.0:
+                self._buckets[reason] = (tokens, now, suppressed + 1)
+                return
+            self._buckets[reason] = (tokens - 1.0, now, 0)
+        more = f" (+{suppressed} more {reason} since the last line)" if suppressed else ""
+        refusal_log.info("refused %s from %s: %s %s: %s%s", method, peer, code.name, reason, message, more)
+
+
+refusal_log = logging.getLogger("cipherfeed.refused")
+refusals = RefusalLog()
 
 
 def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Servicer decorator: domain errors become their status with the error's message; anything
-    else is INTERNAL with no details (it is logged here instead)."""
+    """Servicer decorator: a domain error becomes its status code with a google.rpc.Status that
+    carries its ErrorInfo (reason, domain, metadata), its bounded message and, for retryable limits,
+    a RetryInfo; the refusal is logged (rate-limited). Anything else is INTERNAL with no details
+    (it is logged here instead)."""
 
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
         except errors.CipherfeedError as exc:
-            for error_type, code in STATUS_FOR:
-                if isinstance(exc, error_type):
-                    context.abort(code, str(exc))
-            raise
+            code = code_of(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.error("untyped domain error in %s: %s", method.__name__, exc)
+                status = rich_status(code, errors.Reason.INTERNAL.value, "internal error")
+            else:
+                status = rich_status(code, exc.reason.value, exc.message, exc.metadata, exc.retry_after)
+                refusals.record(method.__name__, code, exc.reason.value, status.message, context.peer())
+            context.abort_with_status(rpc_status.to_status(status))
         except Exception:
             log.exception("unexpected error in %s", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            context.abort_with_status(
+                rpc_status.to_status(
+                    rich_status(grpc.StatusCode.INTERNAL, errors.Reason.INTERNAL.value, "internal error")
+                )
+            )
 
     return wrapper
+
+
+def status_details(error: grpc.RpcError) -> status_pb2.Status | None:
+    """The google.rpc.Status a server attached to ``error``, or None (e.g. a transport error)."""
+    try:
+        return rpc_status.from_call(error)  # type: ignore[arg-type]  # a stub's RpcError is also a Call
+    except (AttributeError, ValueError):
+        return None
+
+
+def error_info_of(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    status = status_details(error)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+def reason_of(error: grpc.RpcError) -> str | None:
+    """The mesh's reason for a failed call (an ``errors.Reason`` value), or None when the status
+    carries none of ours (transport errors, deadlines, another domain). Branch on this, never on text."""
+    info = error_info_of(error)
+    return info.reason if info is not None and info.domain == errors.DOMAIN else None
+
+
+def known_reason(error: grpc.RpcError, default: errors.Reason) -> errors.Reason:
+    """The mesh's reason for ``error`` as an ``errors.Reason`` (to pass an upstream refusal on), else ``default``."""
+    try:
+        return errors.Reason(reason_of(error) or default)
+    except ValueError:  # a reason this build does not know (a newer peer)
+        return default
+
+
+def retry_delay_of(error: grpc.RpcError) -> float | None:
+    """Seconds the server asked the client to wait before retrying (google.rpc.RetryInfo), if any."""
+    status = status_details(error)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToNanoseconds() / 1e9
+    return None
 
 
 @dataclass

@@ -14,7 +14,8 @@ from cipherfeed.client.interest import Engagement, interest_vector
 from cipherfeed.client.keystore import ClientKeys
 from cipherfeed.client.ranking import rank_feed
 from cipherfeed.config import ClientConfig
-from cipherfeed.grpcutil import channel
+from cipherfeed.errors import Reason
+from cipherfeed.grpcutil import channel, reason_of
 from cipherfeed.he import packing, wire
 from cipherfeed.he.codec import MaterialCodec, ciphertext_sha256, serialize
 from cipherfeed.he.keymap import KeyMaterial
@@ -328,7 +329,7 @@ class RecommenderClient:
         try:
             scored = self.score(u, pin_model=manifest.model_version)
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION or "serves" not in (exc.details() or ""):
+            if reason_of(exc) != Reason.MODEL_MISMATCH:
                 raise
             manifest = self.manifest(refresh=True)  # the model changed since the cached manifest
             scored = self.score(u, pin_model=manifest.model_version)

@@ -20,13 +20,15 @@ from enum import Enum
 import numpy as np
 import openfhe
 
-from cipherfeed.errors import InvalidArgument
+from cipherfeed.errors import InvalidArgument, Reason
 from cipherfeed.he import globalkeys
 from cipherfeed.he.params import HEParams, build_context, context_fingerprint
 
 
 class MaterialError(InvalidArgument):
     """Untrusted HE material was refused; the message says why and is safe to return to a caller."""
+
+    reason = Reason.HE_MATERIAL_INVALID
 
 
 class Kind(Enum):

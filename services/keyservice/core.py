@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cipherfeed.cache import Cache, Keys
-from cipherfeed.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from cipherfeed.errors import AlreadyExists, NotFound, Reason, echo, invalid, too_large
 from cipherfeed.he import keymap
 from cipherfeed.he.codec import MaterialCodec
 from cipherfeed.he.keymap import KeyMaterial
@@ -27,6 +27,8 @@ MAX_SIGN_BYTES = 64 * 1024
 
 class UnknownKeyError(NotFound):
     """No key with that id was ever registered."""
+
+    reason = Reason.KEY_NOT_FOUND
 
 
 def key_id_for(public_key: bytes) -> str:
@@ -126,14 +128,14 @@ class KeyServiceCore:
 
     def _checked(self, material: KeyMaterial) -> KeyMaterial:
         if material.size > self.max_material_bytes:
-            raise ResourceExhausted(f"key material is {material.size} bytes; the limit is {self.max_material_bytes}")
+            raise too_large("key material", material.size, self.max_material_bytes)
         keymap.validate(self.codec, material)
         return material
 
     def _row(self, key_id: str) -> KeyRow:
         row = self.store.key(key_id)
         if row is None:
-            raise UnknownKeyError(f"no key with id {key_id!r}")
+            raise UnknownKeyError(f"no key with id {echo(key_id)}")
         return row
 
     def _commit_state(self, key_id: str) -> KeyRow:
@@ -151,7 +153,9 @@ class KeyServiceCore:
                 first = self.store.material(key_id, 1)
                 if first is not None and first.sha256 == material.sha256:
                     return existing  # idempotent retry of the same registration
-                raise AlreadyExists(f"key {key_id[:16]} is registered with other rotation keys")
+                raise AlreadyExists(
+                    f"key {key_id[:16]} is registered with other rotation keys", reason=Reason.KEY_MATERIAL_CONFLICT
+                )
             db.execute(
                 "INSERT INTO he_keys (key_id, state, current_version, min_version, created_unix,"
                 " updated_unix) VALUES (?, 'ENABLED', 1, 1, ?, ?)",
@@ -176,7 +180,11 @@ class KeyServiceCore:
         v = status_of(row).check_usable(version)
         material = self.store.material(key_id, v)
         if material is None:
-            raise KeyStateError(f"key {key_id[:16]} version {v} has no material")
+            raise KeyStateError(
+                f"key {key_id[:16]} version {v} has no material",
+                reason=Reason.KEY_VERSION_UNAVAILABLE,
+                metadata={"version": v},
+            )
         return v, material
 
     def rotate(self, key_id: str, material: KeyMaterial, min_version: int) -> KeyRow:
@@ -185,11 +193,15 @@ class KeyServiceCore:
         with self.store.transaction() as db:
             row = self._row(key_id)
             if row.state is not KeyState.ENABLED:
-                raise KeyStateError(f"key {key_id[:16]} is {row.state.value}; only ENABLED keys rotate")
+                raise KeyStateError(
+                    f"key {key_id[:16]} is {row.state.value}; only ENABLED keys rotate",
+                    reason=Reason.KEY_NOT_ENABLED,
+                    metadata={"state": row.state.value},
+                )
             new_version = row.current_version + 1
             new_min = max(row.min_version, min_version)
             if new_min > new_version:
-                raise InvalidArgument(f"min_version {min_version} is above the new version {new_version}")
+                raise invalid("min_version", f"min_version {min_version} is above the new version {new_version}")
             self.store.insert_version(db, key_id, new_version, material, now)
             db.execute(
                 "UPDATE he_keys SET current_version = ?, min_version = ?, updated_unix = ? WHERE key_id = ?",
@@ -209,7 +221,11 @@ class KeyServiceCore:
         with self.store.transaction() as db:
             row = self._row(key_id)
             if row.state is KeyState.DESTROYED:
-                raise KeyStateError(f"key {key_id[:16]} is DESTROYED; its state cannot change")
+                raise KeyStateError(
+                    f"key {key_id[:16]} is DESTROYED; its state cannot change",
+                    reason=Reason.KEY_NOT_ENABLED,
+                    metadata={"state": row.state.value},
+                )
             if row.state is state:
                 return row
             if state is KeyState.DESTROYED:
@@ -235,7 +251,7 @@ class KeyServiceCore:
 
     def rotate_signing_key(self, name: str) -> SigningPublicKey:
         if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise InvalidArgument("a signing key name is 1-64 letters, digits, '-', '_' or '.'")
+            raise invalid("key_name", "a signing key name is 1-64 letters, digits, '-', '_' or '.'")
         private = Ed25519PrivateKey.generate()
         raw = private.private_bytes(
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
@@ -255,10 +271,10 @@ class KeyServiceCore:
 
     def sign(self, name: str, message: bytes) -> tuple[int, bytes]:
         if len(message) > MAX_SIGN_BYTES:
-            raise ResourceExhausted(f"messages to sign are at most {MAX_SIGN_BYTES} bytes")
+            raise too_large("message", len(message), MAX_SIGN_BYTES)
         rows = self.store.signing_keys(name)
         if not rows:
-            raise NotFound(f"no signing key named {name!r}")
+            raise NotFound(f"no signing key named {echo(name)}", reason=Reason.SIGNING_KEY_NOT_FOUND)
         current = rows[-1]
         raw = self.master.unwrap(current.wrapped_private_key, _signing_context(name, current.version))
         return current.version, Ed25519PrivateKey.from_private_bytes(raw).sign(message)

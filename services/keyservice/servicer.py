@@ -6,10 +6,9 @@ from typing import Any
 
 import grpc
 
-from cipherfeed.errors import InvalidArgument
 from cipherfeed.grpcutil import grpc_errors
 from cipherfeed.he.keymap import KeyMaterial
-from cipherfeed.keystate import KeyState
+from cipherfeed.keystate import KeyState, check_key_id
 from cipherfeed.v1 import common_pb2, keyservice_pb2, keyservice_pb2_grpc
 from services.keyservice.core import KeyServiceCore, SigningPublicKey
 from services.keyservice.store import KeyRow
@@ -43,9 +42,7 @@ def signing_key(k: SigningPublicKey) -> keyservice_pb2.SigningPublicKey:
 
 
 def _key_id(request: Any) -> str:
-    if not request.key_id:
-        raise InvalidArgument("key_id is required")
-    return request.key_id
+    return check_key_id(request.key_id)
 
 
 class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):

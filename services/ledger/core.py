@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 
 from cipherfeed.checkpoint import vkey
-from cipherfeed.errors import FailedPrecondition, InvalidArgument, NotFound
+from cipherfeed.errors import FailedPrecondition, InvalidArgument, NotFound, Reason, required
 from cipherfeed.receipts import ModelRecord, Receipt
 from services.ledger.anchor import Anchorer
 from services.ledger.log import Appended, TransparencyLog
@@ -28,15 +28,19 @@ class LedgerCore:
 
     def append(self, entries: list[Receipt | ModelRecord]) -> list[Appended]:
         if not entries:
-            raise InvalidArgument("nothing to append")
+            raise required("entries")
         if len(entries) > 10_000:
-            raise InvalidArgument("at most 10,000 entries per batch")
+            raise InvalidArgument(
+                "at most 10,000 entries per batch",
+                reason=Reason.COUNT_LIMIT,
+                metadata={"field": "entries", "limit": 10_000},
+            )
         return self.log.append_many([e.leaf() for e in entries])
 
     def latest_checkpoint(self) -> CheckpointRow:
         latest = self.log.store.latest_checkpoint()
         if latest is None:
-            raise FailedPrecondition("the log has no checkpoint yet")
+            raise FailedPrecondition("the log has no checkpoint yet", reason=Reason.NO_CHECKPOINT)
         return latest
 
     def verifier_keys(self) -> list[str]:
@@ -48,13 +52,13 @@ class LedgerCore:
         try:
             return size, self.log.inclusion(index, size)
         except ValueError as exc:
-            raise InvalidArgument(str(exc)) from None
+            raise InvalidArgument(str(exc), reason=Reason.PROOF_RANGE_INVALID) from None
 
     def consistency(self, old: int, new: int) -> list[bytes]:
         try:
             return self.log.consistency(old, new)
         except ValueError as exc:
-            raise InvalidArgument(str(exc)) from None
+            raise InvalidArgument(str(exc), reason=Reason.PROOF_RANGE_INVALID) from None
 
     def anchors(self, min_size: int) -> list[AnchorRow]:
         return self.log.store.anchors(min_size=min_size)
@@ -63,11 +67,14 @@ class LedgerCore:
         index, data = self.log.locate(receipt_id)
         fields = json.loads(data)
         if fields.pop("type", None) != "cipherfeed.receipt.v1":
-            raise NotFound(f"leaf {index} is not a receipt")
+            raise NotFound(f"leaf {index} is not a receipt", reason=Reason.RECEIPT_NOT_FOUND)
         receipt = Receipt(**fields)
         checkpoint = self.log.store.checkpoint_covering(index)
         if checkpoint is None:
-            raise FailedPrecondition(f"receipt is at index {index} but no checkpoint covers it yet; retry shortly")
+            raise FailedPrecondition(
+                f"receipt is at index {index} but no checkpoint covers it yet; retry shortly",
+                reason=Reason.NOT_CHECKPOINTED,
+            )
         return Bundle(receipt, index, self.log.inclusion(index, checkpoint.size), checkpoint)
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from cipherfeed.checkpoint import Checkpoint, sign_note
-from cipherfeed.errors import FailedPrecondition, InvalidArgument, NotFound
+from cipherfeed.errors import FailedPrecondition, NotFound, Reason, invalid
 from cipherfeed.merkle import CompactTree, leaf_hash, verify_consistency
 from services.ledger.store import CheckpointRow, LedgerStore
 
@@ -88,9 +88,9 @@ class TransparencyLog:
     def append_many(self, leaves: list[bytes], timeout: float = 30.0) -> list[Appended]:
         for data in leaves:
             if not data or len(data) > MAX_LEAF_BYTES:
-                raise InvalidArgument(f"a leaf is 1..{MAX_LEAF_BYTES} bytes")
+                raise invalid("leaf", f"a leaf is 1..{MAX_LEAF_BYTES} bytes")
         if self._stop.is_set():
-            raise FailedPrecondition("the log is shutting down")
+            raise FailedPrecondition("the log is shutting down", reason=Reason.SHUTTING_DOWN)
         done: Future[list[Appended]] = Future()
         self._queue.put((leaves, done))
         return done.result(timeout=timeout)
@@ -190,12 +190,12 @@ class TransparencyLog:
         try:
             h = bytes.fromhex(receipt_id)
         except ValueError:
-            raise InvalidArgument("a receipt id is 64 hex digits") from None
+            raise invalid("receipt_id", "a receipt id is 64 hex digits") from None
         if len(h) != 32:
-            raise InvalidArgument("a receipt id is 64 hex digits")
+            raise invalid("receipt_id", "a receipt id is 64 hex digits")
         index = self.store.index_of(h)
         if index is None:
-            raise NotFound(f"no receipt {receipt_id[:16]} in the log (yet)")
+            raise NotFound(f"no receipt {receipt_id[:16]} in the log (yet)", reason=Reason.RECEIPT_NOT_FOUND)
         data = self.store.leaf(index)
         assert data is not None
         return index, data

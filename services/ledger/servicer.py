@@ -6,7 +6,7 @@ from typing import Any
 
 import grpc
 
-from cipherfeed.errors import InvalidArgument
+from cipherfeed.errors import invalid
 from cipherfeed.grpcutil import grpc_errors
 from cipherfeed.receipts import ModelRecord, Receipt
 from cipherfeed.v1 import ledger_pb2, ledger_pb2_grpc
@@ -45,7 +45,7 @@ def entry_from_proto(e: ledger_pb2.AppendRequest) -> Receipt | ModelRecord:
     if which == "model":
         m = e.model
         return ModelRecord(m.model_version, m.created_by, m.item_count, m.unix_millis)
-    raise InvalidArgument("an entry is a receipt or a model record")
+    raise invalid("entry", "an entry is a receipt or a model record")
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServicer):

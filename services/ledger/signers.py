@@ -55,7 +55,9 @@ class KeyServiceSigner(NoteSigner):
             if reply.key_version not in self._versions:
                 self._refresh()
         except grpc.RpcError as exc:
-            raise Unavailable(f"key service cannot sign: {exc.code().name}") from None
+            raise Unavailable(
+                f"key service cannot sign: {exc.code().name}", metadata={"dependency": "keyservice"}
+            ) from None
         with self._lock:
             return self._versions[reply.key_version], reply.signature
 
@@ -63,6 +65,8 @@ class KeyServiceSigner(NoteSigner):
         try:
             self._refresh()
         except grpc.RpcError as exc:
-            raise Unavailable(f"key service unreachable: {exc.code().name}") from None
+            raise Unavailable(
+                f"key service unreachable: {exc.code().name}", metadata={"dependency": "keyservice"}
+            ) from None
         with self._lock:
             return [self._versions[v] for v in sorted(self._versions)]

@@ -15,7 +15,15 @@ import numpy as np
 from cipherfeed import heap
 from cipherfeed.cache import Cache, Keys, WriteBehind
 from cipherfeed.config import GrpcLimits, RedisConfig
-from cipherfeed.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from cipherfeed.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Reason,
+    ResourceExhausted,
+    Unavailable,
+    echo,
+)
 from cipherfeed.he import rnsmac, wire
 from cipherfeed.he.codec import MaterialCodec, OrderedDigest, ciphertext_sha256
 from cipherfeed.he.params import HEParams
@@ -33,17 +41,25 @@ MAX_ITEMS_PER_REQUEST = 1000
 class OversizeError(ResourceExhausted):
     """A request field exceeds its configured limit."""
 
+    reason = Reason.SIZE_LIMIT
+
 
 class UnknownItemError(NotFound):
     """An item index or id is not in the catalogue."""
+
+    reason = Reason.ITEM_NOT_FOUND
 
 
 class ModelMismatchError(FailedPrecondition):
     """The client pinned a model version that is not the one serving."""
 
+    reason = Reason.MODEL_MISMATCH
+
 
 class UnknownProfileError(NotFound):
     """The profile reference expired or never existed (upload the profile again)."""
+
+    reason = Reason.PROFILE_NOT_FOUND
 
 
 @dataclass(frozen=True)
@@ -137,7 +153,11 @@ class RecommenderCore:
 
     def _check_query_size(self, query: bytes) -> None:
         if len(query) > self.limits.max_query_bytes:
-            raise OversizeError(f"query is {len(query)} bytes; the limit is {self.limits.max_query_bytes}")
+            limit = self.limits.max_query_bytes
+            raise OversizeError(
+                f"query is {len(query)} bytes; the limit is {limit}",
+                metadata={"field": "query_ciphertext", "size": len(query), "limit": limit},
+            )
 
     def upload_profile(self, ref: common_pb2.KeyRef, query: bytes) -> tuple[str, int]:
         """Stores a validated encrypted interest vector in the cache; returns (reference, expiry)."""
@@ -145,11 +165,14 @@ class RecommenderCore:
         _, version = self.keys.usable_version(ref)
         self.codec.load_query(query)
         if not self.cache.enabled:
-            raise Unavailable("profiles are kept in the cache, and none is configured; send the query inline")
+            raise Unavailable(
+                "profiles are kept in the cache, and none is configured; send the query inline",
+                metadata={"dependency": "cache"},
+            )
         profile_ref = secrets.token_urlsafe(24)
         blob = _frame_profile(ref.key_id, version, query)
         if not self.cache.set(Keys.profile(profile_ref), blob, self.redis_config.profile_ttl):
-            raise Unavailable("the cache is unavailable; send the query inline")
+            raise Unavailable("the cache is unavailable; send the query inline", metadata={"dependency": "cache"})
         return profile_ref, int(time.time()) + self.redis_config.profile_ttl
 
     def _profile(self, profile_ref: str, ref: common_pb2.KeyRef) -> tuple[bytes, int]:
@@ -158,7 +181,7 @@ class RecommenderCore:
             raise UnknownProfileError("profile expired or unknown; upload it again")
         key_id, version, query = _unframe_profile(blob)
         if key_id != ref.key_id:
-            raise InvalidArgument("the profile was uploaded under another key")
+            raise InvalidArgument("the profile was uploaded under another key", reason=Reason.PROFILE_KEY_MISMATCH)
         return query, version
 
     def score(
@@ -166,7 +189,8 @@ class RecommenderCore:
     ) -> ScoreResult:
         if pinned_model and pinned_model != self.model_version:
             raise ModelMismatchError(
-                f"model {pinned_model[:16]} requested; this recommender serves {self.model_version[:16]}"
+                f"model {pinned_model[:16]} requested; this recommender serves {self.model_version[:16]}",
+                metadata={"serving_model": self.model_version},
             )
         started = time.perf_counter()
         if query is None:
@@ -191,7 +215,7 @@ class RecommenderCore:
                     blobs, timing = self.scorer.score(ct, finish=functools.partial(self._encode_scores, digest=digest))
                     break
         else:
-            raise Unavailable("rotation keys were evicted repeatedly under load; retry")
+            raise Unavailable("rotation keys were evicted repeatedly under load; retry", reason=Reason.RETRY)
         self.results.set(result_key, _frame_blobs(blobs), self.redis_config.result_ttl)
         result = self._result(blobs, query_sha256, started, ref.key_id, version, False, digest.digest())
         log.info(
@@ -246,12 +270,16 @@ class RecommenderCore:
 
     def items(self, indices: list[int], item_ids: list[str], include_embedding: bool) -> list[ItemView]:
         if len(indices) + len(item_ids) > MAX_ITEMS_PER_REQUEST:
-            raise OversizeError(f"at most {MAX_ITEMS_PER_REQUEST} items per request")
+            raise OversizeError(
+                f"at most {MAX_ITEMS_PER_REQUEST} items per request",
+                reason=Reason.COUNT_LIMIT,
+                metadata={"field": "indices+item_ids", "limit": MAX_ITEMS_PER_REQUEST},
+            )
         resolved = list(indices)
         for item_id in item_ids:
             found = self._index.get(item_id)
             if found is None:
-                raise UnknownItemError(f"unknown item id {item_id!r}")
+                raise UnknownItemError(f"unknown item id {echo(item_id)}")
             resolved.append(found)
         m = self.model
         views = []

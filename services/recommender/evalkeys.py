@@ -22,11 +22,12 @@ import grpc
 from cipherfeed import heap
 from cipherfeed.cache import Cache, Keys
 from cipherfeed.config import RedisConfig
-from cipherfeed.errors import FailedPrecondition, NotFound, Unavailable
+from cipherfeed.errors import FailedPrecondition, NotFound, Reason, Unavailable
+from cipherfeed.grpcutil import known_reason
 from cipherfeed.he import keymap
-from cipherfeed.he.codec import MaterialCodec, MaterialError
+from cipherfeed.he.codec import MaterialCodec
 from cipherfeed.he.keymap import EVAL_KEY_LOCK, KeyMaterial
-from cipherfeed.keystate import KeyState, KeyStatus
+from cipherfeed.keystate import KeyState, KeyStatus, check_key_id
 from cipherfeed.v1 import common_pb2, keyservice_pb2, keyservice_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 class UnknownKeyError(NotFound):
     """The key service has no key with that id."""
+
+    reason = Reason.KEY_NOT_FOUND
 
 
 @dataclass
@@ -142,9 +145,10 @@ class KeyResolver:
             code = exc.code()
             if code == grpc.StatusCode.NOT_FOUND:
                 raise UnknownKeyError(exc.details() or "unknown key") from None
-            if code == grpc.StatusCode.FAILED_PRECONDITION:
-                raise FailedPrecondition(exc.details() or "key state forbids its use") from None
-            raise Unavailable(f"key service: {code.name}: {exc.details()}") from None
+            if code == grpc.StatusCode.FAILED_PRECONDITION:  # the key service's reason, passed on
+                reason = known_reason(exc, Reason.KEY_NOT_ENABLED)
+                raise FailedPrecondition(exc.details() or "key state forbids its use", reason=reason) from None
+            raise Unavailable(f"key service: {code.name}", metadata={"dependency": "keyservice"}) from None
 
     def status(self, key_id: str) -> KeyStatus:
         """The key's state: Redis (written by the key service on every change), else the key service."""
@@ -164,8 +168,7 @@ class KeyResolver:
         )
 
     def usable_version(self, ref: common_pb2.KeyRef) -> tuple[KeyStatus, int]:
-        if not ref.key_id:
-            raise MaterialError("key.key_id is required")
+        check_key_id(ref.key_id, "key.key_id")
         status = self.status(ref.key_id)
         if status.state is KeyState.DESTROYED:
             self.installed.remove_key(ref.key_id)
@@ -207,7 +210,10 @@ class KeyResolver:
         reply = self._call("GetEvalKeys", keyservice_pb2.GetKeyRequest(key_id=key_id, version=version))
         material = KeyMaterial(public_key=reply.public_key, rotation_keys=reply.rotation_key_map)
         if material.sha256.hex() != expected_sha256:
-            raise Unavailable(f"key service returned material for {key_id[:16]} v{version} that fails its hash")
+            raise Unavailable(
+                f"key service returned material for {key_id[:16]} v{version} that fails its hash",
+                metadata={"dependency": "keyservice"},
+            )
         self.installed.stats.fetched_from_keyservice += 1
         self.cache.set(cache_key, material.to_bytes(), self.redis_config.eval_keys_ttl)
         return material

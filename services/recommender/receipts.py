@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-from cipherfeed.errors import Unavailable
+from cipherfeed.errors import Reason, Unavailable
 from cipherfeed.receipts import ModelRecord, Receipt
 from cipherfeed.v1 import ledger_pb2, ledger_pb2_grpc
 
@@ -64,7 +64,9 @@ class ReceiptSpool:
         payload = json.dumps(asdict(entry), sort_keys=True).encode()
         with self._lock:
             if self._pending >= self.max_pending:
-                raise Unavailable("the ledger is behind and the receipt backlog is full; retry later")
+                raise Unavailable(
+                    "the ledger is behind and the receipt backlog is full; retry later", reason=Reason.BACKLOG_FULL
+                )
             self._db.execute("INSERT INTO spool (kind, payload) VALUES (?, ?)", (kind, payload))
             self._pending += 1
             self._changed.notify_all()
