@@ -140,9 +140,9 @@ def test_huge_messages_and_metadata_are_capped(raiser):
 
 
 def test_reason_of_is_none_without_a_rich_status():
-    with grpc.insecure_channel("127.0.0.1:1") as ch:  # nothing listens on port 1
-        with pytest.raises(grpc.RpcError) as info:
-            keyservice_pb2_grpc.KeyServiceStub(ch).GetKey(keyservice_pb2.GetKeyRequest(key_id="ab"), timeout=2)
+    # nothing listens on port 1
+    with grpc.insecure_channel("127.0.0.1:1") as ch, pytest.raises(grpc.RpcError) as info:
+        keyservice_pb2_grpc.KeyServiceStub(ch).GetKey(keyservice_pb2.GetKeyRequest(key_id="ab"), timeout=2)
     assert info.value.code() == CODE.UNAVAILABLE
     assert reason_of(info.value) is None and retry_delay_of(info.value) is None
 
@@ -255,7 +255,9 @@ def test_recommender_refusals_carry_their_reasons(rec, client, recommender):
     )
     expect_reason(score(profile_ref="no-such-profile"), CODE.NOT_FOUND, Reason.PROFILE_NOT_FOUND)
     expect_reason(
-        refused(rec.Score, recommender_pb2.ScoreRequest(key=common_pb2.KeyRef(key_id="ab" * 32), query_ciphertext=query)),
+        refused(
+            rec.Score, recommender_pb2.ScoreRequest(key=common_pb2.KeyRef(key_id="ab" * 32), query_ciphertext=query)
+        ),
         CODE.NOT_FOUND,
         Reason.KEY_NOT_FOUND,
     )
