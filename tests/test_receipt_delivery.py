@@ -2,14 +2,25 @@
 by a recommender that stopped, reach the log once a ledger answers; a full backlog refuses Scores."""
 
 import dataclasses
+import json
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
 from cipherfeed.devredis import free_port
+from cipherfeed.receipts import Receipt
+from cipherfeed.v1 import ledger_pb2_grpc
+from services.ledger.server import build_core
 from services.ledger.server import serve as serve_ledger
+from services.ledger.servicer import LedgerServicer
 from services.ledger.signers import LocalSigner
+from services.recommender import receipts as receipts_module
+from services.recommender.receipts import ReceiptSpool
 from services.recommender.server import serve as serve_recommender
 from tests.conftest import client_for, recommender_config
 from tests.test_ledger import ORIGIN, ledger_config
@@ -78,3 +89,98 @@ def test_a_full_backlog_refuses_scores_instead_of_dropping_receipts(tiktok_model
         client.close()
         rec.stop(grace=1)
         core.close()
+
+
+# --- the spool's sender on its own, against a ledger on loopback -----------------------------
+
+
+class LedgerOnLoopback:
+    """A real ledger core behind a plain loopback gRPC server (anchoring off: not under test here)."""
+
+    def __init__(self, state: Path, servicer: ledger_pb2_grpc.LedgerServicer | None = None) -> None:
+        self.core = build_core(ledger_config(state), LocalSigner(ORIGIN), anchoring=False)
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=4))
+        ledger_pb2_grpc.add_LedgerServicer_to_server(servicer or LedgerServicer(self.core), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = ledger_pb2_grpc.LedgerStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(grace=None)
+        self.core.close()
+
+
+def receipt(i: int) -> Receipt:
+    return Receipt("aa" * 32, "bb" * 32, "cc" * 32, "dd" * 32, 1, i)
+
+
+def test_a_corrupt_spool_row_is_quarantined_once_and_delivery_goes_on(tmp_path, caplog):
+    spool_path = tmp_path / "spool.db"
+    with sqlite3.connect(spool_path) as db:  # rows as a damaged disk or an older build left them
+        db.executescript(receipts_module.SCHEMA)
+        rows = [
+            ("receipt", json.dumps(dataclasses.asdict(receipt(0))).encode()),
+            ("receipt", b"{not json"),
+            ("receipt", json.dumps({**dataclasses.asdict(receipt(1)), "extra": 1}).encode()),
+            ("bogus", json.dumps(dataclasses.asdict(receipt(2))).encode()),
+            ("receipt", json.dumps(dataclasses.asdict(receipt(3))).encode()),
+        ]
+        db.executemany("INSERT INTO spool (kind, payload) VALUES (?, ?)", rows)
+    ledger = LedgerOnLoopback(tmp_path / "ledger")
+    spool = ReceiptSpool(spool_path, ledger.stub, max_pending=100)
+    try:
+        for i in (4, 5):
+            spool.put(receipt(i))
+        assert spool.flush(timeout=60)
+        assert spool._thread.is_alive()
+        assert (spool.sent, spool.quarantined, spool.pending) == (4, 3, 0)
+        for i in (0, 3, 4, 5):
+            ledger.core.log.locate(receipt(i).receipt_id)
+        assert ledger.core.log.tree.size == 4
+        spool.put(receipt(6))  # and it keeps delivering
+        assert spool.flush(timeout=60) and spool.sent == 5
+    finally:
+        spool.close()
+        ledger.close()
+    with sqlite3.connect(spool_path) as db:  # kept for an operator, not dropped
+        kept = db.execute("SELECT seq, kind, payload FROM quarantine ORDER BY seq").fetchall()
+    assert [(kind, bytes(payload)) for _, kind, payload in kept] == rows[1:4]
+    assert sum("moved to the quarantine table" in r.getMessage() for r in caplog.records) == 3
+
+
+class StuckLedger(ledger_pb2_grpc.LedgerServicer):
+    """Holds AppendBatch until released: the sender is inside the call when close() comes."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def AppendBatch(self, request, context):
+        self.entered.set()
+        self.release.wait(timeout=120)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "released")
+
+
+def test_close_cancels_the_batch_in_flight_and_waits_for_the_sender(tmp_path):
+    stuck = StuckLedger()
+    ledger = LedgerOnLoopback(tmp_path / "stuck", servicer=stuck)
+    spool = ReceiptSpool(tmp_path / "spool.db", ledger.stub, max_pending=100, deadline=120)
+    try:
+        spool.put(receipt(0))
+        assert stuck.entered.wait(timeout=60)
+        spool.close()
+        assert not spool._thread.is_alive()  # it did not outlive the database it writes to
+        assert (spool.sent, spool.pending) == (0, 1)  # unacknowledged: still spooled
+    finally:
+        stuck.release.set()
+        ledger.close()
+    real = LedgerOnLoopback(tmp_path / "ledger")
+    again = ReceiptSpool(tmp_path / "spool.db", real.stub, max_pending=100)
+    try:
+        assert again.flush(timeout=60) and again.sent == 1  # the cancelled batch was still spooled
+        real.core.log.locate(receipt(0).receipt_id)
+    finally:
+        again.close()
+        real.close()

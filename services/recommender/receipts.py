@@ -2,7 +2,14 @@
 spool (WAL, synchronous=NORMAL: survives a process crash, ~tens of microseconds, no fsync on the
 hot path) and sent to the ledger in order, in batches, by a background thread. A receipt leaves
 the spool only after the ledger acknowledged it durably; when the backlog reaches its bound,
-Score is refused (UNAVAILABLE) instead of losing receipts."""
+Score is refused (UNAVAILABLE) instead of losing receipts.
+
+The sender never dies of one bad row: a row that cannot be turned into an AppendRequest is moved,
+in one transaction, to the ``quarantine`` table (kept on disk for an operator, logged once) and
+delivery goes on; any other failure backs off and retries. ``close`` cancels an AppendBatch in
+flight and waits for the sender before closing the database: a cancelled batch stays spooled and
+is sent again later (the ledger's append is idempotent, so a batch it had committed is not
+logged twice)."""
 
 from __future__ import annotations
 
@@ -12,22 +19,34 @@ import sqlite3
 import threading
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import grpc
 
-from cipherfeed.errors import Reason, Unavailable
+from cipherfeed.errors import FailedPrecondition, Reason, Unavailable
 from cipherfeed.receipts import ModelRecord, Receipt
 from cipherfeed.v1 import ledger_pb2, ledger_pb2_grpc
 
 log = logging.getLogger(__name__)
 BATCH = 2000
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS quarantine (
+  seq INTEGER PRIMARY KEY, kind TEXT, payload BLOB, reason TEXT NOT NULL, unix_millis INTEGER NOT NULL
+);
+"""
 
 
-def _to_proto(kind: str, payload: bytes) -> ledger_pb2.AppendRequest:
+def _to_proto(kind: Any, payload: Any) -> ledger_pb2.AppendRequest:
+    """The AppendRequest of one spool row; raises if the row is not one."""
     fields = json.loads(payload)
+    if not isinstance(fields, dict):
+        raise ValueError("a spooled entry is a JSON object")
     if kind == "receipt":
         return ledger_pb2.AppendRequest(receipt=ledger_pb2.Receipt(**fields))
-    return ledger_pb2.AppendRequest(model=ledger_pb2.ModelRecord(**fields))
+    if kind == "model":
+        return ledger_pb2.AppendRequest(model=ledger_pb2.ModelRecord(**fields))
+    raise ValueError(f"unknown spool entry kind {str(kind)[:32]!r}")
 
 
 class ReceiptSpool:
@@ -38,10 +57,7 @@ class ReceiptSpool:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL,"
-            " payload BLOB NOT NULL)"
-        )
+        self._db.executescript(SCHEMA)
         self.ledger = ledger
         self.max_pending = max_pending
         self.deadline = deadline
@@ -49,8 +65,10 @@ class ReceiptSpool:
         self._changed = threading.Condition(self._lock)
         self._pending = self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0]
         self.sent = 0
+        self.quarantined = 0
         self.last_error: str | None = None
         self._stop = threading.Event()
+        self._in_flight: grpc.Future | None = None
         self._thread = threading.Thread(target=self._send_loop, name="receipt-sender", daemon=True)
         self._thread.start()
 
@@ -63,6 +81,8 @@ class ReceiptSpool:
         kind = "receipt" if isinstance(entry, Receipt) else "model"
         payload = json.dumps(asdict(entry), sort_keys=True).encode()
         with self._lock:
+            if self._stop.is_set():
+                raise FailedPrecondition("the receipt spool is closed", reason=Reason.SHUTTING_DOWN)
             if self._pending >= self.max_pending:
                 raise Unavailable(
                     "the ledger is behind and the receipt backlog is full; retry later", reason=Reason.BACKLOG_FULL
@@ -74,30 +94,91 @@ class ReceiptSpool:
     def _send_loop(self) -> None:
         backoff = 0.1
         while not self._stop.is_set():
-            with self._lock:
-                while self._pending == 0 and not self._stop.is_set():
-                    self._changed.wait(timeout=1.0)
-                rows = self._db.execute(
-                    "SELECT seq, kind, payload FROM spool ORDER BY seq LIMIT ?", (BATCH,)
-                ).fetchall()
-            if not rows:
-                continue
-            request = ledger_pb2.AppendBatchRequest(entries=[_to_proto(kind, payload) for _, kind, payload in rows])
             try:
-                self.ledger.AppendBatch(request, timeout=self.deadline)
-            except grpc.RpcError as exc:
-                self.last_error = f"{exc.code().name}: {exc.details()}"
-                log.warning("ledger append failed (%s); %d receipts wait in the spool", self.last_error, self.pending)
+                delivered = self._send_once()
+            except Exception as exc:  # a spool or client failure: never let the sender die
+                self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                log.exception("receipt delivery failed; %d receipts wait in the spool", self.pending)
+                delivered = False
+            if delivered:
+                backoff = 0.1
+            else:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
-                continue
-            backoff = 0.1
-            self.last_error = None
+
+    def _next_batch(self) -> tuple[list[tuple[int, ledger_pb2.AppendRequest]], bool]:
+        """Up to BATCH deliverable rows in order, after quarantining any bad row among them."""
+        with self._lock:
+            while self._pending == 0 and not self._stop.is_set():
+                self._changed.wait(timeout=1.0)
+            if self._stop.is_set():
+                return [], False
+            rows = self._db.execute("SELECT seq, kind, payload FROM spool ORDER BY seq LIMIT ?", (BATCH,)).fetchall()
+            if not rows:  # the count drifted from the table: trust the table
+                self._pending = self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0]
+            good: list[tuple[int, ledger_pb2.AppendRequest]] = []
+            bad: list[tuple[int, Any, Any, str]] = []
+            for seq, kind, payload in rows:
+                try:
+                    good.append((seq, _to_proto(kind, payload)))
+                except Exception as exc:  # JSON, field or type errors, deep nesting: never sendable
+                    bad.append((seq, kind, payload, f"{type(exc).__name__}: {str(exc)[:200]}"))
+            if bad:
+                self._quarantine(bad)
+            return good, bool(bad)
+
+    def _quarantine(self, bad: list[tuple[int, Any, Any, str]]) -> None:
+        """Moves rows that can never be sent out of the way, kept on disk (caller holds the lock)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO quarantine (seq, kind, payload, reason, unix_millis)"
+                " VALUES (?, ?, ?, ?, CAST(strftime('%s', 'now') AS INTEGER) * 1000)",
+                bad,
+            )
+            self._db.executemany("DELETE FROM spool WHERE seq = ?", [(seq,) for seq, *_ in bad])
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        self._pending -= len(bad)
+        self.quarantined += len(bad)
+        self._changed.notify_all()
+        for seq, _, _, reason in bad:
+            log.error("spool row %d cannot be sent (%s): moved to the quarantine table", seq, reason)
+
+    def _send_once(self) -> bool:
+        """Sends one batch; True when something moved (delivered or quarantined)."""
+        batch, quarantined = self._next_batch()
+        if not batch:
+            return quarantined or self._stop.is_set()
+        request = ledger_pb2.AppendBatchRequest(entries=[entry for _, entry in batch])
+        with self._lock:
+            if self._stop.is_set():
+                return True
+            call = self.ledger.AppendBatch.future(request, timeout=self.deadline)
+            self._in_flight = call
+        try:
+            call.result()
+        except grpc.FutureCancelledError:
+            return True  # cancelled by close(): the batch stays spooled
+        except grpc.RpcError as exc:
+            if self._stop.is_set():
+                return True
+            self.last_error = f"{exc.code().name}: {str(exc.details())[:200]}"
+            log.warning("ledger append failed (%s); %d receipts wait in the spool", self.last_error, self.pending)
+            return False
+        finally:
             with self._lock:
-                self._db.execute("DELETE FROM spool WHERE seq <= ?", (rows[-1][0],))
-                self._pending -= len(rows)
-                self.sent += len(rows)
-                self._changed.notify_all()
+                self._in_flight = None
+        self.last_error = None
+        last_seq = batch[-1][0]
+        with self._lock:
+            removed = self._db.execute("DELETE FROM spool WHERE seq <= ?", (last_seq,)).rowcount
+            self._pending -= removed
+            self.sent += removed
+            self._changed.notify_all()
+        return True
 
     def flush(self, timeout: float) -> bool:
         """Blocks until everything spooled so far reached the ledger (or ``timeout``); True if it did."""
@@ -105,8 +186,12 @@ class ReceiptSpool:
             return self._changed.wait_for(lambda: self._pending == 0, timeout=timeout)
 
     def close(self) -> None:
-        self._stop.set()
+        """Stops the sender (cancelling a batch in flight), waits for it, then closes the spool."""
         with self._lock:
+            self._stop.set()
+            if self._in_flight is not None:
+                self._in_flight.cancel()
             self._changed.notify_all()
-        self._thread.join(timeout=10)
-        self._db.close()
+        self._thread.join()  # bounded: the only blocking call it makes was just cancelled
+        with self._lock:
+            self._db.close()
