@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -26,12 +27,32 @@ from cipherfeed.v1 import ledger_pb2, ledger_pb2_grpc
 from services.ledger.anchor import compiled_contract
 from services.ledger.server import build_core
 from services.ledger.server import serve as serve_ledger
+from services.ledger.servicer import LedgerServicer
 from services.ledger.signers import LocalSigner
 from services.recommender.server import serve as serve_recommender
 from tests.conftest import client_for, recommender_config
 
 ORIGIN = "cipherfeed.test/ledger"
 ANVIL = REPO_ROOT / ".tools" / "node_modules" / ".bin" / "anvil"
+
+
+class LedgerOnLoopback:
+    """A real ledger core behind a plain loopback gRPC server (anchoring off: not under test here)."""
+
+    def __init__(self, state: Path, servicer: ledger_pb2_grpc.LedgerServicer | None = None, **config) -> None:
+        local = None if config.get("signer") == "keyservice" else LocalSigner(ORIGIN)
+        self.core = build_core(ledger_config(state, **config), local, anchoring=False)
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=4))
+        ledger_pb2_grpc.add_LedgerServicer_to_server(servicer or LedgerServicer(self.core), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = ledger_pb2_grpc.LedgerStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(grace=None)
+        self.core.close()
 
 
 def ledger_config(tmp_path: Path, **kw) -> LedgerConfig:

@@ -5,8 +5,6 @@ import dataclasses
 import json
 import sqlite3
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -15,15 +13,13 @@ import pytest
 from cipherfeed.devredis import free_port
 from cipherfeed.receipts import Receipt
 from cipherfeed.v1 import ledger_pb2_grpc
-from services.ledger.server import build_core
 from services.ledger.server import serve as serve_ledger
-from services.ledger.servicer import LedgerServicer
 from services.ledger.signers import LocalSigner
 from services.recommender import receipts as receipts_module
 from services.recommender.receipts import ReceiptSpool
 from services.recommender.server import serve as serve_recommender
 from tests.conftest import client_for, recommender_config
-from tests.test_ledger import ORIGIN, ledger_config
+from tests.test_ledger import ORIGIN, LedgerOnLoopback, ledger_config
 
 
 def start_recommender(tiktok_model, keyservice, tmp_path, ledger_port, spool_max=1000):
@@ -92,24 +88,6 @@ def test_a_full_backlog_refuses_scores_instead_of_dropping_receipts(tiktok_model
 
 
 # --- the spool's sender on its own, against a ledger on loopback -----------------------------
-
-
-class LedgerOnLoopback:
-    """A real ledger core behind a plain loopback gRPC server (anchoring off: not under test here)."""
-
-    def __init__(self, state: Path, servicer: ledger_pb2_grpc.LedgerServicer | None = None) -> None:
-        self.core = build_core(ledger_config(state), LocalSigner(ORIGIN), anchoring=False)
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=4))
-        ledger_pb2_grpc.add_LedgerServicer_to_server(servicer or LedgerServicer(self.core), self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        self.stub = ledger_pb2_grpc.LedgerStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-        self.server.stop(grace=None)
-        self.core.close()
 
 
 def receipt(i: int) -> Receipt:

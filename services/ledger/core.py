@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
 from cipherfeed.checkpoint import vkey
-from cipherfeed.errors import FailedPrecondition, InvalidArgument, NotFound, Reason, required
+from cipherfeed.errors import FailedPrecondition, InvalidArgument, NotFound, Reason, Unavailable, required
 from cipherfeed.receipts import ModelRecord, Receipt
 from services.ledger.anchor import Anchorer
 from services.ledger.log import Appended, TransparencyLog
 from services.ledger.store import AnchorRow, CheckpointRow
+
+log = logging.getLogger(__name__)
+VERIFIER_KEYS = "verifier_keys"  # meta key: JSON list of vkeys
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,12 @@ class LedgerCore:
     def __init__(self, log: TransparencyLog, anchorer: Anchorer | None) -> None:
         self.log = log
         self.anchorer = anchorer
+        stored = log.store.meta(VERIFIER_KEYS)
+        self._stored_keys: list[str] | None = json.loads(stored) if stored else None
+        try:  # learn (and keep) the verifier keys while the key service is there
+            self.verifier_keys()
+        except Unavailable as exc:
+            log.warning("verifier keys not known yet: %s", exc)
 
     def append(self, entries: list[Receipt | ModelRecord]) -> list[Appended]:
         if not entries:
@@ -44,8 +54,20 @@ class LedgerCore:
         return latest
 
     def verifier_keys(self) -> list[str]:
+        """The checkpoint verifier keys, kept in the store too: while the signer cannot say (the key
+        service is down, even since this ledger started), reads answer with the last keys it did."""
         signer = self.log.signer
-        return [vkey(signer.name, k) for k in signer.public_keys()]
+        try:
+            keys = [vkey(signer.name, k) for k in signer.public_keys()]
+        except Unavailable:
+            stored = self.log.store.meta(VERIFIER_KEYS)
+            if stored is None:
+                raise
+            return list(json.loads(stored))
+        if keys != self._stored_keys:
+            self.log.store.set_meta(VERIFIER_KEYS, json.dumps(keys))
+            self._stored_keys = keys
+        return keys
 
     def inclusion(self, index: int, size: int) -> tuple[int, list[bytes]]:
         size = size or self.latest_checkpoint().size

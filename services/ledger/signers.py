@@ -62,6 +62,12 @@ class KeyServiceSigner(NoteSigner):
             return self._versions[reply.key_version], reply.signature
 
     def public_keys(self) -> list[bytes]:
+        """The cached keys (a new version is fetched when it first signs): reads of the log do not
+        depend on the key service being up. Asks the key service only while nothing is cached."""
+        with self._lock:
+            cached = [self._versions[v] for v in sorted(self._versions)]
+        if cached:
+            return cached
         try:
             self._refresh()
         except grpc.RpcError as exc:
