@@ -15,6 +15,8 @@ import grpc
 import numpy as np
 
 from cipherfeed.checkpoint import Verifier
+from cipherfeed.client import history as history_store
+from cipherfeed.client.history import HistoryEntry, HistoryError, HistoryStore
 from cipherfeed.client.interest import Engagement, interest_vector
 from cipherfeed.client.keystore import KeyStoreError
 from cipherfeed.client.sdk import ClientError, EncryptedScores, RecommenderClient
@@ -37,14 +39,25 @@ def _client(args: argparse.Namespace) -> RecommenderClient:
     return RecommenderClient(config)
 
 
-def creator_history(client: RecommenderClient, account_id: str) -> list[Engagement]:
-    """A dataset creator's own listed videos as their engagement history (newest first)."""
+def creator_history(client: RecommenderClient, account_id: str) -> list[HistoryEntry]:
+    """A dataset creator's own listed videos as likes, newest first, mapped through the manifest."""
     manifest = client.manifest()
-    indices = manifest.items_of_creator(account_id)
+    start = history_store.now()
     return [
-        Engagement(item_id=manifest.item_ids[i], watched=1.0, liked=True, recency_rank=rank)
-        for rank, i in enumerate(indices)
+        HistoryEntry(item_id=manifest.item_ids[i], kind="like", unix=start - rank)
+        for rank, i in enumerate(client.items_of_creator(account_id))
     ]
+
+
+def device_history(client: RecommenderClient, user: str) -> tuple[list[Engagement], bool]:
+    """The user's history from the device store, seeded from their own videos when empty."""
+    store = HistoryStore(client.config.home / "history")
+    entries = store.entries(user)
+    seeded = not entries
+    if seeded:
+        store.add(user, creator_history(client, user))
+        entries = store.entries(user)
+    return history_store.engagements(entries), seeded
 
 
 def print_feed(items: list, out: object = sys.stdout) -> None:
@@ -62,7 +75,13 @@ def recommend(client: RecommenderClient, account_id: str, k: int, per_creator: i
         )
     key_id = client.register()
     print(f"rotation keys registered with the key service as {key_id[:16]}…", file=sys.stderr)
-    history = creator_history(client, account_id)
+    history, seeded = device_history(client, account_id)
+    where = client.config.home / "history"
+    print(
+        f"history of {account_id}: {len(history)} engagements on this device ({where})"
+        + (", seeded with the creator's own videos" if seeded else ""),
+        file=sys.stderr,
+    )
     t0 = time.perf_counter()
     feed, scored = client.recommend(history, k=k, per_creator_cap=per_creator)
     elapsed = 1e3 * (time.perf_counter() - t0)
@@ -97,6 +116,53 @@ def load_receipt(home: Path, receipt_id: str) -> Receipt | None:
 def cmd_recommend(args: argparse.Namespace) -> int:
     with _client(args) as client:
         recommend(client, args.user, args.k, args.per_creator)
+    return 0
+
+
+def _parse_time(raw: str | None) -> int:
+    if raw is None:
+        return history_store.now()
+    if raw.isdigit():
+        return int(raw)
+    from datetime import datetime, timezone
+
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        raise HistoryError(f"--at {raw!r} is neither Unix seconds nor an ISO 8601 time") from None
+    return int((when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp())
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    store = HistoryStore((args.home or ClientConfig.from_env().home) / "history")
+    if args.history_command == "show":
+        from datetime import datetime, timezone
+
+        entries = store.entries(args.user)
+        for e in entries:
+            when = datetime.fromtimestamp(e.unix, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+            print(f"{when}  {e.kind:<7}  {e.item_id}")
+        print(f"{len(entries)} engagements of {args.user} in {store.path(args.user)}", file=sys.stderr)
+        return 0
+    if args.history_command == "clear":
+        removed = store.clear(args.user)
+        print(f"history of {args.user} {'cleared' if removed else 'was already empty'}", file=sys.stderr)
+        return 0
+    when = _parse_time(args.at)
+    with _client(args) as client:  # ids and indices are checked against the manifest, on the device
+        manifest = client.manifest()
+        item_ids = []
+        for raw in args.items:
+            if args.index:
+                if not raw.isdigit() or int(raw) >= manifest.item_count:
+                    raise HistoryError(f"{raw!r} is not a catalogue index (0..{manifest.item_count - 1})")
+                item_ids.append(manifest.item_ids[int(raw)])
+            elif raw in manifest.index_of:
+                item_ids.append(raw)
+            else:
+                raise HistoryError(f"item {raw!r} is not in the catalogue of model {manifest.model_version[:16]}")
+    written = store.add(args.user, [HistoryEntry(item_id, args.kind, when) for item_id in item_ids])
+    print(f"added {written} {args.kind} engagements to the history of {args.user}", file=sys.stderr)
     return 0
 
 
@@ -266,9 +332,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"== private For-You feed for @{user}", file=sys.stderr)
             scored = recommend(client, user, args.k, args.per_creator)
             # Demo-only cross-check: the demo owns the server's model, a real client never does.
-            history = creator_history(client, user)
-            engaged = client.items(item_ids=[e.item_id for e in history], include_embedding=True)
-            u = interest_vector(np.array([list(i.embedding) for i in engaged]), history)
+            history, _ = device_history(client, user)
+            manifest = client.manifest()
+            u = interest_vector(model.embeddings[[manifest.index_of[e.item_id] for e in history]], history)
             again = client.score(u)
             clear = plaintext_scores(model.embeddings, u, model.popularity, model.popularity_weight)
             err = float(np.max(np.abs(again.scores - clear)))
@@ -312,10 +378,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     rec = sub.add_parser("recommend", help="a private feed for a dataset creator's engagement history")
-    rec.add_argument("--user", required=True, help="a dataset account_id; their own videos are the history")
+    rec.add_argument(
+        "--user", required=True, help="local user; an empty history is seeded with that dataset creator's own videos"
+    )
     rec.add_argument("-k", type=int, default=10)
     rec.add_argument("--per-creator", type=int, default=2, help="at most this many videos per creator")
     rec.set_defaults(func=cmd_recommend)
+
+    hist = sub.add_parser("history", help="the engagement history kept on this device (never sent in the clear)")
+    hist_sub = hist.add_subparsers(dest="history_command", required=True)
+    add = hist_sub.add_parser("add", help="record engagements with catalogue items")
+    add.add_argument("--user", required=True, help="local user name")
+    add.add_argument("items", nargs="+", help="item ids (or catalogue indices with --index)")
+    add.add_argument("--index", action="store_true", help="the items are catalogue indices of the serving model")
+    add.add_argument("--kind", choices=sorted(history_store.KIND_WEIGHT), default="watch")
+    add.add_argument("--at", help="when: Unix seconds or ISO 8601 (default now)")
+    for name, text in (("show", "list the stored engagements"), ("clear", "delete the user's history")):
+        p = hist_sub.add_parser(name, help=text)
+        p.add_argument("--user", required=True, help="local user name")
+    hist.set_defaults(func=cmd_history)
 
     keys = sub.add_parser("keys", help="client key management")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -351,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:
         print(f"cipherfeed: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 3
-    except (ClientError, KeyStoreError, ConfigError, ValueError, OSError) as exc:
+    except (ClientError, KeyStoreError, HistoryError, ConfigError, ValueError, OSError) as exc:
         print(f"cipherfeed: {exc}", file=sys.stderr)
         return 2
 

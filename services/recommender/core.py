@@ -6,13 +6,14 @@ import functools
 import hashlib
 import logging
 import secrets
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from cipherfeed import heap
+from cipherfeed import heap, manifest
 from cipherfeed.cache import Cache, Keys, WriteBehind
 from cipherfeed.config import GrpcLimits, RedisConfig
 from cipherfeed.errors import (
@@ -92,6 +93,13 @@ class ItemView:
 
 
 @dataclass(frozen=True)
+class EncodedManifest:
+    model_version: str
+    encoded: bytes
+    sha256: bytes
+
+
+@dataclass(frozen=True)
 class KeyLimits:
     max_count: int
     max_bytes: int
@@ -140,6 +148,8 @@ class RecommenderCore:
             self.codec, self.installed, self.cache, self.redis_config, keyservice, keyservice_deadline
         )
         self._index = {item_id: i for i, item_id in enumerate(model.item_ids)}
+        self._manifest: EncodedManifest | None = None
+        self._manifest_lock = threading.Lock()
         self.receipts = receipts
         if receipts is not None:  # the log records which model served from when
             receipts.put(ModelRecord(self.model_version, model.created_by, model.item_count, _now_ms()))
@@ -268,6 +278,36 @@ class RecommenderCore:
             receipt_unix_millis=when,
         )
 
+    def manifest(self, pinned_model: str = "") -> EncodedManifest:
+        """The catalogue manifest of the serving model, encoded on first use (a 1M-item catalogue
+        takes seconds, which a server that is never asked for it should not pay at start)."""
+        if pinned_model and pinned_model != self.model_version:
+            raise ModelMismatchError(
+                f"manifest of model {pinned_model[:16]} requested; this recommender serves {self.model_version[:16]}"
+            )
+        with self._manifest_lock:
+            if self._manifest is None:
+                m = self.model
+                t0 = time.perf_counter()
+                encoded = manifest.encode(
+                    self.model_version,
+                    m.item_ids,
+                    m.creator_index,
+                    m.creator_ids,
+                    m.creator_nicknames,
+                    m.posted_unix,
+                    m.popularity,
+                )
+                self._manifest = EncodedManifest(self.model_version, encoded, hashlib.sha256(encoded).digest())
+                log.info(
+                    "catalogue manifest: %d items in %d bytes (%.1f B/item), encoded in %.2f s",
+                    m.item_count,
+                    len(encoded),
+                    len(encoded) / max(1, m.item_count),
+                    time.perf_counter() - t0,
+                )
+            return self._manifest
+
     def items(self, indices: list[int], item_ids: list[str], include_embedding: bool) -> list[ItemView]:
         if len(indices) + len(item_ids) > MAX_ITEMS_PER_REQUEST:
             raise OversizeError(
@@ -303,9 +343,8 @@ class RecommenderCore:
 
 
 def item_url(creator_id: str, item_id: str) -> str:
-    if creator_id.startswith("syn-"):
-        return f"synthetic://{creator_id}/{item_id}"
-    return f"https://www.tiktok.com/@{creator_id}/video/{item_id}"
+    template = manifest.SYNTHETIC_URL if creator_id.startswith("syn-") else manifest.TIKTOK_URL
+    return template.format(creator_id=creator_id, item_id=item_id)
 
 
 def _frame_profile(key_id: str, version: int, query: bytes) -> bytes:

@@ -36,12 +36,15 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     @grpc_errors
     def GetModelInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
         m = self.core.model
+        manifest = self.core.manifest()
         return common_pb2.ModelVersion(
             version=self.core.model_version,
             created_by=m.created_by,
             item_count=m.item_count,
             embedding_dim=m.dim,
             popularity_weight=m.popularity_weight,
+            manifest_sha256=manifest.sha256,
+            manifest_bytes=len(manifest.encoded),
         )
 
     @grpc_errors
@@ -98,10 +101,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
 
     @grpc_errors
     def GetCatalogueManifest(self, request: Any, context: grpc.ServicerContext) -> Any:
-        m = self.core.model
+        manifest = self.core.manifest(pinned_model=request.model_version)
         return recommender_pb2.CatalogueManifest(
-            model_version=self.core.model_version,
-            item_ids=m.item_ids,
-            creator_index=m.creator_index.tolist(),
-            creator_ids=m.creator_ids,
+            model_version=manifest.model_version, encoded=manifest.encoded, sha256=manifest.sha256
         )

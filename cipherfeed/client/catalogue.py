@@ -1,0 +1,63 @@
+"""The device's copy of the catalogue manifest: one file per model version under the client home.
+
+A manifest is public, but which version a device holds is not the server's business beyond the
+one download per model; so the cache is keyed by model version and every read is checked
+against the digest the recommender publishes with its model info. A cached file that does not
+match (corrupt, truncated, tampered with) is discarded and downloaded again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from cipherfeed.manifest import Manifest, ManifestError, decode
+
+_VERSION = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ManifestCache:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def path(self, model_version: str) -> Path:
+        if not _VERSION.match(model_version):
+            raise ManifestError(f"model version {model_version[:80]!r} is not a lowercase hex SHA-256")
+        return self.directory / f"{model_version}.cfmanifest"
+
+    def load(self, model_version: str, sha256: bytes) -> Manifest | None:
+        """The cached manifest of ``model_version`` if present and matching ``sha256``."""
+        path = self.path(model_version)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            found = decode(data, expected_sha256=sha256)
+        except ManifestError:
+            path.unlink(missing_ok=True)  # corrupt or stale: download again
+            return None
+        return found if found.model_version == model_version else None
+
+    def store(self, model_version: str, data: bytes) -> Path:
+        """Writes atomically (temp file + rename), so a crash never leaves a half manifest."""
+        path = self.path(model_version)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".manifest-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def versions(self) -> list[str]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.stem for p in self.directory.glob("*.cfmanifest") if _VERSION.match(p.stem))
