@@ -11,12 +11,23 @@ def test_baby_and_giant_steps_reach_every_offset_exactly_once():
         reached = [base + step for base in reached for step in [0, *level]]
     offsets = [g * MESH_PARAMS.baby_steps + b for g in range(MESH_PARAMS.giant_steps) for b in reached]
     assert sorted(offsets) == list(range(MESH_PARAMS.padded_dim))
-    assert MESH_PARAMS.rotation_indices == [1, 2, 3, 4, 8, 12, 16]
+    assert MESH_PARAMS.rotation_indices == [1, 2, 3, 4, 8, 12, 16, 64, 256, 1024]
+
+
+def test_the_history_fold_sums_every_period_once():
+    assert MESH_PARAMS.history_fold_levels() == [(64, 3), (256, 3), (1024, 3)]
+    widths = [MESH_PARAMS.padded_dim]
+    for step, rotations in HEParams(ring_dimension=16384).history_fold_levels():
+        assert step == widths[-1]
+        widths.append(step * (rotations + 1))
+    assert widths[-1] == 8192  # 64 -> 256 -> 1024 -> 4096 -> 8192: the last level is binary
+    assert MESH_PARAMS.conjugation_index == 16383
 
 
 def test_radix_and_baby_steps_trade_keys_for_work():
-    assert HEParams(rotation_radix=64, baby_steps=64).rotation_indices == list(range(1, 64))
-    assert HEParams(rotation_radix=2).rotation_indices == [1, 2, 4, 8, 16]
+    fold = [64, 256, 1024]
+    assert HEParams(rotation_radix=64, baby_steps=64).rotation_indices == list(range(1, 64)) + fold
+    assert HEParams(rotation_radix=2).rotation_indices == [1, 2, 4, 8, 16, *fold]
     assert HEParams(baby_steps=64).giant_steps == 1
     with pytest.raises(ParameterError, match="does not reach"):
         HEParams(rotation_radix=3)

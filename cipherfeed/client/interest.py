@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,3 +41,25 @@ def interest_vector(embeddings: np.ndarray, engagements: list[Engagement]) -> np
     if norm == 0:
         raise ValueError("engaged items' embeddings cancel out")
     return u / norm
+
+
+def history_weights(engagements: list[Engagement], index_of: Mapping[str, int], item_count: int) -> np.ndarray:
+    """The device's history as weights over catalogue indices (from the public manifest), summing
+    to 1: what it encrypts and uploads (``RecommenderClient.upload_history``). Engagements with
+    items the catalogue no longer lists are skipped."""
+    w = np.zeros(item_count)
+    for e in engagements:
+        i = index_of.get(e.item_id)
+        if i is not None and 0 <= i < item_count:
+            w[i] += max(e.weight, 0.0)
+    total = float(w.sum())
+    if not total > 0:
+        raise ValueError("no engagement with a catalogue item has a positive weight")
+    return w / total
+
+
+def history_interest(embeddings: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The plaintext twin of the encrypted history profile: ``u = X^T w``, the weighted *mean*
+    embedding (not unit: the server cannot normalise under encryption; weights sum to 1, so
+    ``|u| <= 1`` and the prior keeps its scale). Scores are ``X u + weight * popularity``."""
+    return np.asarray(weights, dtype=np.float64) @ np.asarray(embeddings, dtype=np.float64)

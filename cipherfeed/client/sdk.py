@@ -56,6 +56,22 @@ def encrypt_query(keys: ClientKeys, u: np.ndarray) -> bytes:
     return serialize(keys.cc.Encrypt(keys.public_key, keys.cc.MakeCKKSPackedPlaintext(slots)))
 
 
+def encrypt_history(keys: ClientKeys, weights: np.ndarray) -> list[bytes]:
+    """The serialized history: weights over catalogue indices (normalised to sum to 1), one
+    ciphertext per block in the score layout, encrypted under ``keys``."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError("history weights must be a vector of finite, non-negative values")
+    total = float(w.sum())
+    if not total > 0:
+        raise ValueError("history weights are all zero")
+    p = keys.params
+    return [
+        serialize(keys.cc.Encrypt(keys.public_key, keys.cc.MakeCKKSPackedPlaintext(v)))
+        for v in packing.history_blocks(w / total, p.slots)
+    ]
+
+
 def params_from_proto(p: common_pb2.HEParameters) -> HEParams:
     """The server's published parameters, refused unless 128-bit secure and self-consistent."""
     try:
@@ -93,6 +109,8 @@ class RecommenderClient:
         self.key_id: str | None = None
         self.key_version: int = 0
         self._profile: tuple[bytes, str] | None = None  # (query sha256, profile_ref)
+        self._histories: dict[str, bytes] = {}  # profile_ref -> SHA-256 the receipt names
+        self._history: tuple[bytes, str] | None = None  # (weights digest, profile_ref) of the last upload
         self._manifest: Manifest | None = None  # per model version; refreshed when the model changes
         self.manifests = ManifestCache(config.home / "manifests")
         self.manifest_downloads = 0  # how many manifests this client fetched (the rest came from disk)
@@ -169,6 +187,7 @@ class RecommenderClient:
         self.keys = new_keys
         self.key_version = record.key.version
         self._profile = None
+        self._history = None
         return self.key_version
 
     @staticmethod
@@ -218,6 +237,50 @@ class RecommenderClient:
             request = recommender_pb2.ScoreRequest(key=self._key_ref(), profile_ref=ref, model_version=pin_model)
             try:
                 return self._decrypt(self.stub.Score(request, timeout=self._deadline), query_sha, 0)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND or attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def upload_history(self, weights: np.ndarray, pin_model: str = "") -> str:
+        """Encrypts the history (weights over catalogue indices, one per item of the serving
+        catalogue; normalised here to sum to 1) and uploads it; the server computes the encrypted
+        interest vector ``u = X^T w`` from it. Returns the profile reference to score by."""
+        blobs = encrypt_history(self._require_keys(), weights)
+        reply = self.stub.UploadHistory(
+            recommender_pb2.UploadHistoryRequest(
+                key=self._key_ref(), history_ciphertexts=blobs, model_version=pin_model
+            ),
+            timeout=self._deadline,
+        )
+        if len(self._histories) >= 64:  # a few live references; the oldest are forgotten
+            self._histories.pop(next(iter(self._histories)))
+        self._histories[reply.profile_ref] = ciphertext_sha256(blobs)
+        return reply.profile_ref
+
+    def score_profile(
+        self, profile_ref: str, pin_model: str = "", query_sha256: bytes | None = None
+    ) -> EncryptedScores:
+        """Scores an uploaded history (or profile) by reference. The answer must name what was
+        uploaded: ``query_sha256`` (``codec.ciphertext_sha256`` of the history ciphertexts), known
+        here for references this client uploaded. NOT_FOUND once it expired: upload again."""
+        expected = query_sha256 or self._histories.get(profile_ref)
+        if expected is None and self._profile is not None and self._profile[1] == profile_ref:
+            expected = self._profile[0]
+        if expected is None:
+            raise ClientError("unknown profile reference: pass the SHA-256 of what was uploaded")
+        request = recommender_pb2.ScoreRequest(key=self._key_ref(), profile_ref=profile_ref, model_version=pin_model)
+        return self._decrypt(self.stub.Score(request, timeout=self._deadline), expected, 0)
+
+    def score_history(self, weights: np.ndarray, pin_model: str = "") -> EncryptedScores:
+        """Scores a history, uploading it only when these weights were not uploaded already (or
+        the reference expired)."""
+        digest = hashlib.sha256(np.ascontiguousarray(weights, dtype=np.float64).tobytes()).digest()
+        for attempt in range(2):
+            if self._history is None or self._history[0] != digest or attempt:
+                self._history = (digest, self.upload_history(weights, pin_model))
+            try:
+                return self.score_profile(self._history[1], pin_model)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND or attempt:
                     raise

@@ -59,11 +59,19 @@ def filed_tags() -> list[str]:
 def generate_serialized(
     cc: openfhe.CryptoContext, secret_key: openfhe.PrivateKey, indices: list[int], tag: str
 ) -> bytes:
-    """Generates rotation keys, returns them serialized, and leaves nothing in the map, all under
-    the write lock (``EvalRotateKeyGen`` writes to the same unlocked map evaluations read)."""
+    """Generates rotation keys and the conjugation key (the mesh's key set), returns them
+    serialized as one map, and leaves nothing in the map, all under the write lock
+    (``EvalRotateKeyGen`` writes to the same unlocked map evaluations read)."""
     with EVAL_KEY_LOCK.write():
         cc.EvalRotateKeyGen(secret_key, indices)
         try:
+            # InsertEvalAutomorphismKey merges into the tag's map: one map holds both kinds.
+            cc.InsertEvalAutomorphismKey(cc.EvalAutomorphismKeyGen(secret_key, [conjugation_index(cc)]), tag)
             return openfhe.Serialize(cc.GetEvalAutomorphismKeyMap(tag), openfhe.BINARY)
         finally:
             _rebuild(cc)
+
+
+def conjugation_index(cc: openfhe.CryptoContext) -> int:
+    """The automorphism X -> X^(2N-1): complex conjugation of every slot."""
+    return 2 * cc.GetRingDimension() - 1

@@ -83,5 +83,10 @@ def validate(codec: MaterialCodec, material: KeyMaterial) -> None:
                     f"rotation keys do not cover the required indices {codec.params.rotation_indices}"
                     f" ({type(exc).__name__})"
                 ) from None
+            try:
+                conjugation = codec.params.conjugation_index
+                cc.EvalAutomorphism(probe, conjugation, cc.GetEvalAutomorphismKeyMap(tag))
+            except Exception as exc:
+                raise MaterialError(f"rotation keys lack the conjugation key ({type(exc).__name__})") from None
     finally:
         remove(codec, tag)

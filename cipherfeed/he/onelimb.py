@@ -10,6 +10,7 @@ version) raises, so a change in OpenFHE's format fails loudly instead of being m
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import numpy as np
@@ -28,49 +29,54 @@ class OneLimbLayout:
     Where they sit depends on the key tag's length and on whether the ciphertext's parameters are
     written in full or by reference (they are in full for polynomials that came from a
     deserialization), so each serialization length is scanned once and remembered; every later
-    blob of that length is checked for the length words at the remembered offsets."""
+    blob of that length is checked for the length words at the remembered offsets.
 
-    def __init__(self, ring_dimension: int) -> None:
+    ``vectors`` = 2 * limbs: a ciphertext of L limbs holds c0's L limb vectors, then c1's
+    (history profiles use the two-limb form, ``vectors=4``)."""
+
+    def __init__(self, ring_dimension: int, vectors: int = 2) -> None:
         self.ring_dimension = ring_dimension
-        self._offsets: dict[int, tuple[int, int]] = {}
+        self.vectors = vectors
+        self._offsets: dict[int, tuple[int, ...]] = {}
 
     @classmethod
-    def learn(cls, reference: bytes, ring_dimension: int) -> OneLimbLayout:
-        layout = cls(ring_dimension)
+    def learn(cls, reference: bytes, ring_dimension: int, vectors: int = 2) -> OneLimbLayout:
+        layout = cls(ring_dimension, vectors)
         layout.offsets(reference)
         return layout
 
-    def _valid(self, blob: bytes, starts: tuple[int, int]) -> bool:
+    def _valid(self, blob: bytes, starts: tuple[int, ...]) -> bool:
         return (
-            all(
+            len(starts) == self.vectors
+            and all(
                 start >= 8
                 and start + 8 * self.ring_dimension <= len(blob)
                 and struct.unpack_from("<Q", blob, start - 8)[0] == self.ring_dimension
                 for start in starts
             )
-            and starts[1] - starts[0] >= 8 * self.ring_dimension
+            and all(b - a >= 8 * self.ring_dimension for a, b in itertools.pairwise(starts))
         )
 
-    def offsets(self, blob: bytes) -> tuple[int, int]:
-        """Where c0's and c1's words start in ``blob``."""
+    def offsets(self, blob: bytes) -> tuple[int, ...]:
+        """Where each vector's words start in ``blob`` (c0 and c1 for one limb)."""
         known = self._offsets.get(len(blob))
         if known is not None and self._valid(blob, known):
             return known
-        runs = [start for start, n in wire.find_runs(blob, (self.ring_dimension,)) if n == self.ring_dimension]
-        if len(runs) != 2 or not self._valid(blob, (runs[0], runs[1])):
-            raise LayoutError(f"expected 2 polynomials of {self.ring_dimension} words, found {len(runs)}")
+        runs = tuple(start for start, n in wire.find_runs(blob, (self.ring_dimension,)) if n == self.ring_dimension)
+        if not self._valid(blob, runs):
+            raise LayoutError(f"expected {self.vectors} vectors of {self.ring_dimension} words, found {len(runs)}")
         if len(self._offsets) < 64:  # a handful of lengths occur; never grow without bound
-            self._offsets[len(blob)] = (runs[0], runs[1])
-        return runs[0], runs[1]
+            self._offsets[len(blob)] = runs
+        return runs
 
     def read(self, blob: bytes, out: Words) -> None:
-        """Copies c0 and c1 into ``out`` (shape (2, n))."""
+        """Copies the vectors into ``out`` (shape (vectors, n): c0 and c1 for one limb)."""
         for c, start in enumerate(self.offsets(blob)):
             out[c] = np.frombuffer(blob, dtype="<u8", count=self.ring_dimension, offset=start)
 
     def write(self, template: bytes, polys: Words) -> bytes:
-        """``template`` (a one-limb serialization: its header, level, scale and key tag are kept)
-        with c0 and c1 replaced by ``polys`` (shape (2, n))."""
+        """``template`` (a serialization of this layout: its header, level, scale and key tag are
+        kept) with its vectors replaced by ``polys`` (shape (vectors, n))."""
         blob = bytearray(template)
         for c, start in enumerate(self.offsets(template)):
             np.frombuffer(blob, dtype="<u8", count=self.ring_dimension, offset=start)[:] = polys[c]

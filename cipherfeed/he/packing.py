@@ -11,6 +11,15 @@ times, piece ``h`` of it in slot ``h * w + (c + h * dp / F) mod w`` (``w = slots
 first ``dp / F`` diagonals alone sum its dimensions ``h * dp / F ..`` onwards. The block then needs
 1/F of the products and no giant-step rotations, and the client adds the F partial sums of each
 item after decryption (``unfold_scores``).
+
+A *history* (weights ``w`` over catalogue items, encrypted on the device) uses the score layout:
+block ``b`` holds ``w[b*2S + j] + i * w[b*2S + j + S]`` in slot ``j`` (``history_blocks``). The
+server multiplies it by the *conjugate* diagonals ``history_diagonals``: plaintext ``k`` holds
+``(X[j, (j - k) mod dp] - i * X[j + S, (j - k) mod dp]) / 2`` in slot ``j``, so the real part of
+the product is half of ``w_j X[j, d] + w_{j+S} X[j+S, d]`` with ``d = (j - k) mod dp``; rotating
+product ``k`` by ``k`` puts dimension ``j mod dp`` in slot ``j``, summing the ``S / dp`` periods
+puts every item's contribution there, and adding the complex conjugate doubles the real part and
+cancels the imaginary one: ``u = X^T w`` repeated across all slots, the layout of a query.
 """
 
 from __future__ import annotations
@@ -140,3 +149,28 @@ def unpack_scores(
 def plaintext_scores(embeddings: FloatArray, u: FloatArray, popularity: FloatArray, weight: float) -> FloatArray:
     """What the encrypted computation approximates: ``X u + weight * popularity``."""
     return embeddings.astype(np.float64) @ np.asarray(u, dtype=np.float64) + weight * popularity
+
+
+def history_blocks(weights: npt.ArrayLike, slots: int) -> list[ComplexArray]:
+    """A weight vector over the catalogue as the slot vectors of its history ciphertexts."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or w.shape[0] < 1:
+        raise ValueError(f"history weights must be a non-empty vector, got shape {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("history weights contain NaN or infinity")
+    per_block = 2 * slots
+    return [block_values(w[start : start + per_block], slots) for start in range(0, w.shape[0], per_block)]
+
+
+def history_diagonals(block: FloatArray, padded_dim: int, slots: int) -> ComplexArray:
+    """The ``padded_dim`` conjugate diagonals (shape ``(padded_dim, slots)``) of one block for a
+    history product: row ``k`` holds ``(X[j, (j - k) mod dp] - i X[j + slots, (j - k) mod dp]) / 2``."""
+    rows, dim = block.shape
+    if rows > 2 * slots or dim > padded_dim:
+        raise ValueError(f"block of shape {block.shape} does not fit {2 * slots} items x {padded_dim} dims")
+    full = np.zeros((2 * slots, padded_dim))
+    full[:rows, :dim] = block
+    j = np.arange(slots)
+    cols = (j[None, :] - np.arange(padded_dim)[:, None]) % padded_dim  # (k, j) -> (j - k) mod dp
+    diagonals: ComplexArray = 0.5 * (full[j[None, :], cols] - 1j * full[slots + j[None, :], cols])
+    return diagonals

@@ -15,8 +15,11 @@ Chosen by measurement on a 2-core machine (README, "Parameter choice"):
   slower. COMPLEX data: two items per slot (real and imaginary part).
 * Rotations: the scorer needs the query rotated by 0..15 (baby steps, a radix-4 tree of hoisted
   rotations: keys 1, 2, 3, 4, 8, 12) and partial sums rotated by 16 (giant steps, applied
-  Horner-style, so 32 and 48 need no keys of their own). A client generates 7 rotation keys
-  (~11 MB) instead of 63 (~100 MB).
+  Horner-style, so 32 and 48 need no keys of their own).
+* History profiles (``services/recommender/history``) sum every slot's contribution over the
+  ``slots / padded_dim`` periods with a radix-4 fold (keys 64, 256, 1024: three Horner rotations
+  per level) and take the real part with one conjugation key. A client generates 10 rotation keys
+  and the conjugation key (~17.3 MB) instead of 63 (~100 MB).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class HEParams:
     embedding_dim: int = 64
     rotation_radix: int = 4
     baby_steps: int = 16
+    history_fold_radix: int = 4
 
     def __post_init__(self) -> None:
         if self.security_level not in ALLOWED_SECURITY_LEVELS:
@@ -68,6 +72,8 @@ class HEParams:
             reached = {base + step for base in reached for step in [0, *level]}
         if reached != set(range(self.baby_steps)):
             raise ParameterError(f"a radix-{self.rotation_radix} tree does not reach {self.baby_steps} baby steps")
+        if self.history_fold_radix < 2:
+            raise ParameterError("history fold radix must be at least 2")
 
     @property
     def slots(self) -> int:
@@ -104,12 +110,32 @@ class HEParams:
         """Scores must stay below this in magnitude to decrypt correctly (q0 / 2 over the scale)."""
         return 2.0 ** (self.first_mod_bits - 1 - self.scaling_mod_bits)
 
+    def history_fold_levels(self) -> list[tuple[int, int]]:
+        """(step, rotations) of each level of the fold that sums a history profile's
+        ``slots / padded_dim`` periods: level by level, ``x <- x + rot(x + rot(x + ..., s), s)``
+        with ``rotations`` Horner rotations by ``s``, multiplying the summed width by
+        ``rotations + 1`` (the radix, or what is left of the period count at the last level)."""
+        levels: list[tuple[int, int]] = []
+        width = self.padded_dim
+        while width < self.slots:
+            factor = min(self.history_fold_radix, self.slots // width)
+            levels.append((width, factor - 1))
+            width *= factor
+        return levels
+
+    @property
+    def conjugation_index(self) -> int:
+        """OpenFHE's automorphism index of complex conjugation (X -> X^(2N-1))."""
+        return 2 * self.ring_dimension - 1
+
     @property
     def rotation_indices(self) -> list[int]:
-        """The rotation keys a client generates: the baby-step tree's and the giant step."""
+        """The rotation keys a client generates: the baby-step tree's, the giant step and the
+        history fold's (the conjugation key comes with them, see ``conjugation_index``)."""
         indices = {k for level in self.baby_levels() for k in level}
         if self.giant_steps > 1:
             indices.add(self.baby_steps)
+        indices.update(step for step, _ in self.history_fold_levels())
         return sorted(indices)
 
 

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import openfhe
 
 from cipherfeed import heap, manifest
 from cipherfeed.cache import Cache, Keys, WriteBehind
@@ -26,12 +27,14 @@ from cipherfeed.errors import (
     echo,
 )
 from cipherfeed.he import rnsmac, wire
-from cipherfeed.he.codec import MaterialCodec, OrderedDigest, ciphertext_sha256
+from cipherfeed.he.codec import MaterialCodec, MaterialError, OrderedDigest, ciphertext_sha256, serialize
 from cipherfeed.he.params import HEParams
+from cipherfeed.keystate import KeyStatus
 from cipherfeed.receipts import ModelRecord, Receipt
 from cipherfeed.v1 import common_pb2, keyservice_pb2_grpc
 from services.recommender.artifact import ModelArtifact
 from services.recommender.evalkeys import InstalledKeys, KeyResolver
+from services.recommender.history import HistoryError, HistoryProjector, HistoryRecord, catalogue_sha256
 from services.recommender.receipts import ReceiptSpool
 from services.recommender.scoring import EncryptedScorer
 
@@ -141,6 +144,16 @@ class RecommenderCore:
             "" if self.scorer.kernel == "native" else f": {rnsmac.IMPORT_ERROR}",
         )
         t0 = time.perf_counter()
+        self.history = HistoryProjector(model, params, self.pool)
+        self.catalogue_sha256 = catalogue_sha256(model.item_ids)
+        log.info(
+            "history projection: %d blocks, %d input rotations, %s kernel, encoded in %.1f s",
+            self.history.block_count,
+            self.history.input_rotations,
+            self.history.kernel,
+            time.perf_counter() - t0,
+        )
+        t0 = time.perf_counter()
         self.codec.warm_up()
         log.info("learned the byte templates of queries and keys in %.1f s", time.perf_counter() - t0)
         self.installed = InstalledKeys(self.codec, key_limits.max_count, key_limits.max_bytes)
@@ -185,26 +198,100 @@ class RecommenderCore:
             raise Unavailable("the cache is unavailable; send the query inline", metadata={"dependency": "cache"})
         return profile_ref, int(time.time()) + self.redis_config.profile_ttl
 
-    def _profile(self, profile_ref: str, ref: common_pb2.KeyRef) -> tuple[bytes, int]:
+    def _profile(self, profile_ref: str, ref: common_pb2.KeyRef) -> tuple[bytes, int] | HistoryRecord:
         blob = self.cache.get(Keys.profile(profile_ref)) if profile_ref else None
         if blob is None:
             raise UnknownProfileError("profile expired or unknown; upload it again")
+        if blob.startswith(HISTORY_PREFIX):
+            try:
+                record = HistoryRecord.from_bytes(blob)
+            except HistoryError:
+                raise UnknownProfileError("stored history is unreadable; upload it again") from None
+            if record.key_id != ref.key_id:
+                raise InvalidArgument("the history was uploaded under another key")
+            if record.catalogue_sha256 != self.catalogue_sha256:
+                raise UnknownProfileError("the history indexes another catalogue; upload it again")
+            return record
         key_id, version, query = _unframe_profile(blob)
         if key_id != ref.key_id:
             raise InvalidArgument("the profile was uploaded under another key", reason=Reason.PROFILE_KEY_MISMATCH)
         return query, version
 
-    def score(
-        self, ref: common_pb2.KeyRef, query: bytes | None, profile_ref: str = "", pinned_model: str = ""
-    ) -> ScoreResult:
+    def upload_history(
+        self, ref: common_pb2.KeyRef, ciphertexts: list[bytes], pinned_model: str = ""
+    ) -> tuple[str, int, float]:
+        """Validates an encrypted history, projects it to E(u) and stores both in the cache;
+        returns (reference, expiry, projection milliseconds)."""
+        self._check_model(pinned_model)
+        if len(ciphertexts) != self.history.block_count:
+            raise InvalidArgument(
+                f"{len(ciphertexts)} history ciphertexts; this catalogue of {self.model.item_count} items"
+                f" takes {self.history.block_count}"
+            )
+        for blob in ciphertexts:
+            self._check_query_size(blob)
+        checked = self.keys.usable_version(ref)
+        loaded = [self._load_history(i, blob) for i, blob in enumerate(ciphertexts)]
+        if not self.cache.enabled:
+            raise Unavailable("histories are kept in the cache, and none is configured")
+        record = HistoryRecord(ref.key_id, checked[1], self.catalogue_sha256, tuple(ciphertexts))
+        started = time.perf_counter()
+        record, _ = self._project(record, loaded, checked)
+        millis = 1e3 * (time.perf_counter() - started)
+        profile_ref = secrets.token_urlsafe(24)
+        if not self.cache.set(Keys.profile(profile_ref), record.to_bytes(), self.redis_config.profile_ttl):
+            raise Unavailable("the cache is unavailable; upload the history again later")
+        return profile_ref, int(time.time()) + self.redis_config.profile_ttl, millis
+
+    def _load_history(self, i: int, blob: bytes) -> openfhe.Ciphertext:
+        try:
+            return self.codec.load_query(blob)
+        except MaterialError as exc:  # the same checks, and status, as a query's
+            raise MaterialError(f"history ciphertext {i}: {exc}") from None
+
+    def _project(
+        self, record: HistoryRecord, loaded: list[openfhe.Ciphertext], checked: tuple[KeyStatus, int]
+    ) -> tuple[HistoryRecord, openfhe.Ciphertext]:
+        """E(u) for the serving model, with the client's keys installed."""
+        version = checked[1]
+        for _ in range(3):  # the keys may be evicted between resolve and use: resolve again
+            tag, version = self.keys.resolve(common_pb2.KeyRef(key_id=record.key_id, version=version), checked)
+            with self.installed.use(tag) as present:
+                if present:
+                    for ct in loaded:
+                        ct.SetKeyTag(tag)
+                    profile, timing = self.history.project(loaded)
+                    break
+        else:
+            raise Unavailable("rotation keys were evicted repeatedly under load; retry")
+        log.info(
+            "projected a %d-block history for key %s v%d: inputs %.1f ms, products %.1f ms, rotations %.1f ms",
+            len(loaded),
+            record.key_id[:16],
+            version,
+            timing.inputs_ms,
+            timing.products_ms,
+            timing.rotations_ms,
+        )
+        return record.with_profile(self.model_version, serialize(profile)), profile
+
+    def _check_model(self, pinned_model: str) -> None:
         if pinned_model and pinned_model != self.model_version:
             raise ModelMismatchError(
                 f"model {pinned_model[:16]} requested; this recommender serves {self.model_version[:16]}",
                 metadata={"serving_model": self.model_version},
             )
+
+    def score(
+        self, ref: common_pb2.KeyRef, query: bytes | None, profile_ref: str = "", pinned_model: str = ""
+    ) -> ScoreResult:
+        self._check_model(pinned_model)
         started = time.perf_counter()
         if query is None:
-            query, profile_version = self._profile(profile_ref, ref)
+            stored = self._profile(profile_ref, ref)
+            if isinstance(stored, HistoryRecord):
+                return self._score_history(profile_ref, stored, started)
+            query, profile_version = stored
             ref = common_pb2.KeyRef(key_id=ref.key_id, version=profile_version)
         self._check_query_size(query)
         query_sha256 = hashlib.sha256(query).digest()
@@ -230,6 +317,53 @@ class RecommenderCore:
         result = self._result(blobs, query_sha256, started, ref.key_id, version, False, digest.digest())
         log.info(
             "scored %d items for key %s v%d: rotations %.1f ms, blocks %.1f ms, total %.1f ms",
+            self.model.item_count,
+            ref.key_id[:16],
+            version,
+            timing.rotations_ms,
+            timing.blocks_ms,
+            result.server_millis,
+        )
+        return result
+
+    def _score_history(self, profile_ref: str, record: HistoryRecord, started: float) -> ScoreResult:
+        """Scores a history profile: its E(u) under the serving model, projected again from the
+        stored E(w) first if another model made it (a model update needs no new upload)."""
+        ref = common_pb2.KeyRef(key_id=record.key_id, version=record.key_version)
+        query_sha256 = record.history_sha256
+        checked = self.keys.usable_version(ref)
+        version = checked[1]
+        result_key = Keys.result(self.model_version, ref.key_id, version, query_sha256.hex())
+        cached = self.results.get(result_key)
+        if cached is not None:
+            blobs = _unframe_blobs(cached)
+            return self._result(blobs, query_sha256, started, ref.key_id, version, from_cache=True)
+        profile = None
+        if record.model_version == self.model_version:
+            try:
+                profile = self.codec.load_query(record.profile)
+            except MaterialError:
+                log.warning("stored history profile %s does not load; projecting it again", profile_ref[:8])
+        if profile is None:
+            loaded = [self._load_history(i, blob) for i, blob in enumerate(record.history)]
+            record, profile = self._project(record, loaded, checked)
+            self.cache.set(Keys.profile(profile_ref), record.to_bytes(), self.redis_config.profile_ttl)
+        for _ in range(3):
+            tag, version = self.keys.resolve(ref, checked)
+            with self.installed.use(tag) as present:
+                if present:
+                    profile.SetKeyTag(tag)
+                    digest = OrderedDigest(self.scorer.block_count)
+                    blobs, timing = self.scorer.score(
+                        profile, finish=functools.partial(self._encode_scores, digest=digest), lifted=True
+                    )
+                    break
+        else:
+            raise Unavailable("rotation keys were evicted repeatedly under load; retry")
+        self.results.set(result_key, _frame_blobs(blobs), self.redis_config.result_ttl)
+        result = self._result(blobs, query_sha256, started, ref.key_id, version, False, digest.digest())
+        log.info(
+            "scored %d items by history for key %s v%d: rotations %.1f ms, blocks %.1f ms, total %.1f ms",
             self.model.item_count,
             ref.key_id[:16],
             version,
@@ -345,6 +479,9 @@ class RecommenderCore:
 def item_url(creator_id: str, item_id: str) -> str:
     template = manifest.SYNTHETIC_URL if creator_id.startswith("syn-") else manifest.TIKTOK_URL
     return template.format(creator_id=creator_id, item_id=item_id)
+
+
+HISTORY_PREFIX = b"CFHIST"
 
 
 def _frame_profile(key_id: str, version: int, query: bytes) -> bytes:

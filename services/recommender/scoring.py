@@ -198,7 +198,10 @@ class EncryptedScorer:
         return self.cc.MakeCKKSPackedPlaintext(values, 1, 1, None, self.params.slots)
 
     def _rotations(
-        self, query: openfhe.Ciphertext, lowered: Callable[[int, openfhe.Ciphertext], None] | None = None
+        self,
+        query: openfhe.Ciphertext,
+        lowered: Callable[[int, openfhe.Ciphertext], None] | None = None,
+        lifted: bool = False,
     ) -> list[openfhe.Ciphertext]:
         """rot(2^L query, k) for k < per_group, on two limbs, each rescaled to one limb (and
         handed to ``lowered(k, ct)`` in the task that made it).
@@ -209,7 +212,7 @@ class EncryptedScorer:
         12 and by 1, 2, 3 at once), its children submitted as soon as the precomputation is
         done, and its own rescale submitted before it starts, so neither thread waits for a level
         to finish (nor, at the root, for the first precomputation)."""
-        root = self.cc.EvalMultNoCheck(query, self._lift)
+        root = query if lifted else self.cc.EvalMultNoCheck(query, self._lift)
         roots = {0: root}
         for offset in range(self.params.baby_steps, self._per_group, self.params.baby_steps):
             root = self.cc.EvalRotate(root, self.params.baby_steps)
@@ -325,12 +328,16 @@ class EncryptedScorer:
         return [(start, self.params.ring_dimension) for start in self._layout.offsets(blob)]
 
     def score(
-        self, query: openfhe.Ciphertext, finish: Callable[[int, bytes], T] = lambda b, blob: blob
+        self,
+        query: openfhe.Ciphertext,
+        finish: Callable[[int, bytes], T] = lambda b, blob: blob,
+        lifted: bool = False,
     ) -> tuple[list[T], ScoreTiming]:
         """The serialized encrypted scores of every block, each passed through ``finish(b, blob)``
         (e.g. pack and hash) in the block's own task, so that it overlaps other blocks' work;
         rotation keys must be filed under the query's key tag (the caller holds the key
-        registry's read lock)."""
+        registry's read lock). ``lifted``: the query is already multiplied by 2^L (a history
+        profile, ``history.HistoryProjector``)."""
         t0 = time.perf_counter()
         if self.kernel == "native":
             n = self.params.ring_dimension
@@ -343,14 +350,14 @@ class EncryptedScorer:
                     product = self.cc.EvalMult(low, self._popularity[0])
                     first.append((serialize(product), self.cc.EvalSub(product, product)))
 
-            self._rotations(query, lowered)
+            self._rotations(query, lowered, lifted)
             template, zero = first[0]
 
             def block(b: int) -> T:
                 return finish(b, self._native_block_scores(b, words, template, zero))
 
         else:
-            rotations = self._rotations(query)
+            rotations = self._rotations(query, lifted=lifted)
 
             def block(b: int) -> T:
                 return finish(b, self._block(b, rotations))

@@ -53,6 +53,13 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         return recommender_pb2.ProfileRef(profile_ref=ref, expires_unix=expires)
 
     @grpc_errors
+    def UploadHistory(self, request: Any, context: grpc.ServicerContext) -> Any:
+        ref, expires, _ = self.core.upload_history(
+            request.key, list(request.history_ciphertexts), pinned_model=request.model_version
+        )
+        return recommender_pb2.ProfileRef(profile_ref=ref, expires_unix=expires)
+
+    @grpc_errors
     def Score(self, request: Any, context: grpc.ServicerContext) -> Any:
         which = request.WhichOneof("query")
         result = self.core.score(

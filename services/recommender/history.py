@@ -1,0 +1,397 @@
+"""History profiles: the interest vector computed under encryption, E(u) = X^T E(w).
+
+The device uploads its engagement weights ``w`` over catalogue indices, one ciphertext per block
+in the score layout (``packing.history_blocks``); the server never sees them or ``u``.
+
+Everything happens on the query's two limbs, with no level of its own, and the result is the
+*lifted* query the scorer makes from an inline query (``EncryptedScorer``: the query times the
+integer 2^L, rotated on two limbs): the history ciphertexts are fresh (scale 2^55), and the
+conjugate diagonals (``packing.history_diagonals``) are encoded at 2^L (the values times 2^(L-55)
+at the context's scale), so every product, and so ``u``, sits at 2^(55+L) on q0 q1, where the
+rotations' key-switching noise is negligible. The scorer then rescales it to one limb like any
+query, and a Score by profile costs what an inline Score costs, without the lift. The ciphertexts
+keep the query's metadata (level 0, scale degree 1): the products are summed over raw polynomials
+(``rnsmac``) or by OpenFHE with the degree reset, as ``EvalMultNoCheck`` by an integer would leave it.
+
+The evaluation, per history (``S`` slots, ``dp`` = 64 dimensions, ``B`` blocks):
+
+1. ``R`` input rotations per block (``R`` = 4 for up to ``ROTATE_INPUTS_MAX_BLOCKS`` blocks, else
+   1): rot(E(w_b), a) for a < R, hoisted (one precomputation per block).
+2. ``dp / R`` sums t_q = sum_{b, a} rot(E(w_b), a) * rot(P_{b, a + R q}, a): 64 B products per
+   limb in one kernel pass, accumulated over *all* blocks before any rotation (rotation is linear).
+3. sum_q rot(t_q, R q): Horner by 16 per residue, then the baby-step levels (keys 16; 1, 2, 3;
+   4, 8, 12): 63 rotations for R = 1, 15 for R = 4, whatever the catalogue size.
+4. The fold over the S / dp periods (radix 4, keys 64, 256, 1024: 9 rotations) and the real part
+   (one conjugation; the 1/2 is in the diagonals).
+
+The server holds no key of its own: every rotation uses the client's registered keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+import numpy as np
+import openfhe
+
+from cipherfeed.he import packing, rnsmac
+from cipherfeed.he.codec import ciphertext_sha256, serialize
+from cipherfeed.he.onelimb import OneLimbLayout
+from cipherfeed.he.params import HEParams, build_context
+from services.recommender.artifact import ModelArtifact
+from services.recommender.scoring import QUERY_LIFT_BITS
+
+# Below this many blocks, three hoisted input rotations per block (~3.5 ms) cost less than the
+# 48 output rotations (~2.2 ms each) they save.
+ROTATE_INPUTS_MAX_BLOCKS = 30
+# Input rotations run on the history lifted by 2^l (an integer product), so that their
+# key-switching noise (~1e-6 of a fresh ciphertext's scale, summed over every slot) shrinks by
+# 2^l, while the diagonals' encoding error grows by 2^l: l = 4 balances them (largest error in u
+# 5.7e-6 with l = 0, 4.9e-7 with 4, 6.6e-7 with 6, 2.9e-6 with 8; R = 1 needs no lift: 1.5e-8).
+INPUT_LIFT_BITS = 4
+# Products summed per kernel call: count * q must stay below 2^64 (q0 < 2^58).
+KERNEL_CHUNK = 32
+
+
+class HistoryError(ValueError):
+    """A history upload does not fit the serving catalogue."""
+
+
+@dataclass(frozen=True)
+class ProjectionTiming:
+    inputs_ms: float
+    products_ms: float
+    rotations_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        return self.inputs_ms + self.products_ms + self.rotations_ms
+
+
+class HistoryProjector:
+    """One model's conjugate diagonals on two limbs, and the projection E(w) -> E(u)."""
+
+    def __init__(
+        self,
+        model: ModelArtifact,
+        params: HEParams,
+        pool: ThreadPoolExecutor,
+        kernel: str = "auto",
+        input_rotations: int = 0,
+        lift_bits: int = QUERY_LIFT_BITS,
+        input_lift_bits: int = -1,
+    ) -> None:
+        if model.dim > params.padded_dim:
+            raise ValueError(f"model dimension {model.dim} exceeds the parameter set's {params.padded_dim}")
+        if params.baby_steps * params.giant_steps != params.padded_dim:
+            raise ValueError("the history tree needs the scorer's baby and giant steps to cover the period")
+        self.model = model
+        self.params = params
+        self.cc = build_context(params)
+        self._pool = pool
+        self._order = 2 * self.cc.GetRingDimension()
+        self.block_count = packing.block_count(model.item_count, params.items_per_ciphertext)
+        if kernel == "auto":
+            kernel = "native" if rnsmac.available() else "openfhe"
+        if kernel not in ("native", "openfhe"):
+            raise ValueError(f"unknown kernel {kernel!r}")
+        if kernel == "native" and not rnsmac.available():
+            raise RuntimeError("the native kernel was asked for but is not built")
+        self.kernel = kernel
+        if not input_rotations:
+            input_rotations = 4 if self.block_count <= ROTATE_INPUTS_MAX_BLOCKS else 1
+        if input_rotations not in (1, 4) or params.padded_dim % input_rotations:
+            raise ValueError(f"{input_rotations} input rotations are not supported (1 or 4)")
+        self.input_rotations = input_rotations
+        if input_lift_bits < 0:
+            input_lift_bits = INPUT_LIFT_BITS if input_rotations > 1 else 0
+        if not 0 <= input_lift_bits < lift_bits:
+            raise ValueError(f"input lift of {input_lift_bits} bits is outside 0..{lift_bits - 1}")
+        self._input_lift = 1 << input_lift_bits
+        # The inputs sit at 2^(55 + l) after their lift; the diagonals at 2^(L - l): products at 2^(55 + L).
+        self._diagonal_scale = 2.0 ** (lift_bits - input_lift_bits - params.scaling_mod_bits)
+        self.sums = params.padded_dim // input_rotations  # the t_q
+        self._moduli = _limb_moduli(self.cc)
+        n = params.ring_dimension
+        self._layout, self._unit = self._two_limb_reference()
+        columns = self.block_count * input_rotations
+        self._chunks = [(c, min(c + KERNEL_CHUNK, columns)) for c in range(0, columns, KERNEL_CHUNK)]
+        if kernel == "native":
+            # Per limb and chunk of (block, input rotation) columns: (sums, n, columns) in Montgomery form.
+            self._words = [
+                [np.empty((self.sums, n, hi - lo), dtype=np.uint64) for lo, hi in self._chunks] for _ in range(2)
+            ]
+            list(pool.map(self._native_block, range(self.block_count)))
+            for limb, chunks in enumerate(self._words):
+                for words in chunks:
+                    rnsmac.to_montgomery(words, self._moduli[limb])
+        else:
+            self._plaintexts: list[list[list[openfhe.Plaintext]]] = list(
+                pool.map(self._encode, range(self.block_count))
+            )
+
+    # -- the model's plaintexts --------------------------------------------------------------
+
+    def _encode(self, b: int) -> list[list[openfhe.Plaintext]]:
+        """[a][q]: rot(P_{b, a + R q}, a) on two limbs at 2^L (as values times 2^(L - 55))."""
+        p = self.params
+        start = b * p.items_per_ciphertext
+        block = self.model.embeddings[start : start + p.items_per_ciphertext].astype(np.float64)
+        diagonals = packing.history_diagonals(block * self._diagonal_scale, p.padded_dim, p.slots)
+        r = self.input_rotations
+        return [
+            [
+                self.cc.MakeCKKSPackedPlaintext(np.roll(diagonals[a + r * q], -a), 1, 0, None, p.slots)
+                for q in range(self.sums)
+            ]
+            for a in range(r)
+        ]
+
+    def _two_limb_reference(self) -> tuple[OneLimbLayout, openfhe.Ciphertext]:
+        """The serialization layout of a fresh (two-limb) ciphertext, and the ciphertext (1, 0)
+        on both limbs: its product with a plaintext *is* the plaintext's polynomial as OpenFHE
+        encoded it."""
+        kp = self.cc.KeyGen()
+        zeros = np.zeros(self.params.slots, dtype=np.complex128)
+        fresh = self.cc.Encrypt(kp.publicKey, self.cc.MakeCKKSPackedPlaintext(zeros))
+        reference = serialize(fresh)
+        layout = OneLimbLayout.learn(reference, self.params.ring_dimension, vectors=4)
+        polys = np.zeros((4, self.params.ring_dimension), dtype=np.uint64)
+        polys[:2] = 1  # c0 on limbs 0 and 1
+        loaded = openfhe.DeserializeCiphertextString(layout.write(reference, polys), openfhe.BINARY)
+        return layout, self.cc.EvalAdd(self.cc.EvalSub(fresh, fresh), loaded)
+
+    def _native_block(self, b: int) -> None:
+        n = self.params.ring_dimension
+        polys = np.empty((4, n), dtype=np.uint64)
+        for a, row in enumerate(self._encode(b)):
+            column = b * self.input_rotations + a
+            chunk = column // KERNEL_CHUNK
+            offset = column - self._chunks[chunk][0]
+            for q, pt in enumerate(row):
+                self._layout.read(serialize(self.cc.EvalMult(self._unit, pt)), polys)
+                for limb in (0, 1):
+                    self._words[limb][chunk][q, :, offset] = polys[limb]
+
+    # -- projection --------------------------------------------------------------------------
+
+    def _rotate(self, ct: openfhe.Ciphertext, step: int) -> openfhe.Ciphertext:
+        # A precomputation and a fast rotation: ~2.2 ms on two limbs, where EvalRotate takes ~5.
+        return self.cc.EvalFastRotation(ct, step, self._order, self.cc.EvalFastRotationPrecompute(ct))
+
+    def _inputs(self, history: list[openfhe.Ciphertext]) -> list[list[openfhe.Ciphertext]]:
+        """rot(E(w_b), a) for a < R, per block (hoisted)."""
+
+        def block(ct: openfhe.Ciphertext) -> list[openfhe.Ciphertext]:
+            if self._input_lift > 1:
+                ct = self.cc.EvalMultNoCheck(ct, self._input_lift)
+            if self.input_rotations == 1:
+                return [ct]
+            pre = self.cc.EvalFastRotationPrecompute(ct)
+            return [ct] + [self.cc.EvalFastRotation(ct, a, self._order, pre) for a in range(1, self.input_rotations)]
+
+        return list(self._pool.map(block, history))
+
+    def _sums_native(self, inputs: list[list[openfhe.Ciphertext]], tag: str) -> list[openfhe.Ciphertext]:
+        n = self.params.ring_dimension
+        template = serialize(inputs[0][0])
+        zero = self.cc.EvalSub(inputs[0][0], inputs[0][0])  # made by this context, under the tag
+        columns = [ct for row in inputs for ct in row]
+        words = [[np.empty((2, n, hi - lo), dtype=np.uint64) for lo, hi in self._chunks] for _ in range(2)]
+
+        def read(i: int) -> None:
+            polys = np.empty((4, n), dtype=np.uint64)
+            self._layout.read(serialize(columns[i]), polys)
+            chunk = i // KERNEL_CHUNK
+            offset = i - self._chunks[chunk][0]
+            for limb in (0, 1):
+                words[limb][chunk][0, :, offset] = polys[limb]
+                words[limb][chunk][1, :, offset] = polys[2 + limb]
+
+        list(self._pool.map(read, range(len(columns))))
+        sums = np.empty((2, self.sums, 2, n), dtype=np.uint64)  # limb, t_q, c0/c1, coefficient
+
+        def limb_sums(limb: int) -> None:
+            out = sums[limb]
+            for chunk, (ct_words, pt_words) in enumerate(zip(words[limb], self._words[limb], strict=True)):
+                rnsmac.multiply_accumulate(out, ct_words, pt_words, self._moduli[limb], out if chunk else None)
+
+        list(self._pool.map(limb_sums, (0, 1)))
+
+        def load(q: int) -> openfhe.Ciphertext:
+            polys = np.stack([sums[0, q, 0], sums[1, q, 0], sums[0, q, 1], sums[1, q, 1]])
+            ct = openfhe.DeserializeCiphertextString(self._layout.write(template, polys), openfhe.BINARY)
+            ct.SetKeyTag(tag)
+            return self.cc.EvalAdd(zero, ct)  # evaluates at full speed (see codec.vessel)
+
+        return list(self._pool.map(load, range(self.sums)))
+
+    def _sums_openfhe(self, inputs: list[list[openfhe.Ciphertext]], tag: str) -> list[openfhe.Ciphertext]:
+        scale = inputs[0][0].GetScalingFactor()
+
+        def one(q: int) -> openfhe.Ciphertext:
+            products = [
+                self.cc.EvalMult(ct, self._plaintexts[b][a][q])
+                for b, row in enumerate(inputs)
+                for a, ct in enumerate(row)
+            ]
+            total = self.cc.EvalAddMany(products) if len(products) > 1 else products[0]
+            # What EvalMultNoCheck by the integer 2^L leaves: the metadata of a query (see module doc).
+            total.SetNoiseScaleDeg(1)
+            total.SetScalingFactor(scale)
+            total.SetKeyTag(tag)
+            return total
+
+        return list(self._pool.map(one, range(self.sums)))
+
+    def _combine(self, sums: list[openfhe.Ciphertext]) -> openfhe.Ciphertext:
+        """sum_q rot(t_q, R q): Horner by the giant step per residue, then the baby levels."""
+        p = self.params
+        r = self.input_rotations
+        residues = list(range(0, p.baby_steps, r))
+
+        def horner(residue: int) -> openfhe.Ciphertext:
+            chain = [sums[(residue + g * p.baby_steps) // r] for g in range(p.giant_steps)]
+            total = chain[-1]
+            for partial in reversed(chain[:-1]):
+                total = self.cc.EvalAdd(partial, self._rotate(total, p.baby_steps))
+            return total
+
+        at = dict(zip(residues, self._pool.map(horner, residues), strict=True))
+        for level in reversed(p.baby_levels()):  # finest steps first
+            unit = level[0]
+            span = unit * (len(level) + 1)
+            groups: dict[int, list[tuple[int, openfhe.Ciphertext]]] = {}
+            for offset, ct in at.items():
+                groups.setdefault(offset - offset % span, []).append((offset % span, ct))
+
+            def join(members: list[tuple[int, openfhe.Ciphertext]]) -> openfhe.Ciphertext:
+                parts = [ct if step == 0 else self._rotate(ct, step) for step, ct in members]
+                return self.cc.EvalAddMany(parts) if len(parts) > 1 else parts[0]
+
+            at = dict(zip(groups, self._pool.map(join, groups.values()), strict=True))
+        (total,) = at.values()
+        return total
+
+    def _fold_real(self, ct: openfhe.Ciphertext, tag: str) -> openfhe.Ciphertext:
+        for step, rotations in self.params.history_fold_levels():
+            total = ct
+            for _ in range(rotations):
+                total = self.cc.EvalAdd(ct, self._rotate(total, step))
+            ct = total
+        keys = self.cc.GetEvalAutomorphismKeyMap(tag)
+        return self.cc.EvalAdd(ct, self.cc.EvalAutomorphism(ct, self.params.conjugation_index, keys))
+
+    def project(self, history: list[openfhe.Ciphertext]) -> tuple[openfhe.Ciphertext, ProjectionTiming]:
+        """E(u) (the lifted query: two limbs, level 0, scale degree 1, at 2^(55+L)) from the
+        validated history ciphertexts, one per block; the client's rotation and conjugation keys
+        are filed under their key tag (the caller holds the key registry's read lock)."""
+        if len(history) != self.block_count:
+            raise HistoryError(f"{len(history)} history ciphertexts for {self.block_count} catalogue blocks")
+        tag = history[0].GetKeyTag()
+        t0 = time.perf_counter()
+        inputs = self._inputs(history)
+        t1 = time.perf_counter()
+        sums = self._sums_native(inputs, tag) if self.kernel == "native" else self._sums_openfhe(inputs, tag)
+        t2 = time.perf_counter()
+        profile = self._fold_real(self._combine(sums), tag)
+        t3 = time.perf_counter()
+        return profile, ProjectionTiming(1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (t3 - t2))
+
+
+def _limb_moduli(cc: openfhe.CryptoContext) -> tuple[int, int]:
+    """(q0, q1). The binding gives q0 exactly but Q = q0 q1 only as a float; q1 is the one
+    number = 1 mod 2N within the float's error (a few units, far below 2N) of Q / q0, and it
+    must appear as a word in the serialized context."""
+    q0 = int(cc.GetModulusCKKS())
+    order = 2 * cc.GetRingDimension()
+    estimate = round(float(cc.GetModulus()) / q0)
+    q1 = estimate - (estimate - 1) % order
+    if estimate - q1 > order // 2:
+        q1 += order
+    if struct.pack("<Q", q1) not in serialize(cc):
+        raise RuntimeError("could not identify the context's second modulus; OpenFHE's API changed")
+    return q0, q1
+
+
+HISTORY_MAGIC = b"CFHIST1"
+
+
+@dataclass(frozen=True)
+class HistoryRecord:
+    """What the cache keeps for a history profile: the uploaded E(w) (to project again after a
+    model update), the catalogue it indexes, and E(u) under the model that projected it."""
+
+    key_id: str
+    key_version: int
+    catalogue_sha256: bytes
+    history: tuple[bytes, ...]
+    model_version: str = ""
+    profile: bytes = b""
+
+    @property
+    def history_sha256(self) -> bytes:
+        """What the receipt names as the query: ``codec.ciphertext_sha256`` of the uploaded blobs."""
+        return ciphertext_sha256(list(self.history))
+
+    def with_profile(self, model_version: str, profile: bytes) -> HistoryRecord:
+        return replace(self, model_version=model_version, profile=profile)
+
+    def to_bytes(self) -> bytes:
+        kid = self.key_id.encode()
+        model = self.model_version.encode()
+        parts = [
+            HISTORY_MAGIC,
+            len(kid).to_bytes(1, "big"),
+            kid,
+            self.key_version.to_bytes(4, "big"),
+            self.catalogue_sha256,
+            len(self.history).to_bytes(4, "big"),
+        ]
+        for blob in self.history:
+            parts += [len(blob).to_bytes(8, "big"), blob]
+        parts += [len(model).to_bytes(1, "big"), model, len(self.profile).to_bytes(8, "big"), self.profile]
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> HistoryRecord:
+        """Raises ``HistoryError`` on anything but a complete record."""
+        if not data.startswith(HISTORY_MAGIC):
+            raise HistoryError("not a history record")
+        pos = len(HISTORY_MAGIC)
+
+        def take(size: int) -> bytes:
+            nonlocal pos
+            if size < 0 or pos + size > len(data):
+                raise HistoryError("history record is truncated")
+            chunk = data[pos : pos + size]
+            pos += size
+            return chunk
+
+        try:
+            key_id = take(take(1)[0]).decode()
+            version = int.from_bytes(take(4), "big")
+            catalogue = take(32)
+            history = tuple(take(int.from_bytes(take(8), "big")) for _ in range(int.from_bytes(take(4), "big")))
+            model = take(take(1)[0]).decode()
+            profile = take(int.from_bytes(take(8), "big"))
+        except UnicodeDecodeError:
+            raise HistoryError("history record is corrupt") from None
+        if pos != len(data):
+            raise HistoryError("history record has trailing bytes")
+        return cls(key_id, version, catalogue, history, model, profile)
+
+
+def catalogue_sha256(item_ids: list[str]) -> bytes:
+    """Binds a history to the catalogue order its indices refer to (a model update that keeps
+    the catalogue keeps the history; one that changes it asks for a new upload)."""
+    h = hashlib.sha256()
+    for item_id in item_ids:
+        encoded = item_id.encode()
+        h.update(len(encoded).to_bytes(4, "big"))
+        h.update(encoded)
+    return h.digest()
