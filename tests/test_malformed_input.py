@@ -7,7 +7,6 @@ import numpy as np
 import openfhe
 import pytest
 
-from cipherfeed.client import keystore
 from cipherfeed.he import globalkeys
 from cipherfeed.he.codec import Kind, serialize
 from cipherfeed.he.params import MESH_PARAMS, HEParams, build_context
@@ -187,13 +186,15 @@ def test_invalid_key_material_is_refused_by_the_key_service(keyservice_stub, stu
     indices = [5 if i == 16 else i for i in MESH_PARAMS.rotation_indices]
     wrong = globalkeys.generate_serialized(cc, kp.secretKey, indices, kp.publicKey.GetKeyTag())
     expect(STATUS.INVALID_ARGUMENT, register, ks, serialize(kp.publicKey), wrong, match="required indices")
-    # Keys for another ring size.
-    other = keystore.generate(HEParams(ring_dimension=16384))
+    # Keys for another ring size (a few rotations: the whole set would exceed the size limit).
+    other_cc = build_context(HEParams(ring_dimension=16384))
+    other = other_cc.KeyGen()
+    other_map = globalkeys.generate_serialized(other_cc, other.secretKey, [1, 2, 3, 4], other.publicKey.GetKeyTag())
     expect(
         STATUS.INVALID_ARGUMENT,
         register,
         ks,
-        other.public_key_bytes,
+        serialize(other.publicKey),
         keys.rotation_key_bytes,
         match="public key",
     )
@@ -202,7 +203,7 @@ def test_invalid_key_material_is_refused_by_the_key_service(keyservice_stub, stu
         register,
         ks,
         keys.public_key_bytes,
-        other.rotation_key_bytes,
+        other_map,
         match="rotation key map",
     )
     # Oversize material: above the gRPC limit of the channel's peer or the service's own limit.

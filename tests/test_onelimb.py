@@ -69,7 +69,7 @@ def test_other_layouts_are_refused_not_misread(keys):
         layout.read(serialize(fresh), words)  # two limbs: four vectors of n words
     with pytest.raises(LayoutError):
         layout.read(serialize(one_limb(keys, np.zeros(4)))[:-40_000], words)  # c1 cut short
-    with pytest.raises(LayoutError, match="expected 2 polynomials"):
+    with pytest.raises(LayoutError, match="expected 2 vectors"):
         OneLimbLayout.learn(serialize(fresh), N)
-    with pytest.raises(LayoutError, match="expected 2 polynomials"):
+    with pytest.raises(LayoutError, match="expected 2 vectors"):
         OneLimbLayout.learn(np.random.default_rng(0).bytes(200_000), N)
