@@ -1,6 +1,7 @@
 """Ledger benchmark: ``python -m bench.ledger [--leaves 1000000]``.
 
-* receipts appended per second, durably (synchronous=FULL, group commit), in process and over gRPC;
+* receipts appended per second, durably (group commit), in process on SQLite (synchronous=FULL) and
+  PostgreSQL, and over gRPC; and appends of leaves already in the log (answered with their index);
 * inclusion proof generation and verification at 10^6 leaves;
 * gas per anchor, and transactions per checkpoint, on the in-process py-evm chain.
 """
@@ -38,6 +39,29 @@ def receipts(n: int, seed: int) -> list[Receipt]:
     ]
 
 
+def append_on_postgresql(work: Path, base: LedgerConfig, batches: list[list[bytes]], writers: int) -> dict[str, Any]:
+    """The in-process run on a PostgreSQL store (the pgserver wheel's server, on a Unix socket)."""
+    import pgserver
+
+    n = sum(len(b) for b in batches)
+    log(f"== {n:,} durable appends on PostgreSQL (pgserver, in process)")
+    pgdata = work / "pgdata"
+    work.chmod(0o755)  # pgserver runs the server as its own user when started by root
+    server = pgserver.get_server(str(pgdata), cleanup_mode="stop")
+    try:
+        core = build_core(
+            LedgerConfig(**{**base.__dict__, "dsn": server.get_uri()}), LocalSigner("bench/ledger"), anchoring=False
+        )
+        started = time.perf_counter()
+        with ThreadPoolExecutor(writers) as pool:
+            list(pool.map(core.log.append_many, batches))
+        elapsed = time.perf_counter() - started
+        core.close()
+    finally:
+        server.cleanup()
+    return {"receipts": n, "seconds": elapsed, "per_second": n / elapsed}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--appends", type=int, default=200_000, help="receipts appended in the throughput runs")
@@ -45,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--writers", type=int, default=4, help="concurrent appenders")
     parser.add_argument("--leaves", type=int, default=1_000_000, help="tree size for the proof measurements")
     parser.add_argument("--anchors", type=int, default=20)
+    parser.add_argument("--postgres", action=argparse.BooleanOptionalAction, default=True,
+                        help="also append on a PostgreSQL store (the pgserver wheel)")  # fmt: skip
     parser.add_argument("--out", default="ledger")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="cf-bench-ledger-"))
@@ -64,7 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         list(pool.map(core.log.append_many, batches))
     elapsed = time.perf_counter() - started
     results["append_in_process"] = {"receipts": args.appends, "seconds": elapsed, "per_second": args.appends / elapsed}
+    dup_started = time.perf_counter()  # the same batches again: every leaf is already there
+    with ThreadPoolExecutor(args.writers) as pool:
+        list(pool.map(core.log.append_many, batches))
+    dup_elapsed = time.perf_counter() - dup_started
+    assert core.log.tree.size == args.appends
+    results["append_again_in_process"] = {"receipts": args.appends, "per_second": args.appends / dup_elapsed}
     core.close()
+
+    if args.postgres:
+        results["append_in_process_postgresql"] = append_on_postgresql(work, base, batches, args.writers)
 
     log("== the same over gRPC (AppendBatch, loopback)")
     config = LedgerConfig(**{**base.__dict__, "dsn": f"sqlite:///{work / 'grpc.db'}", "listen": "127.0.0.1:0"})
@@ -130,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     a, g, p, c = results["append_in_process"], results["append_grpc"], results["proofs"], results["anchoring"]
     print(f"{'measure':<52} {'value':>14}")
     print(f"{'durable appends/s, in process (group commit)':<52} {a['per_second']:>14,.0f}")
+    again = results["append_again_in_process"]
+    print(f"{'appends/s of leaves already logged (idempotent)':<52} {again['per_second']:>14,.0f}")
+    if "append_in_process_postgresql" in results:
+        pg = results["append_in_process_postgresql"]
+        print(f"{'durable appends/s, in process, PostgreSQL':<52} {pg['per_second']:>14,.0f}")
     print(f"{'durable appends/s, gRPC AppendBatch':<52} {g['per_second']:>14,.0f}")
     gen_p, ver_p = p["inclusion_generate"], p["inclusion_verify"]
     print(f"{'inclusion proof at 1e6 leaves, p50 / p95 (ms)':<52} {gen_p['p50_ms']:>6.3f} / {gen_p['p95_ms']:.3f}")

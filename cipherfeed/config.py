@@ -45,7 +45,7 @@ def sqlite_path(dsn: str, variable: str) -> Path:
     """The file of a ``sqlite:///relative`` or ``sqlite:////absolute`` DSN (SQLAlchemy's form)."""
     scheme, sep, rest = dsn.partition("://")
     if not sep or scheme != "sqlite":
-        hint = " or postgresql://..." if variable == "CIPHERFEED_KEYSERVICE_DSN" else ""
+        hint = " or postgresql://..." if variable in ("CIPHERFEED_KEYSERVICE_DSN", "CIPHERFEED_LEDGER_DSN") else ""
         raise ConfigError(f"{variable}={dsn!r}: expected sqlite:///<path>{hint}")
     if not rest.startswith("/") or len(rest) < 2:
         raise ConfigError(f"{variable}={dsn!r}: expected sqlite:///<path>")
@@ -156,7 +156,7 @@ class KeyServiceConfig:
 class LedgerConfig:
     listen: str = "127.0.0.1:50053"
     grpc_workers: int = 8
-    dsn: str = ""  # sqlite:///path; empty: <state_dir>/ledger.db
+    dsn: str = ""  # sqlite:///path or postgresql://...; empty: <state_dir>/ledger.db
     origin: str = "cipherfeed.local/ledger"  # the log's name; also the checkpoint key name
     checkpoint_every: int = 1000  # leaves...
     checkpoint_interval: float = 2.0  # ...or seconds, whichever comes first
@@ -169,8 +169,12 @@ class LedgerConfig:
     limits: GrpcLimits = field(default_factory=GrpcLimits)
 
     @property
-    def sqlite_path(self) -> Path:
-        return sqlite_path(self.dsn or f"sqlite:///{self.state_dir / 'ledger.db'}", "CIPHERFEED_LEDGER_DSN")
+    def database_dsn(self) -> str:
+        """``sqlite:///path`` (the default, under state_dir) or a ``postgresql://`` server database."""
+        dsn = self.dsn or f"sqlite:///{self.state_dir / 'ledger.db'}"
+        if not dsn.startswith(("postgresql://", "postgres://")):
+            sqlite_path(dsn, "CIPHERFEED_LEDGER_DSN")  # validates
+        return dsn
 
     @classmethod
     def from_env(cls) -> LedgerConfig:

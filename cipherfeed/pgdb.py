@@ -1,5 +1,5 @@
 """A PostgreSQL database with the interface of ``sqlitedb.DurableDatabase``, for the key service's
-server-database DSN (``postgresql://...``). SQL is written once, with ``?`` placeholders, and
+and the ledger's server-database DSN (``postgresql://...``). SQL is written once, with ``?`` placeholders, and
 translated here. Write transactions take a transaction-scoped advisory lock, so several key
 service replicas on one database serialize their changes as SQLite's IMMEDIATE transactions do."""
 
@@ -24,6 +24,10 @@ class _Tx:
     def execute(self, sql: str, params: tuple = ()) -> Any:
         return self._conn.execute(_pg(sql), params)
 
+    def executemany(self, sql: str, rows: list[tuple]) -> None:
+        with self._conn.cursor() as cursor:
+            cursor.executemany(_pg(sql), rows)
+
 
 class PostgresDatabase:
     def __init__(self, dsn: str, schema: str) -> None:
@@ -37,6 +41,7 @@ class PostgresDatabase:
             raise ConnectionError(f"cannot reach the database at {where}: {str(exc).strip()[:200]}") from None
         self._lock = threading.RLock()
         with self._conn.transaction():
+            self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_ID,))  # so does creating the schema
             self._conn.execute(schema)
 
     def close(self) -> None:
@@ -57,6 +62,12 @@ class PostgresDatabase:
         with self._lock, self._conn.transaction():
             self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_ID,))
             yield _Tx(self._conn)
+
+    def try_session_lock(self, lock_id: int) -> bool:
+        """Takes a session advisory lock (held until this connection closes, or its process dies)."""
+        with self._lock:
+            row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (lock_id,)).fetchone()
+        return bool(row and row[0])
 
     def scrub(self, table: str) -> None:
         """Rewrites ``table`` so that deleted material does not linger in dead tuples."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -135,3 +137,35 @@ def client(
 
 
 __all__ = ["client_for", "keyservice_config", "recommender_config", "replace"]
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Path]]:
+    """One real PostgreSQL server (the pgserver wheel's binaries) for the whole run."""
+    pgserver = pytest.importorskip("pgserver", reason="pgserver is a dev dependency; run scripts/bootstrap.sh")
+    datadir = tmp_path_factory.mktemp("pgdata")
+    server = pgserver.get_server(str(datadir), cleanup_mode="stop")
+    yield server, datadir
+    server.cleanup()
+
+
+@pytest.fixture
+def postgres_database(postgres: tuple[Any, Path]) -> Callable[[], str]:
+    """Makes a fresh, empty database on the server and returns its URI."""
+    server, _ = postgres
+
+    def create() -> str:
+        name = f"t_{uuid.uuid4().hex[:16]}"
+        server.psql(f"CREATE DATABASE {name};")
+        return str(server.get_uri(name))
+
+    return create
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_dsn(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The ledger's store on each backend: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    create: Callable[[], str] = request.getfixturevalue("postgres_database")
+    return create()

@@ -18,15 +18,6 @@ from services.keyservice.server import build_core
 from tests.conftest import TEST_LIMITS
 
 
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory):
-    pgserver = pytest.importorskip("pgserver", reason="pgserver is a dev dependency; run scripts/bootstrap.sh")
-    datadir = tmp_path_factory.mktemp("pgdata")
-    server = pgserver.get_server(str(datadir), cleanup_mode="stop")
-    yield server, datadir
-    server.cleanup()
-
-
 def config_for(uri: str, state_dir: Path, master_key_file: Path) -> KeyServiceConfig:
     return KeyServiceConfig(
         listen="127.0.0.1:0", dsn=uri, master_key_file=master_key_file, state_dir=state_dir, limits=TEST_LIMITS,

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psycopg
 import pytest
 from web3 import Web3
 
@@ -210,8 +212,8 @@ def test_one_transaction_per_checkpoint_in_order(mesh):
     assert all(a.confirmed for a in ledger_core.anchors(0))
 
 
-def test_checkpoints_are_consistent_and_a_tampered_store_refuses_to_start(tmp_path):
-    config = ledger_config(tmp_path)
+def test_checkpoints_are_consistent_and_a_tampered_store_refuses_to_start(tmp_path, ledger_dsn):
+    config = ledger_config(tmp_path, dsn=ledger_dsn)
     signer = LocalSigner(ORIGIN)
     core = build_core(config, signer, anchoring=False)
     core.log.append_many([f"leaf {i}".encode() for i in range(10)])
@@ -227,20 +229,28 @@ def test_checkpoints_are_consistent_and_a_tampered_store_refuses_to_start(tmp_pa
         assert Verifier.from_vkey(vkey(other.name, other.public_key)).public_key == other.public_key
     core.close()
     core.log.store.close()
-    import sqlite3
-
-    with sqlite3.connect(tmp_path / "ledger.db") as db:  # rewrite history behind the log's back
-        db.execute("UPDATE leaves SET hash = ?, data = ? WHERE idx = 3", (leaf_hash(b"forged"), b"forged"))
+    # rewrite history behind the log's back
+    behind_the_back(ledger_dsn, "UPDATE leaves SET hash = ?, data = ? WHERE idx = 3", (leaf_hash(b"forged"), b"forged"))
     with pytest.raises(RuntimeError, match="does not match"):
         build_core(config, signer, anchoring=False)
 
 
-def start_ledger_process(tmp_path: Path, port: int) -> subprocess.Popen:
+def behind_the_back(dsn: str, sql: str, params: tuple) -> None:
+    """Runs ``sql`` on the ledger's database directly, as an intruder with database access could."""
+    if dsn.startswith("sqlite:///"):
+        with sqlite3.connect(dsn.removeprefix("sqlite:///")) as db:
+            db.execute(sql, params)
+    else:
+        with psycopg.connect(dsn, autocommit=True) as db:
+            db.execute(sql.replace("?", "%s"), params)
+
+
+def start_ledger_process(tmp_path: Path, port: int, dsn: str | None = None) -> subprocess.Popen:
     return start_service(
         "services.ledger.server",
         {
             "CIPHERFEED_LEDGER_LISTEN": f"127.0.0.1:{port}",
-            "CIPHERFEED_LEDGER_DSN": f"sqlite:///{tmp_path / 'ledger.db'}",
+            "CIPHERFEED_LEDGER_DSN": dsn or f"sqlite:///{tmp_path / 'ledger.db'}",
             "CIPHERFEED_LEDGER_SIGNER": "local",
             "CIPHERFEED_LEDGER_ORIGIN": ORIGIN,
             "CIPHERFEED_CHECKPOINT_INTERVAL": "3600",
@@ -250,9 +260,9 @@ def start_ledger_process(tmp_path: Path, port: int) -> subprocess.Popen:
     )
 
 
-def test_crash_between_append_and_checkpoint_loses_nothing(tmp_path):
+def test_crash_between_append_and_checkpoint_loses_nothing(tmp_path, ledger_dsn):
     port = free_port()
-    proc = start_ledger_process(tmp_path, port)
+    proc = start_ledger_process(tmp_path, port, ledger_dsn)
     receipts = [Receipt("aa" * 32, "bb" * 32, "cc" * 32, "dd" * 32, 1, i) for i in range(500)]
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -267,7 +277,7 @@ def test_crash_between_append_and_checkpoint_loses_nothing(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)  # acknowledged, never checkpointed: then a crash
         proc.wait(timeout=10)
-    proc = start_ledger_process(tmp_path, port)
+    proc = start_ledger_process(tmp_path, port, ledger_dsn)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = ledger_pb2_grpc.LedgerStub(ch)
@@ -275,9 +285,51 @@ def test_crash_between_append_and_checkpoint_loses_nothing(tmp_path):
             assert checkpoint.size == len(acked)  # signed at start from the recovered leaves
             bundle = stub.GetReceipt(ledger_pb2.GetReceiptRequest(receipt_id=receipts[123].receipt_id), timeout=10)
             assert bundle.leaf_index == acked[123].leaf_index
+            # A sender whose acknowledgement was lost sends the batch again: same indices, no growth.
+            again = stub.AppendBatch(request, timeout=30).appended
+            assert [a.leaf_index for a in again] == [a.leaf_index for a in acked]
+            stub.GetCheckpoint(ledger_pb2.GetCheckpointRequest(), timeout=10)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_append_is_idempotent_within_a_batch_concurrently_and_across_a_restart(tmp_path, ledger_dsn):
+    config = ledger_config(tmp_path, dsn=ledger_dsn)
+    signer = LocalSigner(ORIGIN)
+    core = build_core(config, signer, anchoring=False)
+    try:
+        assert [a.index for a in core.log.append_many([b"a", b"b"])] == [0, 1]
+        again = core.log.append_many([b"b", b"c", b"c", b"a"])  # old, new, new twice in one batch, old
+        assert [a.index for a in again] == [1, 2, 2, 0]
+        assert [a.leaf_hash for a in again] == [leaf_hash(x) for x in (b"b", b"c", b"c", b"a")]
+        with ThreadPoolExecutor(4) as pool:  # identical batches racing into one group commit
+            raced = list(pool.map(core.log.append_many, [[b"d", b"e"]] * 8))
+        assert all([a.index for a in r] == [3, 4] for r in raced)
+        assert core.log.tree.size == 5
+        first = core.log.checkpoint()
+    finally:
+        core.close()
+    core = build_core(config, signer, anchoring=False)  # the index of a leaf is durable
+    try:
+        assert [a.index for a in core.log.append_many([b"e", b"f", b"a"])] == [4, 5, 0]
+        assert [core.log.store.leaf(i) for i in range(core.log.tree.size)] == [b"a", b"b", b"c", b"d", b"e", b"f"]
+        second = core.log.checkpoint()
+        proof = core.consistency(first.size, second.size)
+        verify_consistency(first.size, second.size, first.root, second.root, proof)
+    finally:
+        core.close()
+
+
+def test_a_second_ledger_on_one_postgresql_database_is_refused(tmp_path, postgres_database):
+    config = ledger_config(tmp_path, dsn=postgres_database())
+    core = build_core(config, LocalSigner(ORIGIN), anchoring=False)
+    try:  # two processes each holding its own tree would sign forks of one log
+        with pytest.raises(RuntimeError, match="another ledger"):
+            build_core(config, LocalSigner(ORIGIN), anchoring=False)
+    finally:
+        core.close()
+    build_core(config, LocalSigner(ORIGIN), anchoring=False).close()  # once it stopped, another may start
 
 
 class Anvil:

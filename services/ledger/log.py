@@ -123,20 +123,29 @@ class TransparencyLog:
                 self._wake.set()
 
     def _commit(self, groups: list[list[bytes]]) -> list[list[Appended]]:
+        """One transaction for every waiting group. A leaf already in the log (or earlier in this
+        commit) gets its existing index back instead of a second one: Append is idempotent, so a
+        batch resent after a lost acknowledgement is not logged twice."""
         with self._tree_lock:
             first = self.tree.size
             hashed = [[(leaf_hash(d), d) for d in group] for group in groups]
-            flat = [item for group in hashed for item in group]
+            out: list[list[Appended]] = []
+            new: list[tuple[bytes, bytes]] = []
             with self.store.transaction() as db:
-                self.store.append(db, first, flat)
-            out, index = [], first
-            for group in hashed:
-                appended = []
-                for h, _ in group:
-                    self.tree.append_hash(h)
-                    appended.append(Appended(index, h))
-                    index += 1
-                out.append(appended)
+                known = self.store.indices_of([h for group in hashed for h, _ in group], db)
+                for group in hashed:
+                    appended = []
+                    for h, d in group:
+                        index = known.get(h)
+                        if index is None:
+                            index = known[h] = first + len(new)
+                            new.append((h, d))
+                        appended.append(Appended(index, h))
+                    out.append(appended)
+                if new:
+                    self.store.append(db, first, new)
+            for h, _ in new:
+                self.tree.append_hash(h)
             return out
 
     # --- checkpoints ----------------------------------------------------------------------

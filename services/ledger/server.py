@@ -31,7 +31,7 @@ def make_signer(config: LedgerConfig) -> NoteSigner:
 def build_core(
     config: LedgerConfig, signer: NoteSigner | None = None, anchoring: bool = True, background_anchoring: bool = True
 ) -> LedgerCore:
-    store = LedgerStore(config.sqlite_path)
+    store = LedgerStore(config.database_dsn)
     chain = ChainConfig(rpc_url=config.chain_rpc_url, key_file=config.chain_key_file)
     anchorer = Anchorer(store, chain, background=background_anchoring) if anchoring else None
     transparency_log = TransparencyLog(
