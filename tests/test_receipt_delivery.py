@@ -162,3 +162,22 @@ def test_close_cancels_the_batch_in_flight_and_waits_for_the_sender(tmp_path):
     finally:
         again.close()
         real.close()
+
+
+def test_a_row_the_ledger_refuses_is_isolated_and_quarantined(tmp_path):
+    spool_path = tmp_path / "spool.db"
+    too_big = dataclasses.replace(receipt(1), model_version="f" * 20_000)  # a leaf over the ledger's 16 KiB
+    ledger = LedgerOnLoopback(tmp_path / "ledger")
+    spool = ReceiptSpool(spool_path, ledger.stub, max_pending=100)
+    try:
+        for r in (receipt(0), too_big, *(receipt(i) for i in range(2, 7))):
+            spool.put(r)
+        assert spool.flush(timeout=60)
+        assert (spool.sent, spool.quarantined) == (6, 1)
+        assert [ledger.core.log.locate(receipt(i).receipt_id)[0] for i in (0, 2, 6)] == [0, 1, 5]
+    finally:
+        spool.close()
+        ledger.close()
+    with sqlite3.connect(spool_path) as db:
+        (reason,) = db.execute("SELECT reason FROM quarantine").fetchone()
+    assert reason.startswith("refused by the ledger")

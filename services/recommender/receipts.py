@@ -4,12 +4,12 @@ hot path) and sent to the ledger in order, in batches, by a background thread. A
 the spool only after the ledger acknowledged it durably; when the backlog reaches its bound,
 Score is refused (UNAVAILABLE) instead of losing receipts.
 
-The sender never dies of one bad row: a row that cannot be turned into an AppendRequest is moved,
-in one transaction, to the ``quarantine`` table (kept on disk for an operator, logged once) and
-delivery goes on; any other failure backs off and retries. ``close`` cancels an AppendBatch in
-flight and waits for the sender before closing the database: a cancelled batch stays spooled and
-is sent again later (the ledger's append is idempotent, so a batch it had committed is not
-logged twice)."""
+The sender never dies of one bad row: a row that cannot be turned into an AppendRequest, or that
+the ledger refuses as INVALID_ARGUMENT (found by halving the batch), is moved, in one transaction,
+to the ``quarantine`` table (kept on disk for an operator, logged once) and delivery goes on; any
+other failure backs off and retries. ``close`` cancels an AppendBatch in flight and waits for the
+sender before closing the database: a cancelled batch stays spooled and is sent again later (the
+ledger's append is idempotent, so a batch it had committed is not logged twice)."""
 
 from __future__ import annotations
 
@@ -69,6 +69,7 @@ class ReceiptSpool:
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._in_flight: grpc.Future | None = None
+        self._limit = BATCH  # halved while the ledger refuses a batch, to find the row it refuses
         self._thread = threading.Thread(target=self._send_loop, name="receipt-sender", daemon=True)
         self._thread.start()
 
@@ -113,7 +114,9 @@ class ReceiptSpool:
                 self._changed.wait(timeout=1.0)
             if self._stop.is_set():
                 return [], False
-            rows = self._db.execute("SELECT seq, kind, payload FROM spool ORDER BY seq LIMIT ?", (BATCH,)).fetchall()
+            rows = self._db.execute(
+                "SELECT seq, kind, payload FROM spool ORDER BY seq LIMIT ?", (self._limit,)
+            ).fetchall()
             if not rows:  # the count drifted from the table: trust the table
                 self._pending = self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0]
             good: list[tuple[int, ledger_pb2.AppendRequest]] = []
@@ -165,6 +168,8 @@ class ReceiptSpool:
         except grpc.RpcError as exc:
             if self._stop.is_set():
                 return True
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # permanent for this content
+                return self._isolate_refused(batch, str(exc.details())[:200])
             self.last_error = f"{exc.code().name}: {str(exc.details())[:200]}"
             log.warning("ledger append failed (%s); %d receipts wait in the spool", self.last_error, self.pending)
             return False
@@ -172,12 +177,26 @@ class ReceiptSpool:
             with self._lock:
                 self._in_flight = None
         self.last_error = None
+        self._limit = min(BATCH, self._limit * 2)
         last_seq = batch[-1][0]
         with self._lock:
             removed = self._db.execute("DELETE FROM spool WHERE seq <= ?", (last_seq,)).rowcount
             self._pending -= removed
             self.sent += removed
             self._changed.notify_all()
+        return True
+
+    def _isolate_refused(self, batch: list[tuple[int, ledger_pb2.AppendRequest]], details: str) -> bool:
+        """The ledger refused a batch as invalid: halve the batch until the refused row is alone,
+        then quarantine it, so one row the ledger will never take does not block the rest."""
+        if len(batch) > 1:
+            self._limit = max(1, len(batch) // 2)
+            return True
+        seq = batch[0][0]
+        with self._lock:
+            rows = self._db.execute("SELECT seq, kind, payload FROM spool WHERE seq = ?", (seq,)).fetchall()
+            if rows:
+                self._quarantine([(seq, rows[0][1], rows[0][2], f"refused by the ledger: {details}")])
         return True
 
     def flush(self, timeout: float) -> bool:
