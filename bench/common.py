@@ -7,11 +7,14 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cipherfeed.config import TlsConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -84,3 +87,19 @@ def timed_ms(fn: Any, *args: Any) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn(*args)
     return out, 1e3 * (time.perf_counter() - t0)
+
+
+def mesh_identities(directory: Path) -> Callable[[str], TlsConfig]:
+    """A development CA for a benchmark's mesh; each identity's certificate issued on first use,
+    so benchmarks run over mutual TLS with the policy enforced, as in production."""
+    from cipherfeed.tls import DevCertificateAuthority
+
+    ca = DevCertificateAuthority("cipherfeed.bench")
+    issued: dict[str, TlsConfig] = {}
+
+    def identity(name: str) -> TlsConfig:
+        if name not in issued:
+            issued[name] = ca.write(directory / "pki", name)
+        return issued[name]
+
+    return identity

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench.common import log, machine, percentiles, timed_ms, write_json
+from bench.common import log, machine, mesh_identities, percentiles, timed_ms, write_json
 from cipherfeed import heap
 from cipherfeed.cache import Keys
 from cipherfeed.client import keystore
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     # The key service runs in its own process, so the RSS measured here is the recommender's
     # (plus a thin client), not the key service's 11 MB SQLite writes per registration.
     ks_port = free_port()
+    identity = mesh_identities(work)
     ks_proc = start_service(
         "services.keyservice.server",
         {
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             "CIPHERFEED_STATE_DIR": str(work),
             "CIPHERFEED_REDIS_URL": redis_server.url,
             "CIPHERFEED_GRPC_MAX_MESSAGE_BYTES": str(LIMITS.max_message_bytes),
+            **identity("keyservice").to_env(),
         },
         log_path=work / "keyservice.log",
     )
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         state_dir=work,
         limits=LIMITS,
         redis=redis_config,
+        tls=identity("recommender"),
     )
     rec_running, core = serve_recommender(rec_config, model)
     results: dict[str, Any] = {}
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 deadline_seconds=120,
                 home=work / "client",
                 limits=LIMITS,
+                tls=identity("device"),
             )
         )
         client.use_keys()

@@ -18,10 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from bench.common import log, machine, percentiles, timed_ms, write_json
-from cipherfeed.config import LedgerConfig
+from bench.common import log, machine, mesh_identities, percentiles, timed_ms, write_json
+from cipherfeed.config import GrpcLimits, LedgerConfig
+from cipherfeed.grpcutil import channel as grpc_channel
 from cipherfeed.merkle import CompactTree, leaf_hash, verify_inclusion
 from cipherfeed.receipts import Receipt
 from cipherfeed.v1 import ledger_pb2, ledger_pb2_grpc
@@ -75,7 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="cf-bench-ledger-"))
     results: dict[str, Any] = {}
-    base = LedgerConfig(origin="bench/ledger", checkpoint_every=10**9, checkpoint_interval=3600.0, state_dir=work)
+    identity = mesh_identities(work)
+    base = LedgerConfig(
+        origin="bench/ledger",
+        checkpoint_every=10**9,
+        checkpoint_interval=3600.0,
+        state_dir=work,
+        tls=identity("ledger"),
+    )
 
     log(f"== {args.appends:,} durable appends in batches of {args.batch} from {args.writers} writers (in process)")
     core = build_core(
@@ -101,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.postgres:
         results["append_in_process_postgresql"] = append_on_postgresql(work, base, batches, args.writers)
 
-    log("== the same over gRPC (AppendBatch, loopback)")
+    log("== the same over gRPC (AppendBatch, loopback, mutual TLS, the recommender's identity)")
     config = LedgerConfig(**{**base.__dict__, "dsn": f"sqlite:///{work / 'grpc.db'}", "listen": "127.0.0.1:0"})
     running, gcore = serve(config, LocalSigner("bench/ledger"), background_anchoring=False)
-    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}", options=[("grpc.max_send_message_length", 64 * 2**20)])
+    channel = grpc_channel(
+        f"127.0.0.1:{running.port}", GrpcLimits(max_message_bytes=64 * 2**20), identity("recommender"), "ledger"
+    )
     stub = ledger_pb2_grpc.LedgerStub(channel)
     requests = [
         ledger_pb2.AppendBatchRequest(

@@ -14,15 +14,16 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import log, machine, percentiles, timed_ms, write_json
+from bench.common import log, machine, mesh_identities, percentiles, timed_ms, write_json
 from cipherfeed.client import keystore
 from cipherfeed.client.sdk import RecommenderClient, encrypt_query
-from cipherfeed.config import ClientConfig, GrpcLimits, KeyServiceConfig, MiB, RedisConfig
+from cipherfeed.config import ClientConfig, GrpcLimits, KeyServiceConfig, MiB, RedisConfig, TlsConfig
 from cipherfeed.devredis import LocalRedis
 from cipherfeed.grpcutil import channel, start_server
 from cipherfeed.he import packing, wire
@@ -70,11 +71,19 @@ def tenseal_peer(x: np.ndarray, u: np.ndarray, prior: np.ndarray, reps: int) -> 
 
 
 def run_size(
-    n: int, reps: int, tenseal_reps: int, keyservice_port: int, ks_core: Any, redis: RedisConfig
+    n: int,
+    reps: int,
+    tenseal_reps: int,
+    keyservice_port: int,
+    ks_core: Any,
+    redis: RedisConfig,
+    identity: Callable[[str], TlsConfig],
 ) -> dict[str, Any]:
     log(f"== {n:,} items x 64 dims")
     model = synthetic_catalogue(n, seed=n)
-    stub = keyservice_pb2_grpc.KeyServiceStub(channel(f"127.0.0.1:{keyservice_port}", LIMITS))
+    stub = keyservice_pb2_grpc.KeyServiceStub(
+        channel(f"127.0.0.1:{keyservice_port}", LIMITS, identity("recommender"), "keyservice")
+    )
     core, encode_ms = timed_ms(RecommenderCore, model, MESH_PARAMS, 2, LIMITS, stub, KeyLimits(4, 1 << 40), redis)
     log(f"   plaintexts encoded in {encode_ms / 1e3:.1f} s")
     keys = keystore.generate(MESH_PARAMS)
@@ -122,6 +131,7 @@ def run_size(
         "127.0.0.1:0",
         LIMITS,
         4,
+        identity("recommender"),
     )
     client = RecommenderClient(
         ClientConfig(
@@ -129,6 +139,7 @@ def run_size(
             keyservice_target=f"127.0.0.1:{keyservice_port}",
             deadline_seconds=120,
             limits=LIMITS,
+            tls=identity("device"),
         )
     )
     client.keys = keys
@@ -204,16 +215,22 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="cf-bench-scoring-"))
     redis_server = LocalRedis.start()  # as in production: key state is a Redis GET per request
     redis = RedisConfig(url=redis_server.url)
+    identity = mesh_identities(work)
     ks_running, ks_core = serve_keyservice(
         KeyServiceConfig(
-            listen="127.0.0.1:0", dsn=f"sqlite:///{work / 'ks.db'}", state_dir=work, limits=LIMITS, redis=redis
+            listen="127.0.0.1:0",
+            dsn=f"sqlite:///{work / 'ks.db'}",
+            state_dir=work,
+            limits=LIMITS,
+            redis=redis,
+            tls=identity("keyservice"),
         )
     )
     rows = []
     try:
         for n in sizes:
             reps = args.reps if n < 1_000_000 else max(3, args.reps // 4)
-            rows.append(run_size(n, reps, args.tenseal_reps, ks_running.port, ks_core, redis))
+            rows.append(run_size(n, reps, args.tenseal_reps, ks_running.port, ks_core, redis, identity))
     finally:
         ks_running.stop(grace=1)
         ks_core.close()

@@ -20,7 +20,7 @@ from cipherfeed.client.history import HistoryEntry, HistoryError, HistoryStore
 from cipherfeed.client.interest import Engagement, interest_vector
 from cipherfeed.client.keystore import KeyStoreError
 from cipherfeed.client.sdk import ClientError, EncryptedScores, RecommenderClient
-from cipherfeed.config import ClientConfig, ConfigError, RecommenderConfig
+from cipherfeed.config import ClientConfig, ConfigError, RecommenderConfig, TlsConfig
 from cipherfeed.grpcutil import RunningServer
 from cipherfeed.he.packing import plaintext_scores
 from cipherfeed.receipts import Receipt
@@ -263,6 +263,7 @@ class LocalMesh:
     recommender: RunningServer
     recommender_core: object
     model: object
+    client_tls: TlsConfig  # a device certificate from the mesh's development CA
 
     def stop(self) -> None:
         for server, core in (
@@ -286,10 +287,17 @@ def start_local_mesh(base: RecommenderConfig) -> LocalMesh:
     from services.recommender.server import load_or_train
     from services.recommender.server import serve as serve_recommender
 
+    identities = dev_identities(base.state_dir / "pki", base.tls)
     redis_server = LocalRedis.start() if redis_server_binary() else None
     redis_config = RedisConfig(url=redis_server.url) if redis_server else RedisConfig()
     print(f"== cache: {redis_server.url if redis_server else 'none (no redis-server found)'}", file=sys.stderr)
-    ks_config = replace(KeyServiceConfig.from_env(), listen="127.0.0.1:0", state_dir=base.state_dir, redis=redis_config)
+    ks_config = replace(
+        KeyServiceConfig.from_env(),
+        listen="127.0.0.1:0",
+        state_dir=base.state_dir,
+        redis=redis_config,
+        tls=identities("keyservice"),
+    )
     keyservice, ks_core = serve_keyservice(ks_config)
     ledger_config = replace(
         LedgerConfig.from_env(),
@@ -297,6 +305,7 @@ def start_local_mesh(base: RecommenderConfig) -> LocalMesh:
         state_dir=base.state_dir,
         dsn=f"sqlite:///{base.state_dir / 'ledger.db'}",
         keyservice_target=f"127.0.0.1:{keyservice.port}",
+        tls=identities("ledger"),
     )
     ledger, ledger_core = serve_ledger(ledger_config)
     config = replace(
@@ -305,10 +314,26 @@ def start_local_mesh(base: RecommenderConfig) -> LocalMesh:
         keyservice_target=f"127.0.0.1:{keyservice.port}",
         ledger_target=f"127.0.0.1:{ledger.port}",
         redis=redis_config,
+        tls=identities("recommender"),
     )
     model = load_or_train(config)
     recommender, rec_core = serve_recommender(config, model)
-    return LocalMesh(redis_server, keyservice, ks_core, ledger, ledger_core, recommender, rec_core, model)
+    return LocalMesh(
+        redis_server, keyservice, ks_core, ledger, ledger_core, recommender, rec_core, model, identities("device")
+    )
+
+
+def dev_identities(directory: Path, base: TlsConfig) -> Callable[[str], TlsConfig]:
+    """The local mesh's identities: a development CA made now, its certificates issued into
+    ``directory`` (keys 0600). With ``CIPHERFEED_INSECURE_DEV=1``: plaintext, no certificates."""
+    if base.insecure_dev:
+        return lambda _name: base
+    from cipherfeed.tls import DevCertificateAuthority
+
+    ca = DevCertificateAuthority(base.trust_domain)
+    print(f"== mesh identities: a development CA for spiffe://{base.trust_domain}/*, certificates in {directory}",
+          file=sys.stderr)  # fmt: skip
+    return lambda name: ca.write(directory, name)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -325,6 +350,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             target=f"127.0.0.1:{mesh.recommender.port}",
             keyservice_target=f"127.0.0.1:{mesh.keyservice.port}",
             ledger_target=f"127.0.0.1:{mesh.ledger.port}",
+            tls=mesh.client_tls,
         )
         user = args.user or model.creator_ids[0]
         with RecommenderClient(client_config) as client:

@@ -88,6 +88,55 @@ class GrpcLimits:
         ]
 
 
+def _env_path(name: str) -> Path | None:
+    raw = os.environ.get(name)
+    return Path(raw) if raw else None
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """One identity's mutual-TLS files (PEM), used both to serve and to call other services.
+
+    No files and no ``insecure_dev``: a service refuses to start. ``insecure_dev``
+    (``CIPHERFEED_INSECURE_DEV=1``) serves and calls in plaintext with no caller identities,
+    with a warning at start: development only.
+    """
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    trust_domain: str = "cipherfeed.local"
+    insecure_dev: bool = False
+
+    @classmethod
+    def from_env(cls) -> TlsConfig:
+        flag = os.environ.get("CIPHERFEED_INSECURE_DEV", "")
+        if flag not in ("", "0", "1"):
+            raise ConfigError(f"CIPHERFEED_INSECURE_DEV={flag!r}: expected 0 or 1")
+        return cls(
+            cert_file=_env_path("CIPHERFEED_TLS_CERT_FILE"),
+            key_file=_env_path("CIPHERFEED_TLS_KEY_FILE"),
+            ca_file=_env_path("CIPHERFEED_TLS_CA_FILE"),
+            trust_domain=_env_str("CIPHERFEED_TRUST_DOMAIN", cls.trust_domain),
+            insecure_dev=flag == "1",
+        )
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that gives a child process these settings."""
+        env = {
+            "CIPHERFEED_TRUST_DOMAIN": self.trust_domain,
+            "CIPHERFEED_INSECURE_DEV": "1" if self.insecure_dev else "0",
+        }
+        for name, path in (
+            ("CIPHERFEED_TLS_CERT_FILE", self.cert_file),
+            ("CIPHERFEED_TLS_KEY_FILE", self.key_file),
+            ("CIPHERFEED_TLS_CA_FILE", self.ca_file),
+        ):
+            if path is not None:
+                env[name] = str(path)
+        return env
+
+
 @dataclass(frozen=True)
 class RedisConfig:
     """The optional ciphertext cache. No URL: no cache (every lookup goes to the source)."""
@@ -126,6 +175,7 @@ class KeyServiceConfig:
     signing_key_names: tuple[str, ...] = ("ledger",)
     state_dir: Path = field(default_factory=default_state_dir)
     limits: GrpcLimits = field(default_factory=GrpcLimits)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
 
     @property
@@ -148,6 +198,7 @@ class KeyServiceConfig:
             signing_key_names=tuple(n for n in names.split(",") if n),
             state_dir=default_state_dir(),
             limits=GrpcLimits.from_env(),
+            tls=TlsConfig.from_env(),
             redis=RedisConfig.from_env(),
         )
 
@@ -167,6 +218,7 @@ class LedgerConfig:
     chain_key_file: Path | None = None  # hex private key for chain_rpc_url; None: unlocked account
     state_dir: Path = field(default_factory=default_state_dir)
     limits: GrpcLimits = field(default_factory=GrpcLimits)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     @property
     def database_dsn(self) -> str:
@@ -193,6 +245,7 @@ class LedgerConfig:
             chain_key_file=Path(key_file) if key_file else None,
             state_dir=default_state_dir(),
             limits=GrpcLimits.from_env(),
+            tls=TlsConfig.from_env(),
         )
 
 
@@ -211,6 +264,7 @@ class RecommenderConfig:
     dataset: Path = field(default_factory=default_dataset_path)
     state_dir: Path = field(default_factory=default_state_dir)
     limits: GrpcLimits = field(default_factory=GrpcLimits)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
 
     @classmethod
@@ -232,6 +286,7 @@ class RecommenderConfig:
             dataset=default_dataset_path(),
             state_dir=default_state_dir(),
             limits=GrpcLimits.from_env(),
+            tls=TlsConfig.from_env(),
             redis=RedisConfig.from_env(),
         )
 
@@ -244,6 +299,7 @@ class ClientConfig:
     deadline_seconds: float = 30.0
     home: Path = field(default_factory=lambda: default_state_dir() / "client")
     limits: GrpcLimits = field(default_factory=GrpcLimits)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     @classmethod
     def from_env(cls) -> ClientConfig:
@@ -254,4 +310,5 @@ class ClientConfig:
             deadline_seconds=_env_float("CIPHERFEED_DEADLINE_SECONDS", cls.deadline_seconds),
             home=Path(_env_str("CIPHERFEED_CLIENT_HOME", str(default_state_dir() / "client"))),
             limits=GrpcLimits.from_env(),
+            tls=TlsConfig.from_env(),
         )

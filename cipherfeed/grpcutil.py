@@ -1,4 +1,5 @@
-"""Shared gRPC plumbing: servers with health and reflection, channels with raised limits."""
+"""Shared gRPC plumbing: mutual-TLS servers with health, reflection and the authorization policy;
+mutual-TLS channels with raised limits."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from cipherfeed import errors, heap
-from cipherfeed.config import GrpcLimits
+from cipherfeed import errors, heap, policy
+from cipherfeed import tls as mtls
+from cipherfeed.config import GrpcLimits, TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -200,14 +202,25 @@ def start_server(
     listen: str,
     limits: GrpcLimits,
     workers: int,
+    tls: TlsConfig,
 ) -> RunningServer:
-    """Starts a server with the given servicers plus grpc.health.v1 and reflection.
+    """Starts a server with the given servicers plus grpc.health.v1 and reflection, over mutual
+    TLS with every call checked against ``cipherfeed.policy`` (plaintext and unchecked only with
+    ``tls.insecure_dev``, which logs a warning).
 
     ``listen`` may end in ``:0`` for an ephemeral port; the bound port is returned.
     """
+    interceptors: list[grpc.ServerInterceptor] = []
+    credentials = None
+    if tls.insecure_dev:
+        mtls.warn_insecure(f"server {', '.join(service_names)}")
+    else:
+        credentials = mtls.server_credentials(tls)
+        interceptors.append(policy.AuthorizationInterceptor(tls.trust_domain))
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         options=limits.channel_options(),
+        interceptors=interceptors,
     )
     register(server)
     health_servicer = health.HealthServicer()
@@ -216,7 +229,7 @@ def start_server(
         (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(listen)
+    port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     server.start()
@@ -254,5 +267,11 @@ def run_service(name: str, start: Callable[[], tuple[RunningServer, Any]]) -> in
     return 0
 
 
-def channel(target: str, limits: GrpcLimits) -> grpc.Channel:
-    return grpc.insecure_channel(target, options=limits.channel_options())
+def channel(target: str, limits: GrpcLimits, tls: TlsConfig, server: str) -> grpc.Channel:
+    """A channel to the mesh service named ``server`` (``keyservice``, ``ledger``, ...): mutual TLS
+    with this identity's certificate, the server's certificate checked for that name; renewed
+    certificate files are used from the next call on."""
+    if tls.insecure_dev:
+        mtls.warn_insecure("client")
+        return grpc.insecure_channel(target, options=limits.channel_options())
+    return mtls.RenewingChannel(target, limits.channel_options(), tls, server)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from cipherfeed.client.sdk import RecommenderClient
@@ -18,9 +23,12 @@ from cipherfeed.config import (
     KeyServiceConfig,
     RecommenderConfig,
     RedisConfig,
+    TlsConfig,
     default_dataset_path,
 )
 from cipherfeed.devredis import LocalRedis
+from cipherfeed.grpcutil import channel
+from cipherfeed.tls import DevCertificateAuthority
 from services.keyservice.core import KeyServiceCore
 from services.keyservice.server import serve as serve_keyservice
 from services.recommender.artifact import ModelArtifact
@@ -30,6 +38,40 @@ from services.recommender.model import train
 from services.recommender.server import serve as serve_recommender
 
 TEST_LIMITS = GrpcLimits(max_message_bytes=64 * 1024 * 1024, max_query_bytes=1024 * 1024)
+
+
+class MeshPki:
+    """The test session's development CA and one certificate per identity, issued on first use."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.ca = DevCertificateAuthority("cipherfeed.test")
+        self._issued: dict[str, TlsConfig] = {}
+
+    def tls(self, name: str) -> TlsConfig:
+        if name not in self._issued:
+            self._issued[name] = self.ca.write(self.directory, name)
+        return self._issued[name]
+
+    def env(self, name: str) -> dict[str, str]:
+        """Environment for a child process that runs as ``name``."""
+        return self.tls(name).to_env()
+
+    def channel(self, port: int, server: str, identity: str, limits: GrpcLimits = TEST_LIMITS) -> grpc.Channel:
+        """A mutual-TLS channel to ``server`` on a loopback port, presenting ``identity``."""
+        return channel(f"127.0.0.1:{port}", limits, self.tls(identity), server)
+
+
+@functools.cache
+def mesh_pki() -> MeshPki:
+    directory = Path(tempfile.mkdtemp(prefix="cipherfeed-pki-"))
+    atexit.register(shutil.rmtree, directory, True)
+    return MeshPki(directory)
+
+
+@pytest.fixture(scope="session")
+def pki() -> MeshPki:
+    return mesh_pki()
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +110,7 @@ def keyservice_config(state_dir: Path, master_key_file: Path, redis_url: str | N
         state_dir=state_dir,
         limits=TEST_LIMITS,
         redis=RedisConfig(url=redis_url),
+        tls=mesh_pki().tls("keyservice"),
     )
 
 
@@ -94,6 +137,7 @@ def recommender_config(
         state_dir=state_dir,
         limits=TEST_LIMITS,
         redis=RedisConfig(url=redis_url),
+        tls=mesh_pki().tls("recommender"),
     )
 
 
@@ -111,13 +155,14 @@ def recommender(
     core.close()
 
 
-def client_for(port: int, keyservice_port: int, home: Path) -> RecommenderClient:
+def client_for(port: int, keyservice_port: int, home: Path, identity: str = "device") -> RecommenderClient:
     config = ClientConfig(
         target=f"127.0.0.1:{port}",
         keyservice_target=f"127.0.0.1:{keyservice_port}",
         deadline_seconds=60,
         home=home,
         limits=TEST_LIMITS,
+        tls=mesh_pki().tls(identity),
     )
     return RecommenderClient(config)
 
@@ -136,7 +181,7 @@ def client(
     c.close()
 
 
-__all__ = ["client_for", "keyservice_config", "recommender_config", "replace"]
+__all__ = ["MeshPki", "client_for", "keyservice_config", "mesh_pki", "recommender_config", "replace"]
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,11 @@ import sys
 import numpy as np
 
 from cipherfeed.config import REPO_ROOT
+from tests.conftest import mesh_pki
 
 
 def run_cli(*args, env_extra=None, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **mesh_pki().env("device"), **(env_extra or {})}
     return subprocess.run(
         [sys.executable, "-m", "cipherfeed.cli", *args],
         cwd=REPO_ROOT,
@@ -114,14 +115,14 @@ def test_serve_starts_a_service_that_answers(tmp_path):
             "CIPHERFEED_LEDGER_DSN": f"sqlite:///{tmp_path / 'ledger.db'}",
             "CIPHERFEED_LEDGER_SIGNER": "local",
             "CIPHERFEED_STATE_DIR": str(tmp_path),
+            **mesh_pki().env("ledger"),
         },
         args=["serve", "ledger"],
     )
     try:
-        import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        with mesh_pki().channel(port, "ledger", "operator") as ch:
             reply = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service="cipherfeed.v1.Ledger"), timeout=10
             )

@@ -10,9 +10,9 @@ import redis
 from cipherfeed.cache import Keys
 from cipherfeed.client import keystore
 from cipherfeed.he.params import MESH_PARAMS
-from cipherfeed.v1 import keyservice_pb2
+from cipherfeed.v1 import keyservice_pb2, keyservice_pb2_grpc
 from services.recommender.server import serve as serve_recommender
-from tests.conftest import client_for, recommender_config
+from tests.conftest import client_for, mesh_pki, recommender_config
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,8 @@ def test_destroy_removes_material_everywhere(fresh_client, replica_b, keyservice
     for replica in (a, b):
         assert refused(replica.score, unit(5)).code() == grpc.StatusCode.FAILED_PRECONDITION
     assert not any(t.startswith(key_id) for t in replica_b[1].installed._lru)
-    err = refused(a.keyservice.GetEvalKeys, keyservice_pb2.GetKeyRequest(key_id=key_id), timeout=5)
+    as_recommender = keyservice_pb2_grpc.KeyServiceStub(mesh_pki().channel(keyservice[0], "keyservice", "recommender"))
+    err = refused(as_recommender.GetEvalKeys, keyservice_pb2.GetKeyRequest(key_id=key_id), timeout=5)
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     err = refused(a.keyservice.EnableKey, keyservice_pb2.KeyStateRequest(key_id=key_id), timeout=5)
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION

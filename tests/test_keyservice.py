@@ -17,14 +17,27 @@ from cipherfeed.he.keymap import KeyMaterial
 from cipherfeed.he.params import MESH_PARAMS
 from cipherfeed.v1 import keyservice_pb2, keyservice_pb2_grpc
 from services.keyservice.envelope import EnvelopeError, MasterKey
+from tests.conftest import mesh_pki
+
+
+def keyservice_as(port: int, identity: str) -> keyservice_pb2_grpc.KeyServiceStub:
+    return keyservice_pb2_grpc.KeyServiceStub(mesh_pki().channel(port, "keyservice", identity))
 
 
 @pytest.fixture(scope="module")
 def ks(keyservice):
-    with grpc.insecure_channel(
-        f"127.0.0.1:{keyservice[0]}", options=[("grpc.max_receive_message_length", 64 * 2**20)]
-    ) as ch:
+    with mesh_pki().channel(keyservice[0], "keyservice", "device") as ch:
         yield keyservice_pb2_grpc.KeyServiceStub(ch)
+
+
+@pytest.fixture(scope="module")
+def ks_ledger(keyservice):
+    return keyservice_as(keyservice[0], "ledger")
+
+
+@pytest.fixture(scope="module")
+def ks_operator(keyservice):
+    return keyservice_as(keyservice[0], "operator")
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +68,17 @@ def test_register_is_idempotent_and_conflicts_are_refused(ks, material):
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_signing_keys_sign_verify_and_rotate(ks):
+def test_signing_keys_sign_verify_and_rotate(ks, ks_ledger, ks_operator):
     message = b"checkpoint body"
-    signed = ks.Sign(keyservice_pb2.SignRequest(key_name="ledger", message=message), timeout=5)
+    signed = ks_ledger.Sign(keyservice_pb2.SignRequest(key_name="ledger", message=message), timeout=5)
     keys = {
         (k.key_name, k.key_version): k for k in ks.GetPublicKeys(keyservice_pb2.GetPublicKeysRequest(), timeout=5).keys
     }
     old = keys[("ledger", signed.key_version)]
     Ed25519PublicKey.from_public_bytes(old.ed25519_public_key).verify(signed.signature, message)
-    rotated = ks.RotateSigningKey(keyservice_pb2.RotateSigningKeyRequest(key_name="ledger"), timeout=5)
+    rotated = ks_operator.RotateSigningKey(keyservice_pb2.RotateSigningKeyRequest(key_name="ledger"), timeout=5)
     assert rotated.key_version == signed.key_version + 1 and rotated.current
-    signed2 = ks.Sign(keyservice_pb2.SignRequest(key_name="ledger", message=message), timeout=5)
+    signed2 = ks_ledger.Sign(keyservice_pb2.SignRequest(key_name="ledger", message=message), timeout=5)
     assert signed2.key_version == rotated.key_version
     Ed25519PublicKey.from_public_bytes(rotated.ed25519_public_key).verify(signed2.signature, message)
     listed = ks.GetPublicKeys(keyservice_pb2.GetPublicKeysRequest(), timeout=5).keys
@@ -73,10 +86,10 @@ def test_signing_keys_sign_verify_and_rotate(ks):
     assert sum(k.current for k in listed if k.key_name == "ledger") == 1
     for bad, code in (("nope", grpc.StatusCode.NOT_FOUND),):
         with pytest.raises(grpc.RpcError) as info:
-            ks.Sign(keyservice_pb2.SignRequest(key_name=bad, message=b"x"), timeout=5)
+            ks_ledger.Sign(keyservice_pb2.SignRequest(key_name=bad, message=b"x"), timeout=5)
         assert info.value.code() == code
     with pytest.raises(grpc.RpcError) as info:
-        ks.Sign(keyservice_pb2.SignRequest(key_name="ledger", message=b"x" * (64 * 1024 + 1)), timeout=5)
+        ks_ledger.Sign(keyservice_pb2.SignRequest(key_name="ledger", message=b"x" * (64 * 1024 + 1)), timeout=5)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -126,6 +139,7 @@ def run_keyservice(tmp_path, port, master_key_file):
             "CIPHERFEED_MASTER_KEY_FILE": str(master_key_file),
             "CIPHERFEED_STATE_DIR": str(tmp_path),
             "CIPHERFEED_REDIS_URL": "",
+            **mesh_pki().env("keyservice"),
         },
     )
 
@@ -134,9 +148,7 @@ def test_restart_after_a_crash_loses_nothing(tmp_path, master_key_file, material
     port = free_port()
     proc = run_keyservice(tmp_path, port, master_key_file)
     try:
-        with grpc.insecure_channel(
-            f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 * 2**20)]
-        ) as ch:
+        with mesh_pki().channel(port, "keyservice", "device") as ch:
             stub = keyservice_pb2_grpc.KeyServiceStub(ch)
             record = register(stub, *material)
             stub.DisableKey(keyservice_pb2.KeyStateRequest(key_id=record.key.key_id), timeout=5)
@@ -146,18 +158,23 @@ def test_restart_after_a_crash_loses_nothing(tmp_path, master_key_file, material
         proc.wait(timeout=10)
     proc = run_keyservice(tmp_path, port, master_key_file)
     try:
-        with grpc.insecure_channel(
-            f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 * 2**20)]
-        ) as ch:
+        with (
+            mesh_pki().channel(port, "keyservice", "device") as ch,
+            mesh_pki().channel(port, "keyservice", "recommender") as rec_ch,
+            mesh_pki().channel(port, "keyservice", "ledger") as ledger_ch,
+        ):
             stub = keyservice_pb2_grpc.KeyServiceStub(ch)
             again = stub.GetKey(keyservice_pb2.GetKeyRequest(key_id=record.key.key_id), timeout=5)
             assert again.state == keyservice_pb2.DISABLED
             assert again.versions[0].material_sha256 == KeyMaterial(*material).sha256
             stub.EnableKey(keyservice_pb2.KeyStateRequest(key_id=record.key.key_id), timeout=5)
-            keys = stub.GetEvalKeys(keyservice_pb2.GetKeyRequest(key_id=record.key.key_id), timeout=30)
+            as_recommender = keyservice_pb2_grpc.KeyServiceStub(rec_ch)
+            keys = as_recommender.GetEvalKeys(keyservice_pb2.GetKeyRequest(key_id=record.key.key_id), timeout=30)
             assert (keys.public_key, keys.rotation_key_map) == material
             assert stub.GetPublicKeys(keyservice_pb2.GetPublicKeysRequest(), timeout=5) == public
-            signed = stub.Sign(keyservice_pb2.SignRequest(key_name="ledger", message=b"m"), timeout=5)
+            signed = keyservice_pb2_grpc.KeyServiceStub(ledger_ch).Sign(
+                keyservice_pb2.SignRequest(key_name="ledger", message=b"m"), timeout=5
+            )
             Ed25519PublicKey.from_public_bytes(public.keys[-1].ed25519_public_key).verify(signed.signature, b"m")
     finally:
         proc.terminate()

@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import grpc
 import pytest
 
 from cipherfeed.client import keystore
@@ -15,13 +14,13 @@ from cipherfeed.keystate import KeyState, KeyStateError
 from cipherfeed.v1 import keyservice_pb2, keyservice_pb2_grpc
 from services.keyservice.envelope import MasterKey
 from services.keyservice.server import build_core
-from tests.conftest import TEST_LIMITS
+from tests.conftest import TEST_LIMITS, mesh_pki
 
 
 def config_for(uri: str, state_dir: Path, master_key_file: Path) -> KeyServiceConfig:
     return KeyServiceConfig(
         listen="127.0.0.1:0", dsn=uri, master_key_file=master_key_file, state_dir=state_dir, limits=TEST_LIMITS,
-        redis=RedisConfig(),
+        redis=RedisConfig(), tls=mesh_pki().tls("keyservice"),
     )  # fmt: skip
 
 
@@ -92,10 +91,11 @@ def test_keyservice_process_on_a_postgresql_dsn(postgres, master_key_file, tmp_p
             "CIPHERFEED_MASTER_KEY_FILE": str(master_key_file),
             "CIPHERFEED_STATE_DIR": str(tmp_path),
             "CIPHERFEED_REDIS_URL": "",
+            **mesh_pki().env("keyservice"),
         },
     )
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        with mesh_pki().channel(port, "keyservice", "device") as ch:
             keys = keyservice_pb2_grpc.KeyServiceStub(ch).GetPublicKeys(
                 keyservice_pb2.GetPublicKeysRequest(), timeout=10
             )

@@ -32,7 +32,7 @@ from services.ledger.server import serve as serve_ledger
 from services.ledger.servicer import LedgerServicer
 from services.ledger.signers import LocalSigner
 from services.recommender.server import serve as serve_recommender
-from tests.conftest import client_for, recommender_config
+from tests.conftest import client_for, mesh_pki, recommender_config
 
 ORIGIN = "cipherfeed.test/ledger"
 ANVIL = REPO_ROOT / ".tools" / "node_modules" / ".bin" / "anvil"
@@ -59,7 +59,8 @@ class LedgerOnLoopback:
 
 def ledger_config(tmp_path: Path, **kw) -> LedgerConfig:
     base = dict(listen="127.0.0.1:0", dsn=f"sqlite:///{tmp_path / 'ledger.db'}", origin=ORIGIN,
-                checkpoint_every=10**9, checkpoint_interval=3600.0, state_dir=tmp_path)  # fmt: skip
+                checkpoint_every=10**9, checkpoint_interval=3600.0, state_dir=tmp_path,
+                tls=mesh_pki().tls("ledger"))  # fmt: skip
     return LedgerConfig(**{**base, **kw})
 
 
@@ -76,7 +77,7 @@ def mesh(tiktok_model, keyservice, redis_server, tmp_path_factory):
     client.config = dataclasses.replace(client.config, ledger_target=f"127.0.0.1:{ledger.port}")
     client.use_keys()
     client.register()
-    channel = grpc.insecure_channel(f"127.0.0.1:{ledger.port}")
+    channel = mesh_pki().channel(ledger.port, "ledger", "device")
     yield client, rec_core, ledger_core, ledger_pb2_grpc.LedgerStub(channel), signer
     channel.close()
     client.close()
@@ -256,6 +257,7 @@ def start_ledger_process(tmp_path: Path, port: int, dsn: str | None = None) -> s
             "CIPHERFEED_CHECKPOINT_INTERVAL": "3600",
             "CIPHERFEED_CHECKPOINT_EVERY": "1000000000",
             "CIPHERFEED_STATE_DIR": str(tmp_path),
+            **mesh_pki().env("ledger"),
         },
     )
 
@@ -265,7 +267,7 @@ def test_crash_between_append_and_checkpoint_loses_nothing(tmp_path, ledger_dsn)
     proc = start_ledger_process(tmp_path, port, ledger_dsn)
     receipts = [Receipt("aa" * 32, "bb" * 32, "cc" * 32, "dd" * 32, 1, i) for i in range(500)]
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        with mesh_pki().channel(port, "ledger", "recommender") as ch:
             stub = ledger_pb2_grpc.LedgerStub(ch)
             request = ledger_pb2.AppendBatchRequest(
                 entries=[
@@ -279,7 +281,7 @@ def test_crash_between_append_and_checkpoint_loses_nothing(tmp_path, ledger_dsn)
         proc.wait(timeout=10)
     proc = start_ledger_process(tmp_path, port, ledger_dsn)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        with mesh_pki().channel(port, "ledger", "device") as ch:
             stub = ledger_pb2_grpc.LedgerStub(ch)
             checkpoint = stub.GetCheckpoint(ledger_pb2.GetCheckpointRequest(), timeout=10)
             assert checkpoint.size == len(acked)  # signed at start from the recovered leaves
@@ -399,7 +401,7 @@ def test_anvil_over_json_rpc_stopped_and_restarted_anchors_every_checkpoint_once
 
 
 def run_verify(*args, home):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CIPHERFEED_CLIENT_HOME": str(home)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CIPHERFEED_CLIENT_HOME": str(home), **mesh_pki().env("device")}
     return subprocess.run(
         [sys.executable, "-m", "cipherfeed.cli", "verify", *args], cwd=REPO_ROOT, env=env,
         capture_output=True, text=True, timeout=120, check=False,

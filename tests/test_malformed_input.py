@@ -7,6 +7,7 @@ import numpy as np
 import openfhe
 import pytest
 
+from cipherfeed.config import GrpcLimits
 from cipherfeed.he import globalkeys
 from cipherfeed.he.codec import Kind, serialize
 from cipherfeed.he.params import MESH_PARAMS, HEParams, build_context
@@ -17,22 +18,20 @@ from cipherfeed.v1 import (
     recommender_pb2,
     recommender_pb2_grpc,
 )
+from tests.conftest import mesh_pki
 
 STATUS = grpc.StatusCode
 
 
-def wide_channel(port: int) -> grpc.Channel:
+def wide_channel(port: int, server: str) -> grpc.Channel:
     """A channel whose own limits are far above the servers', so that their limits are what is tested."""
     limit = 200 * 2**20
-    return grpc.insecure_channel(
-        f"127.0.0.1:{port}",
-        options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
-    )
+    return mesh_pki().channel(port, server, "device", GrpcLimits(max_message_bytes=limit))
 
 
 @pytest.fixture(scope="module")
 def stub(recommender):
-    with wide_channel(recommender[0]) as ch:
+    with wide_channel(recommender[0], "recommender") as ch:
         yield recommender_pb2_grpc.RecommenderStub(ch)
 
 
@@ -161,7 +160,7 @@ def register(stub, public_key, rotation_keys):
 
 @pytest.fixture(scope="module")
 def keyservice_stub(keyservice):
-    with wide_channel(keyservice[0]) as ch:
+    with wide_channel(keyservice[0], "keyservice") as ch:
         yield keyservice_pb2_grpc.KeyServiceStub(ch)
 
 

@@ -3,7 +3,6 @@
 import dataclasses
 import hashlib
 
-import grpc
 import numpy as np
 import pytest
 from google.api import annotations_pb2
@@ -15,6 +14,7 @@ from cipherfeed.client.ranking import rank_feed
 from cipherfeed.client.sdk import ClientError
 from cipherfeed.he.packing import plaintext_scores
 from cipherfeed.v1 import keyservice_pb2, ledger_pb2, recommender_pb2
+from tests.conftest import mesh_pki
 
 ERROR_BOUND = 1e-4
 USERS = 20
@@ -86,7 +86,7 @@ def test_params_and_model_info(client, tiktok_model):
 
 def test_health_and_reflection(recommender):
     port, _ = recommender
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+    with mesh_pki().channel(port, "recommender", "device") as ch:
         health = health_pb2_grpc.HealthStub(ch)
         for service in ("", "cipherfeed.v1.Recommender"):
             status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status

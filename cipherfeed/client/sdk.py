@@ -98,8 +98,8 @@ def params_from_proto(p: common_pb2.HEParameters) -> HEParams:
 class RecommenderClient:
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
-        self._channel = channel(config.target, config.limits)
-        self._keyservice_channel = channel(config.keyservice_target, config.limits)
+        self._channel = channel(config.target, config.limits, config.tls, "recommender")
+        self._keyservice_channel = channel(config.keyservice_target, config.limits, config.tls, "keyservice")
         self._ledger_channel: grpc.Channel | None = None
         self.stub = recommender_pb2_grpc.RecommenderStub(self._channel)
         self.keyservice = keyservice_pb2_grpc.KeyServiceStub(self._keyservice_channel)
@@ -117,7 +117,7 @@ class RecommenderClient:
 
     def ledger_channel(self) -> grpc.Channel:
         if self._ledger_channel is None:
-            self._ledger_channel = channel(self.config.ledger_target, self.config.limits)
+            self._ledger_channel = channel(self.config.ledger_target, self.config.limits, self.config.tls, "ledger")
         return self._ledger_channel
 
     def close(self) -> None:

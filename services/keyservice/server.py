@@ -46,6 +46,7 @@ def serve(config: KeyServiceConfig, params: HEParams = MESH_PARAMS) -> tuple[Run
         config.listen,
         config.limits,
         config.grpc_workers,
+        config.tls,
     )
     log.info("key service on port %d, store %s", running.port, config.database_dsn.split("@")[-1])
     return running, core

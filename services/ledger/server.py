@@ -24,7 +24,8 @@ def make_signer(config: LedgerConfig) -> NoteSigner:
         return LocalSigner(config.origin)
     if config.signer != "keyservice":
         raise ConfigError(f"CIPHERFEED_LEDGER_SIGNER={config.signer!r}: expected keyservice or local")
-    stub = keyservice_pb2_grpc.KeyServiceStub(channel(config.keyservice_target, config.limits))
+    keyservice = channel(config.keyservice_target, config.limits, config.tls, "keyservice")
+    stub = keyservice_pb2_grpc.KeyServiceStub(keyservice)
     return KeyServiceSigner(config.origin, config.signing_key_name, stub, deadline=10.0)
 
 
@@ -56,6 +57,7 @@ def serve(
         config.listen,
         config.limits,
         config.grpc_workers,
+        config.tls,
     )
     log.info("ledger %s on port %d, chain %s", config.origin, running.port, config.chain_rpc_url or "in-process py-evm")
     return running, core

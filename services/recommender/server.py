@@ -37,10 +37,11 @@ def load_or_train(config: RecommenderConfig) -> ModelArtifact:
 
 
 def build_core(config: RecommenderConfig, model: ModelArtifact, params: HEParams = MESH_PARAMS) -> RecommenderCore:
-    keyservice = keyservice_pb2_grpc.KeyServiceStub(channel(config.keyservice_target, config.limits))
+    keyservice_channel = channel(config.keyservice_target, config.limits, config.tls, "keyservice")
+    keyservice = keyservice_pb2_grpc.KeyServiceStub(keyservice_channel)
     receipts = None
     if config.ledger_target:
-        ledger = ledger_pb2_grpc.LedgerStub(channel(config.ledger_target, config.limits))
+        ledger = ledger_pb2_grpc.LedgerStub(channel(config.ledger_target, config.limits, config.tls, "ledger"))
         receipts = ReceiptSpool(config.state_dir / "receipt-spool.db", ledger, config.receipt_spool_max)
     return RecommenderCore(
         model,
@@ -66,6 +67,7 @@ def serve(
         config.listen,
         config.limits,
         config.grpc_workers,
+        config.tls,
     )
     log.info(
         "recommender serving model %s on port %d (key service %s, cache %s)",
