@@ -25,6 +25,10 @@ class Reason(str, Enum):
     HE_MATERIAL_INVALID = "HE_MATERIAL_INVALID"  # untrusted ciphertext or key material refused
     PROFILE_KEY_MISMATCH = "PROFILE_KEY_MISMATCH"  # the profile was uploaded under another key
     PROOF_RANGE_INVALID = "PROOF_RANGE_INVALID"  # leaf index / tree sizes outside the log
+    # UNAUTHENTICATED
+    NO_PEER_IDENTITY = "NO_PEER_IDENTITY"  # no client certificate naming an identity of this mesh
+    # PERMISSION_DENIED
+    CALLER_NOT_ALLOWED = "CALLER_NOT_ALLOWED"  # metadata: caller, method (cipherfeed.policy)
     # NOT_FOUND
     KEY_NOT_FOUND = "KEY_NOT_FOUND"
     SIGNING_KEY_NOT_FOUND = "SIGNING_KEY_NOT_FOUND"
@@ -94,6 +98,18 @@ class InvalidArgument(CipherfeedError, ValueError):
     """The request is malformed (gRPC INVALID_ARGUMENT, HTTP 400)."""
 
     reason = Reason.FIELD_INVALID
+
+
+class Unauthenticated(CipherfeedError):
+    """The caller has no identity of this mesh (UNAUTHENTICATED, 401)."""
+
+    reason = Reason.NO_PEER_IDENTITY
+
+
+class PermissionDenied(CipherfeedError):
+    """The caller is known but may not do this (PERMISSION_DENIED, 403)."""
+
+    reason = Reason.CALLER_NOT_ALLOWED
 
 
 class NotFound(CipherfeedError, LookupError):

@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from cipherfeed import errors
 from cipherfeed.identity import peer_spiffe_id
 
 # Mesh services (each also a client of the others) and the client identities.
@@ -107,15 +108,30 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
         return wrapped
 
     def _wrap(self, method: str, handler: Any) -> grpc.RpcMethodHandler:
+        from grpc_status import rpc_status
+
+        from cipherfeed.grpcutil import rich_status  # grpcutil builds servers with this interceptor
+
         allowed_identities = POLICY.get(method, frozenset())
         trust_domain = self._trust_domain
 
         def check(context: grpc.ServicerContext) -> None:
             peer = peer_spiffe_id(context)
             if peer is None or peer[0] != trust_domain:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client identity of this mesh")
-            if peer[1] not in allowed_identities:
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{peer[1]} may not call {method}")
+                status = rich_status(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    errors.Reason.NO_PEER_IDENTITY.value,
+                    f"no client identity of spiffe://{trust_domain}",
+                )
+                context.abort_with_status(rpc_status.to_status(status))
+            elif peer[1] not in allowed_identities:
+                status = rich_status(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    errors.Reason.CALLER_NOT_ALLOWED.value,
+                    f"{peer[1]} may not call {method}",
+                    {"caller": peer[1], "method": method},
+                )
+                context.abort_with_status(rpc_status.to_status(status))
 
         def guard(behaviour: Callable[..., Any]) -> Callable[..., Any]:
             def guarded(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:

@@ -30,6 +30,8 @@ KIND = {
     Reason.HE_MATERIAL_INVALID: errors.InvalidArgument,
     Reason.PROFILE_KEY_MISMATCH: errors.InvalidArgument,
     Reason.PROOF_RANGE_INVALID: errors.InvalidArgument,
+    Reason.NO_PEER_IDENTITY: errors.Unauthenticated,
+    Reason.CALLER_NOT_ALLOWED: errors.PermissionDenied,
     Reason.KEY_NOT_FOUND: errors.NotFound,
     Reason.SIGNING_KEY_NOT_FOUND: errors.NotFound,
     Reason.ITEM_NOT_FOUND: errors.NotFound,
@@ -58,6 +60,8 @@ CODE_OF = {
     errors.FailedPrecondition: CODE.FAILED_PRECONDITION,
     errors.ResourceExhausted: CODE.RESOURCE_EXHAUSTED,
     errors.Unavailable: CODE.UNAVAILABLE,
+    errors.Unauthenticated: CODE.UNAUTHENTICATED,
+    errors.PermissionDenied: CODE.PERMISSION_DENIED,
     errors.CipherfeedError: CODE.INTERNAL,
 }
 
@@ -152,13 +156,27 @@ def test_reason_of_is_none_without_a_rich_status():
 
 @pytest.fixture(scope="module")
 def ks(keyservice):
-    with wide_channel(keyservice[0]) as ch:
+    with wide_channel(keyservice[0], "keyservice") as ch:
         yield keyservice_pb2_grpc.KeyServiceStub(ch)
 
 
 @pytest.fixture(scope="module")
+def ks_as(keyservice):
+    """Key service stubs for the identities its signing and rotation-key RPCs allow."""
+    with (
+        wide_channel(keyservice[0], "keyservice", "ledger") as ledger,
+        wide_channel(keyservice[0], "keyservice", "operator") as operator,
+        wide_channel(keyservice[0], "keyservice", "recommender") as recommender,
+    ):
+        yield {
+            name: keyservice_pb2_grpc.KeyServiceStub(ch)
+            for name, ch in (("ledger", ledger), ("operator", operator), ("recommender", recommender))
+        }
+
+
+@pytest.fixture(scope="module")
 def rec(recommender):
-    with wide_channel(recommender[0]) as ch:
+    with wide_channel(recommender[0], "recommender") as ch:
         yield recommender_pb2_grpc.RecommenderStub(ch)
 
 
@@ -177,7 +195,7 @@ def expect_reason(err, code, reason, **metadata):
         assert info.metadata[k] == str(v)
 
 
-def test_key_service_refusals_carry_their_reasons(ks):
+def test_key_service_refusals_carry_their_reasons(ks, ks_as):
     get = ks.GetKey
     expect_reason(refused(get, keyservice_pb2.GetKeyRequest()), CODE.INVALID_ARGUMENT, Reason.FIELD_REQUIRED)
     expect_reason(
@@ -188,12 +206,12 @@ def test_key_service_refusals_carry_their_reasons(ks):
     )
     expect_reason(refused(get, keyservice_pb2.GetKeyRequest(key_id="ab" * 32)), CODE.NOT_FOUND, Reason.KEY_NOT_FOUND)
     expect_reason(
-        refused(ks.Sign, keyservice_pb2.SignRequest(key_name="nobody", message=b"m")),
+        refused(ks_as["ledger"].Sign, keyservice_pb2.SignRequest(key_name="nobody", message=b"m")),
         CODE.NOT_FOUND,
         Reason.SIGNING_KEY_NOT_FOUND,
     )
     expect_reason(
-        refused(ks.Sign, keyservice_pb2.SignRequest(key_name="ledger", message=bytes(65 * 1024))),
+        refused(ks_as["ledger"].Sign, keyservice_pb2.SignRequest(key_name="ledger", message=bytes(65 * 1024))),
         CODE.RESOURCE_EXHAUSTED,
         Reason.SIZE_LIMIT,
         field="message",
@@ -205,25 +223,25 @@ def test_key_service_refusals_carry_their_reasons(ks):
         Reason.HE_MATERIAL_INVALID,
     )
     expect_reason(
-        refused(ks.RotateSigningKey, keyservice_pb2.RotateSigningKeyRequest(key_name="bad name!")),
+        refused(ks_as["operator"].RotateSigningKey, keyservice_pb2.RotateSigningKeyRequest(key_name="bad name!")),
         CODE.INVALID_ARGUMENT,
         Reason.FIELD_INVALID,
         field="key_name",
     )
 
 
-def test_a_one_mib_key_id_or_name_is_refused_with_a_bounded_message(ks, rec, client):
+def test_a_one_mib_key_id_or_name_is_refused_with_a_bounded_message(ks, ks_as, rec, client):
     huge = "a" * MIB
     for call, request in [
         (ks.GetKey, keyservice_pb2.GetKeyRequest(key_id=huge)),
-        (ks.GetEvalKeys, keyservice_pb2.GetKeyRequest(key_id=huge)),
+        (ks_as["recommender"].GetEvalKeys, keyservice_pb2.GetKeyRequest(key_id=huge)),
         (ks.DisableKey, keyservice_pb2.GetKeyRequest(key_id=huge)),
     ]:
         expect_reason(refused(call, request), CODE.INVALID_ARGUMENT, Reason.FIELD_INVALID, field="key_id")
     score = recommender_pb2.ScoreRequest(key=common_pb2.KeyRef(key_id=huge), query_ciphertext=b"q")
     expect_reason(refused(rec.Score, score), CODE.INVALID_ARGUMENT, Reason.FIELD_INVALID, field="key.key_id")
     # Names that are not validated by shape are still never echoed whole.
-    err = refused(ks.Sign, keyservice_pb2.SignRequest(key_name=huge, message=b"m"))
+    err = refused(ks_as["ledger"].Sign, keyservice_pb2.SignRequest(key_name=huge, message=b"m"))
     expect_reason(err, CODE.NOT_FOUND, Reason.SIGNING_KEY_NOT_FOUND)
     assert len(err.details()) < 200
     err = refused(rec.GetItems, recommender_pb2.GetItemsRequest(item_ids=[huge]))

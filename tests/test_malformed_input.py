@@ -23,10 +23,10 @@ from tests.conftest import mesh_pki
 STATUS = grpc.StatusCode
 
 
-def wide_channel(port: int, server: str) -> grpc.Channel:
+def wide_channel(port: int, server: str, identity: str = "device") -> grpc.Channel:
     """A channel whose own limits are far above the servers', so that their limits are what is tested."""
     limit = 200 * 2**20
-    return mesh_pki().channel(port, server, "device", GrpcLimits(max_message_bytes=limit))
+    return mesh_pki().channel(port, server, identity, GrpcLimits(max_message_bytes=limit))
 
 
 @pytest.fixture(scope="module")

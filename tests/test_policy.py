@@ -13,9 +13,9 @@ from google.protobuf import descriptor_pool, message_factory
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from cipherfeed import policy
+from cipherfeed import errors, policy
 from cipherfeed.config import TlsConfig
-from cipherfeed.grpcutil import channel
+from cipherfeed.grpcutil import channel, reason_of
 from cipherfeed.v1 import keyservice_pb2, keyservice_pb2_grpc
 from services.ledger.server import serve as serve_ledger
 from services.ledger.signers import LocalSigner
@@ -71,6 +71,10 @@ def served_methods(port: int, server: str, pki: MeshPki) -> list[str]:
 
 def call(ch: grpc.Channel, method: str) -> grpc.StatusCode:
     """Calls ``method`` with an empty request; the status (OK, or the refusal or error)."""
+    return call_with_reason(ch, method)[0]
+
+
+def call_with_reason(ch: grpc.Channel, method: str) -> tuple[grpc.StatusCode, str | None]:
     service_name, _, method_name = method[1:].partition("/")
     desc = descriptor_pool.Default().FindServiceByName(service_name).methods_by_name[method_name]
     request_type = message_factory.GetMessageClass(desc.input_type)
@@ -91,8 +95,8 @@ def call(ch: grpc.Channel, method: str) -> grpc.StatusCode:
         else:
             ch.unary_unary(method, **codec)(request, timeout=10)
     except grpc.RpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
+        return exc.code(), reason_of(exc)
+    return grpc.StatusCode.OK, None
 
 
 def expected(method: str, caller: str) -> set[grpc.StatusCode] | None:
@@ -116,6 +120,7 @@ def test_the_policy_names_only_methods_that_exist_and_identities_it_knows(server
 def test_every_method_of_every_service_for_every_caller(servers, pki, caller_tls):
     walked = 0
     outcomes: dict[tuple[str, str], grpc.StatusCode] = {}
+    reasons = {grpc.StatusCode.UNAUTHENTICATED: set(), grpc.StatusCode.PERMISSION_DENIED: set()}
     for server, port in servers.items():
         methods = served_methods(port, server, pki)
         for method in methods:
@@ -123,7 +128,9 @@ def test_every_method_of_every_service_for_every_caller(servers, pki, caller_tls
         for caller, tls in caller_tls.items():
             with open_channel(port, server, tls, pki) as ch:
                 for method in methods:
-                    outcomes[(method, caller)] = call(ch, method)
+                    code, reason = call_with_reason(ch, method)
+                    outcomes[(method, caller)] = code
+                    reasons.get(code, set()).add(reason)
                     walked += 1
     failures = []
     for (method, caller), got in outcomes.items():
@@ -131,6 +138,8 @@ def test_every_method_of_every_service_for_every_caller(servers, pki, caller_tls
         if (want is None and got in DENIALS) or (want is not None and got not in want):
             failures.append(f"{caller} -> {method}: {got.name}, expected {'through' if want is None else want}")
     assert not failures, "\n".join(failures)
+    assert reasons[grpc.StatusCode.UNAUTHENTICATED] == {errors.Reason.NO_PEER_IDENTITY.value}
+    assert reasons[grpc.StatusCode.PERMISSION_DENIED] == {errors.Reason.CALLER_NOT_ALLOWED.value}
     assert walked == len(caller_tls) * sum(len(served_methods(p, s, pki)) for s, p in servers.items())
     # The table is not vacuous: each identity is let through somewhere and refused somewhere.
     for identity in policy.IDENTITIES:
@@ -147,6 +156,7 @@ def test_a_refused_call_never_reaches_its_handler(keyservice, pki):
         as_device.RotateSigningKey(keyservice_pb2.RotateSigningKeyRequest(key_name="ledger"), timeout=5)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "device" in info.value.details() and "RotateSigningKey" in info.value.details()
+    assert reason_of(info.value) == errors.Reason.CALLER_NOT_ALLOWED.value
     assert [(k.name, k.version) for k in core.public_keys()] == before  # nothing rotated
     with pytest.raises(grpc.RpcError) as info:
         as_device.Sign(keyservice_pb2.SignRequest(key_name="ledger", message=b"forged checkpoint"), timeout=5)
