@@ -8,7 +8,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -23,6 +22,7 @@ from cipherfeed.client.verify import AnchorEvidence, VerificationError, verify_r
 from cipherfeed.config import REPO_ROOT, LedgerConfig
 from cipherfeed.devprocess import start_service
 from cipherfeed.devredis import free_port
+from cipherfeed.grpcutil import start_server
 from cipherfeed.merkle import leaf_hash, verify_consistency
 from cipherfeed.receipts import Receipt
 from cipherfeed.v1 import ledger_pb2, ledger_pb2_grpc
@@ -39,21 +39,29 @@ ANVIL = REPO_ROOT / ".tools" / "node_modules" / ".bin" / "anvil"
 
 
 class LedgerOnLoopback:
-    """A real ledger core behind a plain loopback gRPC server (anchoring off: not under test here)."""
+    """A real ledger core behind a loopback gRPC server (anchoring off: not under test here), over
+    mutual TLS with the policy; ``stub`` calls as the recommender (the one identity that appends)."""
 
     def __init__(self, state: Path, servicer: ledger_pb2_grpc.LedgerServicer | None = None, **config) -> None:
         local = None if config.get("signer") == "keyservice" else LocalSigner(ORIGIN)
-        self.core = build_core(ledger_config(state, **config), local, anchoring=False)
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=4))
-        ledger_pb2_grpc.add_LedgerServicer_to_server(servicer or LedgerServicer(self.core), self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        settings = ledger_config(state, **config)
+        self.core = build_core(settings, local, anchoring=False)
+        implementation = servicer or LedgerServicer(self.core)
+        self.server = start_server(
+            lambda s: ledger_pb2_grpc.add_LedgerServicer_to_server(implementation, s),
+            ["cipherfeed.v1.Ledger"],
+            "127.0.0.1:0",
+            settings.limits,
+            4,
+            settings.tls,
+        )
+        self.port = self.server.port
+        self.channel = mesh_pki().channel(self.port, "ledger", "recommender")
         self.stub = ledger_pb2_grpc.LedgerStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
-        self.server.stop(grace=None)
+        self.server.stop(grace=0)
         self.core.close()
 
 

@@ -10,6 +10,7 @@ from cipherfeed.devprocess import start_service
 from cipherfeed.devredis import free_port
 from cipherfeed.receipts import Receipt
 from cipherfeed.v1 import ledger_pb2
+from tests.conftest import mesh_pki
 from tests.test_ledger import ORIGIN, LedgerOnLoopback
 
 
@@ -22,6 +23,7 @@ def start_keyservice(tmp_path, master_key_file, port):
             "CIPHERFEED_MASTER_KEY_FILE": str(master_key_file),
             "CIPHERFEED_STATE_DIR": str(tmp_path),
             "CIPHERFEED_REDIS_URL": "",
+            **mesh_pki().env("keyservice"),
         },
     )
 
@@ -54,7 +56,7 @@ def test_ledger_reads_answer_while_the_key_service_is_down(tmp_path, master_key_
         assert (checkpoint, bundle) == before
         verifiers = [Verifier.from_vkey(k) for k in checkpoint.verifier_keys]
         assert verify_checkpoint(checkpoint.signed_note, verifiers, origin=ORIGIN).size == 1
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:  # and it really is down
+        with mesh_pki().channel(port, "keyservice", "operator") as ch:  # and it really is down
             try:
                 grpc.channel_ready_future(ch).result(timeout=0.5)
                 raise AssertionError("the key service answered")
