@@ -70,6 +70,7 @@ POLICY: dict[str, frozenset[str]] = {
     RC + "GetCatalogueManifest": EVERYONE,
     RC + "GetItems": EVERYONE,
     RC + "UploadProfile": USERS,
+    RC + "UploadHistory": USERS,
     RC + "Score": USERS,
     # Every server: health and reflection for every authenticated caller.
     "/grpc.health.v1.Health/Check": EVERYONE,

@@ -26,6 +26,7 @@ from services.recommender.history import HistoryError, HistoryProjector, History
 from services.recommender.server import serve as serve_recommender
 from services.recommender.synthetic import synthetic_catalogue
 from tests.conftest import client_for, recommender_config
+from tests.test_malformed_input import wide_channel
 
 STATUS = grpc.StatusCode
 ERROR_BOUND = 1e-4
@@ -142,9 +143,7 @@ def test_reprojection_after_a_model_update_equals_a_fresh_upload(keyservice, red
 
 @pytest.fixture(scope="module")
 def stub(recommender):
-    limit = 200 * 2**20
-    options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
-    with grpc.insecure_channel(f"127.0.0.1:{recommender[0]}", options=options) as ch:
+    with wide_channel(recommender[0], "recommender") as ch:
         yield recommender_pb2_grpc.RecommenderStub(ch)
 
 
