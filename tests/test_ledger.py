@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -289,7 +290,7 @@ def test_crash_between_append_and_checkpoint_loses_nothing(tmp_path, ledger_dsn)
         proc.wait(timeout=10)
     proc = start_ledger_process(tmp_path, port, ledger_dsn)
     try:
-        with mesh_pki().channel(port, "ledger", "device") as ch:
+        with mesh_pki().channel(port, "ledger", "recommender") as ch:
             stub = ledger_pb2_grpc.LedgerStub(ch)
             checkpoint = stub.GetCheckpoint(ledger_pb2.GetCheckpointRequest(), timeout=10)
             assert checkpoint.size == len(acked)  # signed at start from the recovered leaves
