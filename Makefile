@@ -12,10 +12,14 @@ run: bootstrap
 	$(PY) -m cipherfeed.cli demo
 
 # Lint, then the whole test suite against real servers on loopback.
-test: bootstrap
+test: lint
+	$(PY) -m pytest
+
+# ruff (lint and format) and mypy (config in pyproject.toml; the generated code typed by its .pyi).
+lint: bootstrap
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest
+	$(PY) -m mypy
 
 bench:
 	@bash scripts/bootstrap.sh bench

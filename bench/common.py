@@ -59,7 +59,7 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in ("openfhe", "tenseal", "numpy", "grpcio"):
         try:
             versions[pkg] = metadata.version(pkg)

@@ -92,23 +92,27 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         client.use_keys()
-        client.register()
-        ref = common_pb2.KeyRef(key_id=client.key_id, version=client.key_version)
+        key_id, keys = client.register(), client.keys
+        assert keys is not None
+        ref = common_pb2.KeyRef(key_id=key_id, version=client.key_version)
         tag = f"{client.key_id}:{client.key_version}"
         resolver = core.keys
 
         log("== rotation-key fetch (mesh key set)")
-        cold, from_redis, hit, redis_get = [], [], [], []
+        cold: list[float] = []
+        from_redis: list[float] = []
+        hit: list[float] = []
+        redis_get: list[float] = []
         for _ in range(args.reps):
             core.installed.remove(tag)
-            core.cache.delete(Keys.eval_keys(client.key_id, client.key_version))
+            core.cache.delete(Keys.eval_keys(key_id, client.key_version))
             cold.append(timed_ms(resolver.resolve, ref)[1])
             core.installed.remove(tag)
             from_redis.append(timed_ms(resolver.resolve, ref)[1])
-            redis_get.append(timed_ms(core.cache.get, Keys.eval_keys(client.key_id, client.key_version))[1])
+            redis_get.append(timed_ms(core.cache.get, Keys.eval_keys(key_id, client.key_version))[1])
             hit.extend(timed_ms(resolver.installed.touch, tag)[1] for _ in range(100))
         results["eval_key_fetch"] = {
-            "key_set_bytes": len(client.keys.rotation_key_bytes) + len(client.keys.public_key_bytes),
+            "key_set_bytes": len(keys.rotation_key_bytes) + len(keys.public_key_bytes),
             "cold_keyservice": percentiles(cold),
             "redis_get_only": percentiles(redis_get),
             "redis_to_installed": percentiles(from_redis),
@@ -146,9 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.users):
             user = RecommenderClient(client.config)
             user.keys = keystore.load_test_keys(shared)
-            user.register()
+            user_ids.append(user.register())
             user.score(u)
-            user_ids.append(user.key_id)
             # Keys evicted long ago (two cache sizes back) are destroyed, so the key service's
             # store stays ~100 key sets (1.1 GB) instead of growing by 11 MB per user.
             if i >= 2 * args.cache_size:

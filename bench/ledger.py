@@ -156,9 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.anchors):
         acore.log.append_many([f"entry {i}".encode()])
         acore.log.checkpoint()
-    acore.anchorer.anchor_pending()
-    contract = acore.anchorer._ensure_contract()
-    w3 = acore.anchorer._w3
+    anchorer = acore.anchorer
+    assert anchorer is not None
+    anchorer.anchor_pending()
+    contract = anchorer._ensure_contract()
+    w3 = anchorer._w3
     assert w3 is not None
     events = contract.events.Anchored().get_logs(from_block=0)
     gas = [w3.eth.get_transaction_receipt(e["transactionHash"])["gasUsed"] for e in events]

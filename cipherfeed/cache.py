@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -117,7 +118,7 @@ class Cache:
             self.stats.misses += 1
         else:
             self.stats.hits += 1
-        return value
+        return cast("bytes | None", value)  # the client is made without decode_responses
 
     def set(self, key: str, value: bytes, ttl_seconds: int) -> bool:
         if len(value) > self.config.max_value_bytes:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 import grpc
 import numpy as np
@@ -25,6 +26,13 @@ from cipherfeed.grpcutil import RunningServer
 from cipherfeed.he.packing import plaintext_scores
 from cipherfeed.receipts import Receipt
 from cipherfeed.v1 import keyservice_pb2, ledger_pb2, ledger_pb2_grpc
+
+if TYPE_CHECKING:  # the services are imported only by the commands that start them
+    from cipherfeed.devredis import LocalRedis
+    from services.keyservice.core import KeyServiceCore
+    from services.ledger.core import LedgerCore
+    from services.recommender.artifact import ModelArtifact
+    from services.recommender.core import RecommenderCore
 
 
 def _client(args: argparse.Namespace) -> RecommenderClient:
@@ -60,7 +68,7 @@ def device_history(client: RecommenderClient, user: str) -> tuple[list[Engagemen
     return history_store.engagements(entries), seeded
 
 
-def print_feed(items: list, out: object = sys.stdout) -> None:
+def print_feed(items: list, out: TextIO = sys.stdout) -> None:
     print(f"{'#':>2}  {'creator':<28} {'video id':<20} url", file=out)
     for n, item in enumerate(items, 1):
         print(f"{n:>2}  {item.creator_id[:28]:<28} {item.item_id:<20} {item.url}", file=out)
@@ -255,14 +263,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 @dataclass
 class LocalMesh:
-    redis: object | None
+    redis: LocalRedis | None
     keyservice: RunningServer
-    keyservice_core: object
+    keyservice_core: KeyServiceCore
     ledger: RunningServer
-    ledger_core: object
+    ledger_core: LedgerCore
     recommender: RunningServer
-    recommender_core: object
-    model: object
+    recommender_core: RecommenderCore
+    model: ModelArtifact
     client_tls: TlsConfig  # a device certificate from the mesh's development CA
 
     def stop(self) -> None:
@@ -371,9 +379,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             # Receipts: spool -> ledger -> signed checkpoint -> anchor, then verify as a client would.
-            mesh.recommender_core.receipts.flush(timeout=30)
+            receipts, anchorer = mesh.recommender_core.receipts, mesh.ledger_core.anchorer
+            assert receipts is not None and anchorer is not None  # the demo mesh has both
+            receipts.flush(timeout=30)
             mesh.ledger_core.log.checkpoint()
-            mesh.ledger_core.anchorer.anchor_pending()
+            anchorer.anchor_pending()
             ledger = ledger_pb2_grpc.LedgerStub(client.ledger_channel())
             origin = ledger.GetCheckpoint(ledger_pb2.GetCheckpointRequest(), timeout=10).origin
             verifiers = signing_verifiers(client, origin, "ledger")
@@ -381,7 +391,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 scored.receipt_id,
                 ledger,
                 verifiers,
-                lambda _address, size: mesh.ledger_core.anchorer.onchain_root(size),
+                lambda _address, size: anchorer.onchain_root(size),
                 client_config.deadline_seconds,
                 scored.receipt,
             )

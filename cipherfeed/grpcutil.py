@@ -13,11 +13,12 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc.error_details_pb2 import ErrorInfo, RetryInfo
+from google.rpc.status_pb2 import Status
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
@@ -62,9 +63,9 @@ def rich_status(
     message: str,
     metadata: dict[str, str] | None = None,
     retry_after: float | None = None,
-) -> status_pb2.Status:
+) -> Status:
     """A google.rpc.Status with an ErrorInfo (and a RetryInfo when ``retry_after`` is given), bounded in size."""
-    info = error_details_pb2.ErrorInfo(
+    info = ErrorInfo(
         reason=reason,
         domain=errors.DOMAIN,
         metadata={
@@ -72,12 +73,12 @@ def rich_status(
             for k, v in list((metadata or {}).items())[:MAX_METADATA_ENTRIES]
         },
     )
-    status = status_pb2.Status(code=code.value[0], message=_clip(message, MAX_MESSAGE_CHARS))
+    status = Status(code=code.value[0], message=_clip(message, MAX_MESSAGE_CHARS))
     status.details.add().Pack(info)
     if retry_after is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(max(0.0, retry_after) * 1e9))
-        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        status.details.add().Pack(RetryInfo(retry_delay=delay))
     return status
 
 
@@ -111,14 +112,20 @@ refusal_log = logging.getLogger("cipherfeed.refused")
 refusals = RefusalLog()
 
 
-def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+Servicer = TypeVar("Servicer")
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Handler = Callable[[Servicer, Request, grpc.ServicerContext], Response]
+
+
+def grpc_errors(method: Handler[Servicer, Request, Response]) -> Handler[Servicer, Request, Response]:
     """Servicer decorator: a domain error becomes its status code with a google.rpc.Status that
     carries its ErrorInfo (reason, domain, metadata), its bounded message and, for retryable limits,
     a RetryInfo; the refusal is logged (rate-limited). Anything else is INTERNAL with no details
     (it is logged here instead)."""
 
     @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+    def wrapper(self: Servicer, request: Request, context: grpc.ServicerContext) -> Response:
         try:
             return method(self, request, context)
         except errors.CipherfeedError as exc:
@@ -141,7 +148,7 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def status_details(error: grpc.RpcError) -> status_pb2.Status | None:
+def status_details(error: grpc.RpcError) -> Status | None:
     """The google.rpc.Status a server attached to ``error``, or None (e.g. a transport error)."""
     try:
         return rpc_status.from_call(error)  # type: ignore[arg-type]  # a stub's RpcError is also a Call
@@ -149,12 +156,11 @@ def status_details(error: grpc.RpcError) -> status_pb2.Status | None:
         return None
 
 
-def error_info_of(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+def error_info_of(error: grpc.RpcError) -> ErrorInfo | None:
     status = status_details(error)
     for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
+        info = ErrorInfo()
+        if detail.Unpack(info):  # False for details of another type
             return info
     return None
 
@@ -178,9 +184,8 @@ def retry_delay_of(error: grpc.RpcError) -> float | None:
     """Seconds the server asked the client to wait before retrying (google.rpc.RetryInfo), if any."""
     status = status_details(error)
     for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
+        info = RetryInfo()
+        if detail.Unpack(info):
             return info.retry_delay.ToNanoseconds() / 1e9
     return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -346,7 +347,7 @@ class RecommenderClient:
         )
 
     def items(
-        self, indices: list[int] = (), item_ids: list[str] = (), include_embedding: bool = False
+        self, indices: Sequence[int] = (), item_ids: Sequence[str] = (), include_embedding: bool = False
     ) -> list[recommender_pb2.Item]:
         response = self.stub.GetItems(
             recommender_pb2.GetItemsRequest(

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cipherfeed.checkpoint import Checkpoint, NoteError, Verifier, verify_checkpoint
 from cipherfeed.merkle import ProofError, leaf_hash, verify_consistency, verify_inclusion
 from cipherfeed.receipts import Receipt
+
+if TYPE_CHECKING:
+    from cipherfeed.v1 import ledger_pb2_grpc
 
 STEPS = ("receipt", "inclusion", "signature", "anchor")
 EXIT_CODES = {"receipt": 10, "inclusion": 11, "signature": 12, "anchor": 13}
@@ -84,7 +88,7 @@ def verify_receipt(
 
 def fetch_and_verify(
     receipt_id: str,
-    ledger: object,
+    ledger: ledger_pb2_grpc.LedgerStub,
     verifiers: list[Verifier],
     chain_root: Callable[[str, int], bytes] | None,
     deadline: float,

@@ -63,7 +63,7 @@ def block_diagonals(block: FloatArray, padded_dim: int, slots: int) -> ComplexAr
     cols = (j[None, :] + np.arange(padded_dim)[:, None]) % padded_dim  # (k, j) -> (j + k) mod dp
     real = full[j[None, :], cols]
     imag = full[slots + j[None, :], cols]
-    return real + 1j * imag
+    return np.asarray(real + 1j * imag, dtype=np.complex128)
 
 
 def block_values(values: FloatArray, slots: int) -> ComplexArray:
@@ -94,7 +94,7 @@ def fold_slots(fold: int, slots: int, padded_dim: int) -> npt.NDArray[np.intp]:
     width = slots // fold
     c = np.arange(width)
     h = np.arange(fold)[:, None]
-    return h * width + (c[None, :] + (padded_dim // fold) * h) % width
+    return np.asarray(h * width + (c[None, :] + (padded_dim // fold) * h) % width, dtype=np.intp)
 
 
 def folded_block(block: FloatArray, fold: int, slots: int, padded_dim: int) -> FloatArray:

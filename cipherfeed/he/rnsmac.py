@@ -9,11 +9,13 @@ public data); it holds no key and draws no randomness.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
 try:
-    from cipherfeed.he import _rnsmac
+    from cipherfeed.he import _rnsmac  # type: ignore[attr-defined]  # a C extension: no stub
 
     IMPORT_ERROR: str | None = None
 except ImportError as exc:  # built by `pip install` when a C compiler is present (scripts/bootstrap.sh)
@@ -27,7 +29,7 @@ def available() -> bool:
     return _rnsmac is not None
 
 
-def _require() -> object:
+def _require() -> Any:  # the compiled module (untyped)
     if _rnsmac is None:
         raise RuntimeError(f"the native scoring kernel is not available: {IMPORT_ERROR}")
     return _rnsmac

@@ -281,7 +281,7 @@ class KeyServiceCore:
 
     def public_keys(self) -> list[SigningPublicKey]:
         rows = self.store.signing_keys()
-        newest = {}
+        newest: dict[str, int] = {}
         for r in rows:
             newest[r.name] = max(newest.get(r.name, 0), r.version)
         return [SigningPublicKey(r.name, r.version, r.public_key, r.version == newest[r.name]) for r in rows]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
 
 from cipherfeed.grpcutil import grpc_errors
@@ -41,7 +39,9 @@ def signing_key(k: SigningPublicKey) -> keyservice_pb2.SigningPublicKey:
     )
 
 
-def _key_id(request: Any) -> str:
+def _key_id(
+    request: keyservice_pb2.GetKeyRequest | keyservice_pb2.RotateKeyRequest | keyservice_pb2.KeyStateRequest,
+) -> str:
     return check_key_id(request.key_id)
 
 
@@ -50,16 +50,16 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
         self.core = core
 
     @grpc_errors
-    def RegisterKey(self, request: Any, context: Ctx) -> Any:
+    def RegisterKey(self, request: keyservice_pb2.RegisterKeyRequest, context: Ctx) -> keyservice_pb2.KeyRecord:
         material = KeyMaterial(public_key=request.public_key, rotation_keys=request.rotation_key_map)
         return key_record(self.core.register(material))
 
     @grpc_errors
-    def GetKey(self, request: Any, context: Ctx) -> Any:
+    def GetKey(self, request: keyservice_pb2.GetKeyRequest, context: Ctx) -> keyservice_pb2.KeyRecord:
         return key_record(self.core.get(_key_id(request)))
 
     @grpc_errors
-    def GetEvalKeys(self, request: Any, context: Ctx) -> Any:
+    def GetEvalKeys(self, request: keyservice_pb2.GetKeyRequest, context: Ctx) -> keyservice_pb2.EvalKeys:
         version, material = self.core.eval_keys(_key_id(request), request.version)
         return keyservice_pb2.EvalKeys(
             key=common_pb2.KeyRef(key_id=request.key_id, version=version),
@@ -68,37 +68,41 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
         )
 
     @grpc_errors
-    def RotateKey(self, request: Any, context: Ctx) -> Any:
+    def RotateKey(self, request: keyservice_pb2.RotateKeyRequest, context: Ctx) -> keyservice_pb2.KeyRecord:
         material = KeyMaterial(public_key=request.public_key, rotation_keys=request.rotation_key_map)
         return key_record(self.core.rotate(_key_id(request), material, request.min_version))
 
     @grpc_errors
-    def DisableKey(self, request: Any, context: Ctx) -> Any:
+    def DisableKey(self, request: keyservice_pb2.KeyStateRequest, context: Ctx) -> keyservice_pb2.KeyRecord:
         return key_record(self.core.set_state(_key_id(request), KeyState.DISABLED))
 
     @grpc_errors
-    def EnableKey(self, request: Any, context: Ctx) -> Any:
+    def EnableKey(self, request: keyservice_pb2.KeyStateRequest, context: Ctx) -> keyservice_pb2.KeyRecord:
         return key_record(self.core.set_state(_key_id(request), KeyState.ENABLED))
 
     @grpc_errors
-    def DestroyKey(self, request: Any, context: Ctx) -> Any:
+    def DestroyKey(self, request: keyservice_pb2.KeyStateRequest, context: Ctx) -> keyservice_pb2.KeyRecord:
         return key_record(self.core.set_state(_key_id(request), KeyState.DESTROYED))
 
     @grpc_errors
-    def Sign(self, request: Any, context: Ctx) -> Any:
+    def Sign(self, request: keyservice_pb2.SignRequest, context: Ctx) -> keyservice_pb2.SignResponse:
         version, signature = self.core.sign(request.key_name, request.message)
         return keyservice_pb2.SignResponse(key_name=request.key_name, key_version=version, signature=signature)
 
     @grpc_errors
-    def GetPublicKeys(self, request: Any, context: Ctx) -> Any:
+    def GetPublicKeys(
+        self, request: keyservice_pb2.GetPublicKeysRequest, context: Ctx
+    ) -> keyservice_pb2.GetPublicKeysResponse:
         return keyservice_pb2.GetPublicKeysResponse(keys=[signing_key(k) for k in self.core.public_keys()])
 
     @grpc_errors
-    def RotateSigningKey(self, request: Any, context: Ctx) -> Any:
+    def RotateSigningKey(
+        self, request: keyservice_pb2.RotateSigningKeyRequest, context: Ctx
+    ) -> keyservice_pb2.SigningPublicKey:
         return signing_key(self.core.rotate_signing_key(request.key_name))
 
     @grpc_errors
-    def ListAudit(self, request: Any, context: Ctx) -> Any:
+    def ListAudit(self, request: keyservice_pb2.ListAuditRequest, context: Ctx) -> keyservice_pb2.ListAuditResponse:
         limit = min(request.limit or 100, 1000)
         rows = self.core.store.audit_entries(request.after_seq, limit)
         return keyservice_pb2.ListAuditResponse(

@@ -18,10 +18,11 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from web3 import Web3
 from web3.contract import Contract
+from web3.types import TxParams
 
 from services.ledger.store import LedgerStore
 
@@ -106,8 +107,8 @@ class Anchorer:
         chain_id = str(w3.eth.chain_id)
         compiled = compiled_contract()
         address = self.store.meta("contract")
-        if address and self.store.meta("genesis") == genesis and w3.eth.get_code(address):
-            self._contract = w3.eth.contract(address=address, abi=compiled["abi"])
+        if address and self.store.meta("genesis") == genesis and w3.eth.get_code(Web3.to_checksum_address(address)):
+            self._contract = w3.eth.contract(address=Web3.to_checksum_address(address), abi=compiled["abi"])
             return self._contract
         if address:
             log.warning(
@@ -115,13 +116,16 @@ class Anchorer:
             )
             self.store.requeue_all_anchors()
         factory = w3.eth.contract(abi=compiled["abi"], bytecode=compiled["bytecode"])
-        tx = factory.constructor().transact({"from": self._account})
+        tx = factory.constructor().transact(cast(TxParams, {"from": self._account}))
         receipt = w3.eth.wait_for_transaction_receipt(tx, timeout=self.config.receipt_timeout)
-        self.store.set_meta("contract", receipt["contractAddress"])
+        deployed = receipt["contractAddress"]
+        if deployed is None:
+            raise RuntimeError("the deployment's receipt names no contract address")
+        self.store.set_meta("contract", deployed)
         self.store.set_meta("genesis", genesis)
         self.store.set_meta("chain_id", chain_id)
-        log.info("deployed the anchor contract at %s on chain %s", receipt["contractAddress"], chain_id)
-        self._contract = w3.eth.contract(address=receipt["contractAddress"], abi=compiled["abi"])
+        log.info("deployed the anchor contract at %s on chain %s", deployed, chain_id)
+        self._contract = w3.eth.contract(address=deployed, abi=compiled["abi"])
         return self._contract
 
     def anchor_pending(self) -> int:
@@ -141,7 +145,7 @@ class Anchorer:
                     raise RuntimeError(
                         f"contract holds size {latest_size} >= queued {row.size} with another root: not anchoring"
                     )
-                tx = contract.functions.anchor(row.root, row.size).transact({"from": self._account})
+                tx = contract.functions.anchor(row.root, row.size).transact(cast(TxParams, {"from": self._account}))
                 receipt = self._w3.eth.wait_for_transaction_receipt(tx, timeout=self.config.receipt_timeout)
                 if receipt["status"] != 1:
                     raise RuntimeError(f"anchor transaction for size {row.size} reverted")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
 
 from cipherfeed.errors import invalid
@@ -62,35 +60,39 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServicer):
         )
 
     @grpc_errors
-    def Append(self, request: Any, context: Ctx) -> Any:
+    def Append(self, request: ledger_pb2.AppendRequest, context: Ctx) -> ledger_pb2.AppendResponse:
         (appended,) = self.core.append([entry_from_proto(request)])
         return ledger_pb2.AppendResponse(receipt_id=appended.leaf_hash.hex(), leaf_index=appended.index)
 
     @grpc_errors
-    def AppendBatch(self, request: Any, context: Ctx) -> Any:
+    def AppendBatch(self, request: ledger_pb2.AppendBatchRequest, context: Ctx) -> ledger_pb2.AppendBatchResponse:
         appended = self.core.append([entry_from_proto(e) for e in request.entries])
         return ledger_pb2.AppendBatchResponse(
             appended=[ledger_pb2.AppendResponse(receipt_id=a.leaf_hash.hex(), leaf_index=a.index) for a in appended]
         )
 
     @grpc_errors
-    def GetCheckpoint(self, request: Any, context: Ctx) -> Any:
+    def GetCheckpoint(self, request: ledger_pb2.GetCheckpointRequest, context: Ctx) -> ledger_pb2.Checkpoint:
         return self._checkpoint(self.core.latest_checkpoint())
 
     @grpc_errors
-    def GetInclusionProof(self, request: Any, context: Ctx) -> Any:
+    def GetInclusionProof(
+        self, request: ledger_pb2.GetInclusionProofRequest, context: Ctx
+    ) -> ledger_pb2.InclusionProof:
         size, hashes = self.core.inclusion(request.leaf_index, request.tree_size)
         return ledger_pb2.InclusionProof(leaf_index=request.leaf_index, tree_size=size, hashes=hashes)
 
     @grpc_errors
-    def GetConsistencyProof(self, request: Any, context: Ctx) -> Any:
+    def GetConsistencyProof(
+        self, request: ledger_pb2.GetConsistencyProofRequest, context: Ctx
+    ) -> ledger_pb2.ConsistencyProof:
         hashes = self.core.consistency(request.first_size, request.second_size)
         return ledger_pb2.ConsistencyProof(
             first_size=request.first_size, second_size=request.second_size, hashes=hashes
         )
 
     @grpc_errors
-    def GetAnchors(self, request: Any, context: Ctx) -> Any:
+    def GetAnchors(self, request: ledger_pb2.GetAnchorsRequest, context: Ctx) -> ledger_pb2.GetAnchorsResponse:
         return ledger_pb2.GetAnchorsResponse(
             anchors=[
                 ledger_pb2.Anchor(
@@ -107,7 +109,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServicer):
         )
 
     @grpc_errors
-    def GetReceipt(self, request: Any, context: Ctx) -> Any:
+    def GetReceipt(self, request: ledger_pb2.GetReceiptRequest, context: Ctx) -> ledger_pb2.ReceiptBundle:
         b = self.core.bundle(request.receipt_id)
         return ledger_pb2.ReceiptBundle(
             receipt=receipt_to_proto(b.receipt),

@@ -13,6 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -135,7 +136,7 @@ def from_bytes(data: bytes) -> ModelArtifact:
     if header.get("format") != FORMAT_VERSION:
         raise ArtifactError(f"unsupported model artifact format {header.get('format')!r}")
     body = memoryview(data)[pos + head_len :]
-    arrays = {}
+    arrays: dict[str, Any] = {}  # keyword arguments of ModelArtifact
     total = 0
     for name, dtype in _ARRAYS.items():
         spec = header["arrays"][name]

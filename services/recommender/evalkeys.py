@@ -10,12 +10,14 @@ and go. Insertion and eviction take the write lock; evaluation holds the read lo
 
 from __future__ import annotations
 
+import builtins
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -74,7 +76,7 @@ class InstalledKeys:
             self._lru.move_to_end(tag)
             return True
 
-    def install(self, tag: str, rotation_keys: bytes) -> None:
+    def install(self, tag: str, rotation_keys: builtins.bytes) -> None:  # the property above is "bytes"
         keymap.install(self.codec, tag, rotation_keys)
         evict: list[str] = []
         with self._lock:
@@ -138,7 +140,7 @@ class KeyResolver:
         self._fetch_locks: dict[str, threading.Lock] = {}
         self._fetch_locks_guard = threading.Lock()
 
-    def _call(self, method: str, request: object) -> object:
+    def _call(self, method: str, request: object) -> Any:
         try:
             return getattr(self.keyservice, method)(request, timeout=self.deadline)
         except grpc.RpcError as exc:

@@ -330,9 +330,9 @@ class EncryptedScorer:
     def score(
         self,
         query: openfhe.Ciphertext,
-        finish: Callable[[int, bytes], T] = lambda b, blob: blob,
+        finish: Callable[[int, bytes], T] = lambda b, blob: blob,  # type: ignore[assignment,return-value]
         lifted: bool = False,
-    ) -> tuple[list[T], ScoreTiming]:
+    ) -> tuple[list[T], ScoreTiming]:  # (mypy cannot type a default for a TypeVar-typed parameter)
         """The serialized encrypted scores of every block, each passed through ``finish(b, blob)``
         (e.g. pack and hash) in the block's own task, so that it overlaps other blocks' work;
         rotation keys must be filed under the query's key tag (the caller holds the key

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
 
 from cipherfeed.grpcutil import grpc_errors
@@ -30,11 +28,15 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         )
 
     @grpc_errors
-    def GetParams(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def GetParams(
+        self, request: recommender_pb2.GetParamsRequest, context: grpc.ServicerContext
+    ) -> recommender_pb2.GetParamsResponse:
         return recommender_pb2.GetParamsResponse(params=self._params, model_version=self.core.model_version)
 
     @grpc_errors
-    def GetModelInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def GetModelInfo(
+        self, request: recommender_pb2.GetModelInfoRequest, context: grpc.ServicerContext
+    ) -> common_pb2.ModelVersion:
         m = self.core.model
         manifest = self.core.manifest()
         return common_pb2.ModelVersion(
@@ -48,19 +50,25 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         )
 
     @grpc_errors
-    def UploadProfile(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def UploadProfile(
+        self, request: recommender_pb2.UploadProfileRequest, context: grpc.ServicerContext
+    ) -> recommender_pb2.ProfileRef:
         ref, expires = self.core.upload_profile(request.key, request.query_ciphertext)
         return recommender_pb2.ProfileRef(profile_ref=ref, expires_unix=expires)
 
     @grpc_errors
-    def UploadHistory(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def UploadHistory(
+        self, request: recommender_pb2.UploadHistoryRequest, context: grpc.ServicerContext
+    ) -> recommender_pb2.ProfileRef:
         ref, expires, _ = self.core.upload_history(
             request.key, list(request.history_ciphertexts), pinned_model=request.model_version
         )
         return recommender_pb2.ProfileRef(profile_ref=ref, expires_unix=expires)
 
     @grpc_errors
-    def Score(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Score(
+        self, request: recommender_pb2.ScoreRequest, context: grpc.ServicerContext
+    ) -> recommender_pb2.ScoreResponse:
         which = request.WhichOneof("query")
         result = self.core.score(
             request.key,
@@ -87,7 +95,9 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         )
 
     @grpc_errors
-    def GetItems(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def GetItems(
+        self, request: recommender_pb2.GetItemsRequest, context: grpc.ServicerContext
+    ) -> recommender_pb2.GetItemsResponse:
         views = self.core.items(list(request.indices), list(request.item_ids), request.include_embedding)
         return recommender_pb2.GetItemsResponse(
             model_version=self.core.model_version,
@@ -107,7 +117,9 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         )
 
     @grpc_errors
-    def GetCatalogueManifest(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def GetCatalogueManifest(
+        self, request: recommender_pb2.GetCatalogueManifestRequest, context: grpc.ServicerContext
+    ) -> recommender_pb2.CatalogueManifest:
         manifest = self.core.manifest(pinned_model=request.model_version)
         return recommender_pb2.CatalogueManifest(
             model_version=manifest.model_version, encoded=manifest.encoded, sha256=manifest.sha256
