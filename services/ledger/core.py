@@ -33,8 +33,8 @@ class LedgerCore:
         self._stored_keys: list[str] | None = json.loads(stored) if stored else None
         try:  # learn (and keep) the verifier keys while the key service is there
             self.verifier_keys()
-        except Unavailable as exc:
-            log.warning("verifier keys not known yet: %s", exc)
+        except Unavailable as exc:  # (the parameter "log" shadows the module's logger here)
+            logging.getLogger(__name__).warning("verifier keys not known yet: %s", exc)
 
     def append(self, entries: list[Receipt | ModelRecord]) -> list[Appended]:
         if not entries:
