@@ -148,8 +148,8 @@ def cmd_history(args: argparse.Namespace) -> int:
 
         entries = store.entries(args.user)
         for e in entries:
-            when = datetime.fromtimestamp(e.unix, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
-            print(f"{when}  {e.kind:<7}  {e.item_id}")
+            stamp = datetime.fromtimestamp(e.unix, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+            print(f"{stamp}  {e.kind:<7}  {e.item_id}")
         print(f"{len(entries)} engagements of {args.user} in {store.path(args.user)}", file=sys.stderr)
         return 0
     if args.history_command == "clear":
