@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import grpc
 
 from cipherfeed.tls import parse_spiffe_id
@@ -13,7 +15,8 @@ def peer_spiffe_id(context: grpc.ServicerContext) -> tuple[str, str] | None:
     gRPC sets ``peer_spiffe_id`` only after the TLS handshake verified the certificate against the
     mesh CA and only when it carries exactly one SPIFFE URI SAN; plaintext peers have none.
     """
-    values = context.auth_context().get("peer_spiffe_id")
+    # A list of bytes at run time (types-grpcio says bytes).
+    values = cast("list[bytes] | None", context.auth_context().get("peer_spiffe_id"))
     if not values or len(values) != 1:
         return None
     try:

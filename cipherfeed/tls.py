@@ -278,7 +278,12 @@ def server_credentials(config: TlsConfig) -> grpc.ServerCredentials:
     def fetch() -> grpc.ServerCertificateConfiguration | None:
         return configuration(files.material) if files.refresh() else None
 
-    return grpc.dynamic_ssl_server_credentials(configuration(files.material), fetch, require_client_authentication=True)
+    # types-grpcio types the fetcher as never returning None; gRPC documents None as "no change".
+    return grpc.dynamic_ssl_server_credentials(
+        configuration(files.material),
+        fetch,  # type: ignore[arg-type]
+        require_client_authentication=True,
+    )
 
 
 _warned_clients = False
