@@ -18,11 +18,18 @@ from cipherfeed.client.interest import Engagement, history_interest, history_wei
 from cipherfeed.client.ranking import rank_feed
 from cipherfeed.client.sdk import encrypt_history
 from cipherfeed.he import globalkeys, packing, rnsmac
-from cipherfeed.he.codec import serialize
+from cipherfeed.he.codec import ciphertext_sha256, serialize
 from cipherfeed.he.globalkeys import EVAL_KEY_LOCK
 from cipherfeed.he.params import MESH_PARAMS, HEParams, build_context
 from cipherfeed.v1 import common_pb2, recommender_pb2, recommender_pb2_grpc
-from services.recommender.history import HistoryError, HistoryProjector, HistoryRecord, catalogue_sha256
+from services.recommender.history import (
+    HistoryError,
+    HistoryProjector,
+    HistoryRecord,
+    catalogue_sha256,
+    frame_history,
+    unframe_history,
+)
 from services.recommender.server import serve as serve_recommender
 from services.recommender.synthetic import synthetic_catalogue
 from tests.conftest import client_for, recommender_config
@@ -87,6 +94,7 @@ def test_score_history_uploads_once_and_again_after_expiry(client, recommender, 
     )
     first = client.score_history(weights)
     ref = client._history[1]
+    core.cache.delete(f"cf:profile:{ref}:history")  # Score reads only E(u) under the serving model
     client.score_history(weights)
     assert client._history[1] == ref  # not uploaded again
     core.cache.delete(f"cf:profile:{ref}")  # expired
@@ -261,7 +269,9 @@ def test_projection_strategies_and_kernels_compute_u(kernel, rotations):
 
 
 def test_history_records_round_trip_and_refuse_truncation():
-    record = HistoryRecord("k" * 64, 3, catalogue_sha256(["a", "b"]), (b"one", b"two"), "m" * 64, b"profile")
+    blobs = [b"one", b"two"]
+    sha = ciphertext_sha256(blobs)
+    record = HistoryRecord("k" * 64, 3, catalogue_sha256(["a", "b"]), sha, "m" * 64, b"profile")
     data = record.to_bytes()
     assert HistoryRecord.from_bytes(data) == record
     assert HistoryRecord.from_bytes(record.with_profile("", b"").to_bytes()).profile == b""
@@ -270,6 +280,11 @@ def test_history_records_round_trip_and_refuse_truncation():
             HistoryRecord.from_bytes(data[:cut])
     with pytest.raises(HistoryError):
         HistoryRecord.from_bytes(data + b"x")
+    framed = frame_history(blobs)
+    assert unframe_history(framed, sha) == blobs
+    for bad in (framed[:-1], framed + b"x", frame_history([b"one", b"tw0"]), b""):
+        with pytest.raises(HistoryError):
+            unframe_history(bad, sha)
     assert catalogue_sha256(["ab", "c"]) != catalogue_sha256(["a", "bc"])
 
 

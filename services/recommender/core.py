@@ -34,7 +34,14 @@ from cipherfeed.receipts import ModelRecord, Receipt
 from cipherfeed.v1 import common_pb2, keyservice_pb2_grpc
 from services.recommender.artifact import ModelArtifact
 from services.recommender.evalkeys import InstalledKeys, KeyResolver
-from services.recommender.history import HistoryError, HistoryProjector, HistoryRecord, catalogue_sha256
+from services.recommender.history import (
+    HistoryError,
+    HistoryProjector,
+    HistoryRecord,
+    catalogue_sha256,
+    frame_history,
+    unframe_history,
+)
 from services.recommender.receipts import ReceiptSpool
 from services.recommender.scoring import EncryptedScorer
 
@@ -234,14 +241,22 @@ class RecommenderCore:
         loaded = [self._load_history(i, blob) for i, blob in enumerate(ciphertexts)]
         if not self.cache.enabled:
             raise Unavailable("histories are kept in the cache, and none is configured")
-        record = HistoryRecord(ref.key_id, checked[1], self.catalogue_sha256, tuple(ciphertexts))
+        record = HistoryRecord(ref.key_id, checked[1], self.catalogue_sha256, ciphertext_sha256(ciphertexts))
         started = time.perf_counter()
         record, _ = self._project(record, loaded, checked)
         millis = 1e3 * (time.perf_counter() - started)
         profile_ref = secrets.token_urlsafe(24)
-        if not self.cache.set(Keys.profile(profile_ref), record.to_bytes(), self.redis_config.profile_ttl):
+        if not self._store_history(profile_ref, record, ciphertexts):
             raise Unavailable("the cache is unavailable; upload the history again later")
         return profile_ref, int(time.time()) + self.redis_config.profile_ttl, millis
+
+    def _store_history(self, profile_ref: str, record: HistoryRecord, ciphertexts: list[bytes]) -> bool:
+        """E(w) under its own key (read only to project again), then the record with E(u), which
+        Score reads: a reader never finds a record without its history."""
+        ttl = self.redis_config.profile_ttl
+        return self.cache.set(_history_key(profile_ref), frame_history(ciphertexts), ttl) and self.cache.set(
+            Keys.profile(profile_ref), record.to_bytes(), ttl
+        )
 
     def _load_history(self, i: int, blob: bytes) -> openfhe.Ciphertext:
         try:
@@ -344,10 +359,17 @@ class RecommenderCore:
                 profile = self.codec.load_query(record.profile)
             except MaterialError:
                 log.warning("stored history profile %s does not load; projecting it again", profile_ref[:8])
-        if profile is None:
-            loaded = [self._load_history(i, blob) for i, blob in enumerate(record.history)]
+        if profile is None:  # another model projected it (or nothing did): project it again
+            stored = self.cache.get(_history_key(profile_ref))
+            if stored is None:
+                raise UnknownProfileError("the history expired; upload it again")
+            try:
+                blobs = unframe_history(stored, record.history_sha256)
+            except HistoryError:
+                raise UnknownProfileError("stored history is unreadable; upload it again") from None
+            loaded = [self._load_history(i, blob) for i, blob in enumerate(blobs)]
             record, profile = self._project(record, loaded, checked)
-            self.cache.set(Keys.profile(profile_ref), record.to_bytes(), self.redis_config.profile_ttl)
+            self._store_history(profile_ref, record, blobs)
         for _ in range(3):
             tag, version = self.keys.resolve(ref, checked)
             with self.installed.use(tag) as present:
@@ -482,6 +504,10 @@ def item_url(creator_id: str, item_id: str) -> str:
 
 
 HISTORY_PREFIX = b"CFHIST"
+
+
+def _history_key(profile_ref: str) -> str:
+    return Keys.profile(profile_ref) + ":history"
 
 
 def _frame_profile(key_id: str, version: int, query: bytes) -> bytes:

@@ -323,20 +323,17 @@ HISTORY_MAGIC = b"CFHIST1"
 
 @dataclass(frozen=True)
 class HistoryRecord:
-    """What the cache keeps for a history profile: the uploaded E(w) (to project again after a
-    model update), the catalogue it indexes, and E(u) under the model that projected it."""
+    """What the cache keeps for a history profile, beside the uploaded ciphertexts themselves
+    (stored under their own key, read only to project them again after a model update): the
+    catalogue its indices refer to, the SHA-256 the receipts name, and E(u) under the model that
+    projected it."""
 
     key_id: str
     key_version: int
     catalogue_sha256: bytes
-    history: tuple[bytes, ...]
+    history_sha256: bytes  # codec.ciphertext_sha256 of the uploaded blobs
     model_version: str = ""
     profile: bytes = b""
-
-    @property
-    def history_sha256(self) -> bytes:
-        """What the receipt names as the query: ``codec.ciphertext_sha256`` of the uploaded blobs."""
-        return ciphertext_sha256(list(self.history))
 
     def with_profile(self, model_version: str, profile: bytes) -> HistoryRecord:
         return replace(self, model_version=model_version, profile=profile)
@@ -344,18 +341,22 @@ class HistoryRecord:
     def to_bytes(self) -> bytes:
         kid = self.key_id.encode()
         model = self.model_version.encode()
-        parts = [
-            HISTORY_MAGIC,
-            len(kid).to_bytes(1, "big"),
-            kid,
-            self.key_version.to_bytes(4, "big"),
-            self.catalogue_sha256,
-            len(self.history).to_bytes(4, "big"),
-        ]
-        for blob in self.history:
-            parts += [len(blob).to_bytes(8, "big"), blob]
-        parts += [len(model).to_bytes(1, "big"), model, len(self.profile).to_bytes(8, "big"), self.profile]
-        return b"".join(parts)
+        if len(self.catalogue_sha256) != 32 or len(self.history_sha256) != 32:
+            raise ValueError("digests must be 32 bytes")
+        return b"".join(
+            [
+                HISTORY_MAGIC,
+                len(kid).to_bytes(1, "big"),
+                kid,
+                self.key_version.to_bytes(4, "big"),
+                self.catalogue_sha256,
+                self.history_sha256,
+                len(model).to_bytes(1, "big"),
+                model,
+                len(self.profile).to_bytes(8, "big"),
+                self.profile,
+            ]
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> HistoryRecord:
@@ -375,8 +376,7 @@ class HistoryRecord:
         try:
             key_id = take(take(1)[0]).decode()
             version = int.from_bytes(take(4), "big")
-            catalogue = take(32)
-            history = tuple(take(int.from_bytes(take(8), "big")) for _ in range(int.from_bytes(take(4), "big")))
+            catalogue, history = take(32), take(32)
             model = take(take(1)[0]).decode()
             profile = take(int.from_bytes(take(8), "big"))
         except UnicodeDecodeError:
@@ -384,6 +384,28 @@ class HistoryRecord:
         if pos != len(data):
             raise HistoryError("history record has trailing bytes")
         return cls(key_id, version, catalogue, history, model, profile)
+
+
+def frame_history(blobs: list[bytes]) -> bytes:
+    """The uploaded ciphertexts as one cache value."""
+    return HISTORY_MAGIC + len(blobs).to_bytes(4, "big") + b"".join(len(b).to_bytes(8, "big") + b for b in blobs)
+
+
+def unframe_history(data: bytes, sha256: bytes) -> list[bytes]:
+    """The ciphertexts of ``frame_history``, refused unless complete and hashing to ``sha256``."""
+    if not data.startswith(HISTORY_MAGIC) or len(data) < len(HISTORY_MAGIC) + 4:
+        raise HistoryError("stored history is unreadable")
+    pos = len(HISTORY_MAGIC) + 4
+    blobs = []
+    for _ in range(int.from_bytes(data[pos - 4 : pos], "big")):
+        size = int.from_bytes(data[pos : pos + 8], "big")
+        if pos + 8 + size > len(data):
+            raise HistoryError("stored history is truncated")
+        blobs.append(data[pos + 8 : pos + 8 + size])
+        pos += 8 + size
+    if pos != len(data) or ciphertext_sha256(blobs) != sha256:
+        raise HistoryError("stored history does not match its record")
+    return blobs
 
 
 def catalogue_sha256(item_ids: list[str]) -> bytes:
