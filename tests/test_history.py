@@ -259,6 +259,12 @@ def test_projection_strategies_and_kernels_compute_u(kernel, rotations):
     finally:
         globalkeys.drop(cc, tag)
     assert (profile.GetLevel(), profile.GetNoiseScaleDeg()) == (0, 1)  # a lifted query's metadata
+    stored = projector.export(profile)  # what the cache keeps: raw words, rebuilt in this context
+    assert len(stored) == 4 * 8 * MESH_PARAMS.ring_dimension
+    profile = projector.restore(stored)
+    for bad in (stored[:-8], stored + bytes(8), b"\xff" * len(stored)):
+        with pytest.raises(HistoryError):
+            projector.restore(bad)
     pt = cc.Decrypt(keys.secret_key, profile)
     pt.SetLength(MESH_PARAMS.slots)
     got = np.asarray(pt.GetCKKSPackedValue()) * 2.0**-31  # held at 2^(55 + 31)

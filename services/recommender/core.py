@@ -27,7 +27,7 @@ from cipherfeed.errors import (
     echo,
 )
 from cipherfeed.he import rnsmac, wire
-from cipherfeed.he.codec import MaterialCodec, MaterialError, OrderedDigest, ciphertext_sha256, serialize
+from cipherfeed.he.codec import MaterialCodec, MaterialError, OrderedDigest, ciphertext_sha256
 from cipherfeed.he.params import HEParams
 from cipherfeed.keystate import KeyStatus
 from cipherfeed.receipts import ModelRecord, Receipt
@@ -288,7 +288,7 @@ class RecommenderCore:
             timing.products_ms,
             timing.rotations_ms,
         )
-        return record.with_profile(self.model_version, serialize(profile)), profile
+        return record.with_profile(self.model_version, self.history.export(profile)), profile
 
     def _check_model(self, pinned_model: str) -> None:
         if pinned_model and pinned_model != self.model_version:
@@ -356,8 +356,8 @@ class RecommenderCore:
         profile = None
         if record.model_version == self.model_version:
             try:
-                profile = self.codec.load_query(record.profile)
-            except MaterialError:
+                profile = self.history.restore(record.profile)
+            except HistoryError:
                 log.warning("stored history profile %s does not load; projecting it again", profile_ref[:8])
         if profile is None:  # another model projected it (or nothing did): project it again
             stored = self.cache.get(_history_key(profile_ref))

@@ -117,7 +117,7 @@ class HistoryProjector:
         self.sums = params.padded_dim // input_rotations  # the t_q
         self._moduli = _limb_moduli(self.cc)
         n = params.ring_dimension
-        self._layout, self._unit = self._two_limb_reference()
+        self._layout, self._unit, self._fresh, self._fresh_zero = self._two_limb_reference()
         columns = self.block_count * input_rotations
         self._chunks = [(c, min(c + KERNEL_CHUNK, columns)) for c in range(0, columns, KERNEL_CHUNK)]
         if kernel == "native":
@@ -151,10 +151,10 @@ class HistoryProjector:
             for a in range(r)
         ]
 
-    def _two_limb_reference(self) -> tuple[OneLimbLayout, openfhe.Ciphertext]:
-        """The serialization layout of a fresh (two-limb) ciphertext, and the ciphertext (1, 0)
-        on both limbs: its product with a plaintext *is* the plaintext's polynomial as OpenFHE
-        encoded it."""
+    def _two_limb_reference(self) -> tuple[OneLimbLayout, openfhe.Ciphertext, bytes, openfhe.Ciphertext]:
+        """The serialization layout of a fresh (two-limb) ciphertext, the ciphertext (1, 0) on
+        both limbs (its product with a plaintext *is* the plaintext's polynomial as OpenFHE
+        encoded it), a fresh ciphertext's serialization and a zero this context made."""
         kp = self.cc.KeyGen()
         zeros = np.zeros(self.params.slots, dtype=np.complex128)
         fresh = self.cc.Encrypt(kp.publicKey, self.cc.MakeCKKSPackedPlaintext(zeros))
@@ -163,7 +163,29 @@ class HistoryProjector:
         polys = np.zeros((4, self.params.ring_dimension), dtype=np.uint64)
         polys[:2] = 1  # c0 on limbs 0 and 1
         loaded = openfhe.DeserializeCiphertextString(layout.write(reference, polys), openfhe.BINARY)
-        return layout, self.cc.EvalAdd(self.cc.EvalSub(fresh, fresh), loaded)
+        zero = self.cc.EvalSub(fresh, fresh)
+        return layout, self.cc.EvalAdd(zero, loaded), reference, zero
+
+    def export(self, profile: openfhe.Ciphertext) -> bytes:
+        """E(u) as its raw polynomial words (c0 and c1 on both limbs, little-endian): what the
+        cache keeps. Rebuilt by ``restore`` into this process's own ciphertext, so bytes read back
+        from the cache never reach OpenFHE's deserializer as structure."""
+        polys = np.empty((4, self.params.ring_dimension), dtype=np.uint64)
+        self._layout.read(serialize(profile), polys)
+        return polys.astype("<u8").tobytes()
+
+    def restore(self, data: bytes) -> openfhe.Ciphertext:
+        """The ciphertext of ``export`` (level 0, scale degree 1, like a lifted query); raises
+        ``HistoryError`` unless ``data`` is exactly four vectors of words below their moduli."""
+        n = self.params.ring_dimension
+        if len(data) != 4 * 8 * n:
+            raise HistoryError(f"a stored profile is {len(data)} bytes, not {4 * 8 * n}")
+        polys = np.frombuffer(data, dtype="<u8").reshape(4, n).astype(np.uint64)
+        for vector, limb in enumerate((0, 1, 0, 1)):
+            if int(polys[vector].max()) >= self._moduli[limb]:
+                raise HistoryError("a stored profile's coefficients exceed the modulus")
+        ct = openfhe.DeserializeCiphertextString(self._layout.write(self._fresh, polys), openfhe.BINARY)
+        return self.cc.EvalAdd(self._fresh_zero, ct)  # evaluates at full speed (see codec.vessel)
 
     def _native_block(self, b: int) -> None:
         n = self.params.ring_dimension
