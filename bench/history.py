@@ -15,16 +15,17 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import log, machine, percentiles, timed_ms, write_json
+from bench.common import log, machine, mesh_identities, percentiles, timed_ms, write_json
 from cipherfeed.client import keystore
 from cipherfeed.client.interest import history_interest
 from cipherfeed.client.sdk import encrypt_history, encrypt_query
-from cipherfeed.config import GrpcLimits, KeyServiceConfig, MiB, RedisConfig, default_dataset_path
+from cipherfeed.config import GrpcLimits, KeyServiceConfig, MiB, RedisConfig, TlsConfig, default_dataset_path
 from cipherfeed.devredis import LocalRedis
 from cipherfeed.grpcutil import channel
 from cipherfeed.he import packing, wire
@@ -67,10 +68,14 @@ def decrypt(keys: keystore.ClientKeys, core: RecommenderCore, blobs: list[bytes]
     return packing.unpack_scores(decrypted, n, MESH_PARAMS.slots, core.scorer.tail_fold, MESH_PARAMS.padded_dim)
 
 
-def run_size(n: int, reps: int, keyservice_port: int, ks_core: Any, redis: RedisConfig) -> dict[str, Any]:
+def run_size(
+    n: int, reps: int, keyservice_port: int, ks_core: Any, redis: RedisConfig, identity: Callable[[str], TlsConfig]
+) -> dict[str, Any]:
     model, source = catalogue(n)
     log(f"== {n:,} items x 64 dims ({source})")
-    stub = keyservice_pb2_grpc.KeyServiceStub(channel(f"127.0.0.1:{keyservice_port}", LIMITS))
+    stub = keyservice_pb2_grpc.KeyServiceStub(
+        channel(f"127.0.0.1:{keyservice_port}", LIMITS, identity("recommender"), "keyservice")
+    )
     core, encode_ms = timed_ms(RecommenderCore, model, MESH_PARAMS, 2, LIMITS, stub, KeyLimits(4, 1 << 40), redis)
     log(f"   plaintexts encoded in {encode_ms / 1e3:.1f} s")
     keys = keystore.generate(MESH_PARAMS)
@@ -158,16 +163,22 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="cf-bench-history-"))
     redis_server = LocalRedis.start()
     redis = RedisConfig(url=redis_server.url)
+    identity = mesh_identities(work)
     ks_running, ks_core = serve_keyservice(
         KeyServiceConfig(
-            listen="127.0.0.1:0", dsn=f"sqlite:///{work / 'ks.db'}", state_dir=work, limits=LIMITS, redis=redis
+            listen="127.0.0.1:0",
+            dsn=f"sqlite:///{work / 'ks.db'}",
+            state_dir=work,
+            limits=LIMITS,
+            redis=redis,
+            tls=identity("keyservice"),
         )
     )
     rows = []
     try:
         for n in sizes:
             reps = args.reps if n < 1_000_000 else max(3, args.reps // 3)
-            rows.append(run_size(n, reps, ks_running.port, ks_core, redis))
+            rows.append(run_size(n, reps, ks_running.port, ks_core, redis, identity))
     finally:
         ks_running.stop(grace=1)
         ks_core.close()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench import keys, ledger, scoring
+from bench import history, keys, ledger, scoring
 from bench.common import RESULTS
 
 
@@ -12,6 +12,7 @@ from bench.common import RESULTS
     ("module", "args"),
     [
         (scoring, ["--sizes", "9000", "--reps", "1", "--tenseal-reps", "0"]),
+        (history, ["--sizes", "9000", "--reps", "1"]),
         (keys, ["--users", "3", "--cache-size", "2", "--reps", "1"]),
         (ledger, ["--appends", "400", "--batch", "100", "--leaves", "300", "--anchors", "2"]),
     ],
