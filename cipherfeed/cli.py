@@ -18,12 +18,15 @@ import numpy as np
 from cipherfeed.checkpoint import Verifier
 from cipherfeed.client import history as history_store
 from cipherfeed.client.history import HistoryEntry, HistoryError, HistoryStore
-from cipherfeed.client.interest import Engagement, interest_vector
+from cipherfeed.client.interest import Engagement, history_interest, history_weights
 from cipherfeed.client.keystore import KeyStoreError
+from cipherfeed.client.ranking import rank_feed
 from cipherfeed.client.sdk import ClientError, EncryptedScores, RecommenderClient
 from cipherfeed.config import ClientConfig, ConfigError, RecommenderConfig, TlsConfig
 from cipherfeed.grpcutil import RunningServer
+from cipherfeed.he import packing
 from cipherfeed.he.packing import plaintext_scores
+from cipherfeed.manifest import CatalogueItem
 from cipherfeed.receipts import Receipt
 from cipherfeed.v1 import keyservice_pb2, ledger_pb2, ledger_pb2_grpc
 
@@ -74,7 +77,9 @@ def print_feed(items: list, out: TextIO = sys.stdout) -> None:
         print(f"{n:>2}  {item.creator_id[:28]:<28} {item.item_id:<20} {item.url}", file=out)
 
 
-def recommend(client: RecommenderClient, account_id: str, k: int, per_creator: int) -> EncryptedScores:
+def recommend(
+    client: RecommenderClient, account_id: str, k: int, per_creator: int
+) -> tuple[list[CatalogueItem], EncryptedScores]:
     created = client.use_keys()
     if created:
         print(
@@ -83,6 +88,18 @@ def recommend(client: RecommenderClient, account_id: str, k: int, per_creator: i
         )
     key_id = client.register()
     print(f"rotation keys registered with the key service as {key_id[:16]}…", file=sys.stderr)
+    downloads = client.manifest_downloads
+    manifest = client.manifest()
+    print(
+        f"catalogue manifest of model {manifest.model_version[:16]}: {manifest.item_count} items, "
+        + (
+            f"downloaded once for this model ({client.manifests.path(manifest.model_version).stat().st_size:,} bytes)"
+            if client.manifest_downloads > downloads
+            else "from this device's cache"
+        )
+        + ", digest checked",
+        file=sys.stderr,
+    )
     history, seeded = device_history(client, account_id)
     where = client.config.home / "history"
     print(
@@ -93,19 +110,21 @@ def recommend(client: RecommenderClient, account_id: str, k: int, per_creator: i
     t0 = time.perf_counter()
     feed, scored = client.recommend(history, k=k, per_creator_cap=per_creator)
     elapsed = 1e3 * (time.perf_counter() - t0)
+    p = client.params()
+    blocks = packing.block_count(manifest.item_count, p.items_per_ciphertext)
     print(
-        f"scored {scored.scores.shape[0]} items under encryption for @{account_id} "
-        f"({len(history)} engaged videos): server {scored.server_millis:.0f} ms, "
-        f"round trip {elapsed:.0f} ms, "
-        f"query {scored.query_bytes / 1024:.0f} KiB, response {scored.response_bytes / 1024:.0f} KiB, "
-        f"model {scored.model_version[:16]}",
+        f"history sent as weights over the catalogue, encrypted ({blocks} ciphertexts); the server "
+        f"projected it with its embeddings and scored {scored.scores.shape[0]} items under encryption: "
+        f"server {scored.server_millis:.0f} ms, round trip {elapsed:.0f} ms, "
+        f"response {scored.response_bytes / 1024:.0f} KiB, model {scored.model_version[:16]}",
         file=sys.stderr,
     )
+    print("feed ranked, filtered and displayed on the device from the manifest:", file=sys.stderr)
     print_feed(feed)
     if scored.receipt is not None:
         saved = save_receipt(client.config.home, scored.receipt)
         print(f"receipt {scored.receipt_id} (saved to {saved}); check it with 'cipherfeed verify'", file=sys.stderr)
-    return scored
+    return feed, scored
 
 
 def save_receipt(home: Path, receipt: Receipt) -> Path:
@@ -348,8 +367,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Starts the mesh in-process on loopback ports and runs one private recommendation."""
     from cipherfeed.client.verify import fetch_and_verify
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print("== cipherfeed demo: local mesh with embedded defaults", file=sys.stderr)
+    state = RecommenderConfig.from_env().state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        filename=state / "demo.log",  # the services' logs; the terminal shows the device's view
+    )
+    print(
+        f"== cipherfeed demo: local mesh with embedded defaults (service logs: {state / 'demo.log'})", file=sys.stderr
+    )
     mesh = start_local_mesh(RecommenderConfig.from_env())
     model = mesh.model
     try:
@@ -364,18 +391,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         with RecommenderClient(client_config) as client:
             client.wait_ready(timeout=10)
             print(f"== private For-You feed for @{user}", file=sys.stderr)
-            scored = recommend(client, user, args.k, args.per_creator)
+            feed, scored = recommend(client, user, args.k, args.per_creator)
             # Demo-only cross-check: the demo owns the server's model, a real client never does.
             history, _ = device_history(client, user)
             manifest = client.manifest()
-            u = interest_vector(model.embeddings[[manifest.index_of[e.item_id] for e in history]], history)
-            again = client.score(u)
+            weights = history_weights(history, manifest.index_of, manifest.item_count)
+            u = history_interest(model.embeddings, weights)
             clear = plaintext_scores(model.embeddings, u, model.popularity, model.popularity_weight)
-            err = float(np.max(np.abs(again.scores - clear)))
-            same = list(np.argsort(-again.scores)[:10]) == list(np.argsort(-clear)[:10])
+            err = float(np.max(np.abs(scored.scores - clear)))
+            seen = [manifest.index_of[e.item_id] for e in history]
+            clear_feed = rank_feed(clear, args.k, manifest.creator_of, seen=seen, per_creator_cap=args.per_creator)
+            same = clear_feed == [item.index for item in feed]
             print(
-                f"== demo check against plaintext scoring: max |error| {err:.2e} over "
-                f"{clear.shape[0]} items; top-10 identical: {same}",
+                f"== demo check against plaintext scoring of the same history (u = X^T w): max |error| "
+                f"{err:.2e} over {clear.shape[0]} items; top-{args.k} identical: {same}",
                 file=sys.stderr,
             )
             # Receipts: spool -> ledger -> signed checkpoint -> anchor, then verify as a client would.

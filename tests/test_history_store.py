@@ -6,7 +6,8 @@ import stat
 import numpy as np
 import pytest
 
-from cipherfeed.client.history import HistoryEntry, HistoryError, HistoryStore, catalogue_weights, engagements
+from cipherfeed.client.history import HistoryEntry, HistoryError, HistoryStore, engagements
+from cipherfeed.client.interest import history_weights
 from cipherfeed.manifest import decode, encode
 from tests.test_cli import run_cli, targets
 
@@ -61,12 +62,12 @@ def test_weights_over_catalogue_indices_come_from_the_manifest():
     ids = ["10", "11", "12", "13"]
     m = decode(encode("a" * 64, ids, np.zeros(4), ["c"], ["n"], np.zeros(4), np.zeros(4)))
     entries = [HistoryEntry("12", "like", 2), HistoryEntry("10", "watch", 1), HistoryEntry("99", "like", 3)]
-    w = catalogue_weights(engagements(entries), m)
+    w = history_weights(engagements(entries), m.index_of, m.item_count)
     assert w.shape == (4,) and w[1] == w[3] == 0 and w.sum() == pytest.approx(1.0)
     # "99" (not in this model's catalogue) is newest, so "12" is rank 1 and "10" rank 2.
     assert w[2] / w[0] == pytest.approx((3 / 1.1) / (1 / 1.2))
-    with pytest.raises(HistoryError, match="no engaged item"):
-        catalogue_weights(engagements([HistoryEntry("99", "like", 1)]), m)
+    with pytest.raises(ValueError, match="no engagement"):
+        history_weights(engagements([HistoryEntry("99", "like", 1)]), m.index_of, m.item_count)
 
 
 def test_history_cli_add_show_clear(recommender, keyservice, tiktok_model, tmp_path):

@@ -42,10 +42,14 @@ class RecordingInterceptor(grpc.ServerInterceptor):
     def __init__(self) -> None:
         self.requests: list[tuple[str, bytes]] = []
         self.responses: list[tuple[str, bytes]] = []
+        self.old_sdk_requests: list[tuple[str, bytes]] = []  # the control: what the SDK did before
+        self.phase = "sdk"
         self._lock = threading.Lock()
 
     def _keep(self, into: list, method: str, data: bytes) -> None:
         with self._lock:
+            if self.phase == "old-sdk" and into is self.requests:
+                into = self.old_sdk_requests
             into.append((method, bytes(data)))
 
     def intercept_service(self, continuation, handler_call_details):
@@ -143,6 +147,12 @@ def private_run(tiktok_model, master_key_file, tmp_path_factory) -> Run:
                     30,
                     scored.receipt,
                 )
+            # The control: the calls the SDK made before issue 9 (embeddings of the history by
+            # id, display fields of the feed by index), recorded apart.
+            recorder.phase = "old-sdk"
+            for user in feeds:
+                client.items(item_ids=[manifest.item_ids[i] for i in histories[user]])
+                client.items(indices=feeds[user])
         assert {i for i in indices} == {m.item_ids.index(i) for i in ids}
         return Run(recorder, Secrets(frozenset(ids), frozenset(indices)), cache.url, logs, feeds, histories)
     finally:
@@ -173,11 +183,6 @@ def _report(findings: list[Finding]) -> str:
     return "\n".join(f"{len(g)} x {g[0]}" for g in groups.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9: recommend() still fetches the history's embeddings by item id (GetItems); "
-    "the encrypted-history path (upload_history) replaces it",
-)
 def test_no_request_to_any_service_carries_a_history_or_feed_item(private_run):
     run = private_run
     methods = {method.split("/")[1] for method, _ in run.recorder.requests}
@@ -185,11 +190,26 @@ def test_no_request_to_any_service_carries_a_history_or_feed_item(private_run):
     assert {"cipherfeed.v1.Recommender", "cipherfeed.v1.KeyService", "cipherfeed.v1.Ledger"} <= methods
     assert any(m.endswith("/AppendBatch") for m, _ in run.recorder.requests)  # the ledger's leaves
     assert any(m.endswith("/Sign") for m, _ in run.recorder.requests)  # checkpoint signing
+    assert any(m.endswith("/UploadHistory") for m, _ in run.recorder.requests)  # the encrypted path
+    assert not any(m.endswith("/GetItems") for m, _ in run.recorder.requests)
     echoes = Echoes()
     for method, data in run.recorder.responses:
         echoes.add_response(method, data)
     findings = [f for method, data in run.recorder.requests for f in scan_request(method, data, run.secrets, echoes)]
     assert not findings, "items reached a server:\n" + _report(findings)
+
+
+def test_the_scan_finds_what_the_sdk_sent_before_issue_9(private_run):
+    run = private_run
+    echoes = Echoes()
+    for method, data in run.recorder.responses:
+        echoes.add_response(method, data)
+    findings = [
+        f for method, data in run.recorder.old_sdk_requests for f in scan_request(method, data, run.secrets, echoes)
+    ]
+    history_ids = sum(len(h) for h in run.histories.values())
+    assert sum("as text" in f.what for f in findings) == history_ids
+    assert {i for f in findings for i in f.indices} == {i for feed in run.feeds.values() for i in feed}
 
 
 def test_the_cache_and_the_logs_hold_no_history_or_feed_item(private_run):

@@ -55,6 +55,7 @@ TOKEN_FIELDS = {
     "cipherfeed.v1.ScoreRequest.profile_ref",
     "cipherfeed.v1.ScoreRequest.model_version",
     "cipherfeed.v1.GetCatalogueManifestRequest.model_version",
+    "cipherfeed.v1.UploadHistoryRequest.model_version",
     "cipherfeed.v1.GetReceiptRequest.receipt_id",
     "cipherfeed.v1.Receipt.query_sha256",
     "cipherfeed.v1.Receipt.response_sha256",
@@ -272,6 +273,7 @@ class Secrets:
 class Finding:
     where: str
     what: str
+    indices: frozenset[int] = frozenset()  # the catalogue indices found, for index findings
 
     def __str__(self) -> str:
         return f"{self.where}: {self.what}"
@@ -323,7 +325,7 @@ def scan_request(method: str, data: bytes, secrets: Secrets, echoes: Echoes) -> 
             values: set[int] = leaf.value  # type: ignore[assignment]
             hit = values & secrets.indices
             if hit and not (leaf.name in PROTOCOL_NUMBERS and hit <= echoes.ints):
-                found.append(Finding(where, f"catalogue index {sorted(hit)} as an integer"))
+                found.append(Finding(where, f"catalogue index {sorted(hit)} as an integer", frozenset(hit)))
             if values & secrets._numeric:  # type: ignore[attr-defined]
                 found.append(Finding(where, "item id as an integer"))
         elif leaf.kind == "float":

@@ -20,10 +20,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from cipherfeed.client.interest import COMMENT_WEIGHT, LIKE_WEIGHT, WATCH_WEIGHT, Engagement
-from cipherfeed.manifest import Manifest
 
 KIND_WEIGHT = {"watch": WATCH_WEIGHT, "like": WATCH_WEIGHT + LIKE_WEIGHT, "comment": WATCH_WEIGHT + COMMENT_WEIGHT}
 _USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -146,20 +143,3 @@ def engagements(entries: list[HistoryEntry]) -> list[Engagement]:
         )
         for rank, e in enumerate(ordered)
     ]
-
-
-def catalogue_weights(history: list[Engagement], manifest: Manifest) -> np.ndarray:
-    """``w`` over catalogue indices: each engaged item's summed weight, normalised to sum 1.
-
-    Items the serving model does not list (an older catalogue's videos) carry no weight.
-    Raises ``HistoryError`` when nothing in the history is in the catalogue.
-    """
-    w = np.zeros(manifest.item_count, dtype=np.float64)
-    for e in history:
-        index = manifest.index_of.get(e.item_id)
-        if index is not None:
-            w[index] += e.weight
-    total = float(w.sum())
-    if total <= 0:
-        raise HistoryError("no engaged item is in the serving model's catalogue")
-    return w / total

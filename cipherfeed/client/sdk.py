@@ -12,7 +12,7 @@ import numpy as np
 
 from cipherfeed.client import keystore
 from cipherfeed.client.catalogue import ManifestCache
-from cipherfeed.client.interest import Engagement, interest_vector
+from cipherfeed.client.interest import Engagement, history_weights
 from cipherfeed.client.keystore import ClientKeys
 from cipherfeed.client.ranking import rank_feed
 from cipherfeed.config import ClientConfig
@@ -346,14 +346,11 @@ class RecommenderClient:
             receipt_id=response.receipt_id,
         )
 
-    def items(
-        self, indices: Sequence[int] = (), item_ids: Sequence[str] = (), include_embedding: bool = False
-    ) -> list[recommender_pb2.Item]:
+    def items(self, indices: Sequence[int] = (), item_ids: Sequence[str] = ()) -> list[recommender_pb2.Item]:
+        """Display fields by index or id, from the server: it learns which items were asked for.
+        The SDK's own paths never call this (``manifest()`` has the same fields)."""
         response = self.stub.GetItems(
-            recommender_pb2.GetItemsRequest(
-                indices=list(indices), item_ids=list(item_ids), include_embedding=include_embedding
-            ),
-            timeout=self._deadline,
+            recommender_pb2.GetItemsRequest(indices=list(indices), item_ids=list(item_ids)), timeout=self._deadline
         )
         return list(response.items)
 
@@ -391,8 +388,9 @@ class RecommenderClient:
     ) -> tuple[list[CatalogueItem], EncryptedScores]:
         """The private feed for an engagement history: top ``k`` unseen items, capped per creator.
 
-        Seen items, the creator cap and the display fields all come from the manifest on the
-        device: no request names a feed item.
+        The history leaves the device only as ciphertext (``upload_history``, once per distinct
+        history); seen items, the creator cap and the display fields come from the manifest on
+        the device: no request names a history or feed item (tests/test_privacy.py).
         """
         manifest = self.manifest()
         try:
@@ -407,8 +405,7 @@ class RecommenderClient:
         return [manifest.item(i) for i in feed], scored
 
     def _score_history(self, history: list[Engagement], manifest: Manifest) -> EncryptedScores:
-        # NOT PRIVATE YET (issue 9): this asks the server for the engaged items' embeddings by
-        # id, so the recommender learns the history. The encrypted-history path replaces it.
-        engaged = self.items(item_ids=[e.item_id for e in history], include_embedding=True)
-        u = interest_vector(np.array([list(item.embedding) for item in engaged]), history)
-        return self.score(u, pin_model=manifest.model_version)
+        # The history becomes weights over the manifest's indices here, on the device, and
+        # leaves it encrypted; the server projects it with its embeddings (E(u) = X^T E(w)).
+        weights = history_weights(history, manifest.index_of, manifest.item_count)
+        return self.score_history(weights, pin_model=manifest.model_version)

@@ -11,7 +11,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import openfhe
 
 from cipherfeed import heap, manifest
@@ -99,7 +98,6 @@ class ItemView:
     url: str
     popularity: float
     posted_unix: int
-    embedding: list[float] | None
 
 
 @dataclass(frozen=True)
@@ -464,7 +462,7 @@ class RecommenderCore:
                 )
             return self._manifest
 
-    def items(self, indices: list[int], item_ids: list[str], include_embedding: bool) -> list[ItemView]:
+    def items(self, indices: list[int], item_ids: list[str]) -> list[ItemView]:
         if len(indices) + len(item_ids) > MAX_ITEMS_PER_REQUEST:
             raise OversizeError(
                 f"at most {MAX_ITEMS_PER_REQUEST} items per request",
@@ -492,7 +490,6 @@ class RecommenderCore:
                     url=item_url(m.creator_ids[creator], m.item_ids[i]),
                     popularity=float(m.popularity[i]),
                     posted_unix=int(m.posted_unix[i]),
-                    embedding=m.embeddings[i].astype(np.float64).tolist() if include_embedding else None,
                 )
             )
         return views

@@ -98,7 +98,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def GetItems(
         self, request: recommender_pb2.GetItemsRequest, context: grpc.ServicerContext
     ) -> recommender_pb2.GetItemsResponse:
-        views = self.core.items(list(request.indices), list(request.item_ids), request.include_embedding)
+        views = self.core.items(list(request.indices), list(request.item_ids))
         return recommender_pb2.GetItemsResponse(
             model_version=self.core.model_version,
             items=[
@@ -110,7 +110,6 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                     url=v.url,
                     popularity=v.popularity,
                     posted_unix=v.posted_unix,
-                    embedding=v.embedding or [],
                 )
                 for v in views
             ],
