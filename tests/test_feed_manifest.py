@@ -3,6 +3,7 @@ device and checked against the published digest; feeds are displayed from it."""
 
 import hashlib
 import lzma
+import os
 import stat
 
 import grpc
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from cipherfeed import manifest as mf
+from cipherfeed.client.catalogue import ManifestCache
 from cipherfeed.client.interest import Engagement
 from cipherfeed.client.sdk import ClientError
 from cipherfeed.v1 import recommender_pb2
@@ -198,3 +200,16 @@ def test_feeds_are_displayed_from_the_manifest_without_a_call_per_feed(client, t
         client.stub = counting._stub
     # Per feed: the encrypted history when it changed, and one Score. Nothing for display.
     assert counting.calls == ["UploadHistory", "Score", "UploadHistory", "Score", "UploadHistory", "Score"]
+
+
+def test_the_device_keeps_the_last_three_manifest_versions(tmp_path):
+    cache = ManifestCache(tmp_path)
+    versions = [f"{n:x}" * 64 for n in range(5)]
+    for n, v in enumerate(versions):
+        data = mf.encode(v, [str(n)], np.zeros(1), ["c"], ["n"], np.zeros(1), np.zeros(1))
+        path = cache.store(v, data)
+        os.utime(path, ns=(n * 10**9, n * 10**9))
+        assert cache.load(v, hashlib.sha256(data).digest()).item_ids == [str(n)]
+    assert cache.versions() == sorted(versions[2:])
+    with pytest.raises(mf.ManifestError):
+        cache.path("../../etc/passwd")

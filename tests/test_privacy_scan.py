@@ -68,6 +68,7 @@ TEXT_BYTES = {"cipherfeed.v1.SignRequest.message"}
 
 _DIGITS = re.compile(rb"[0-9]+")
 _LONG_DIGITS = re.compile(rb"[0-9]{12,}")
+_LONG_HEX = re.compile(r"(0x)?[0-9a-fA-F]{16,}")
 _PACKABLE = {
     FieldDescriptor.TYPE_INT32,
     FieldDescriptor.TYPE_INT64,
@@ -338,6 +339,10 @@ def scan_request(method: str, data: bytes, secrets: Secrets, echoes: Echoes) -> 
                 if text and text not in echoes.tokens:
                     found.append(Finding(where, f"token {text[:24]!r} that no server issued"))
                 continue
+            if _LONG_HEX.fullmatch(text):  # an address or digest: its digits are not decimal numbers
+                if int(text.removeprefix("0x"), 16) in secrets.indices:
+                    found.append(Finding(where, "catalogue index as hex text"))
+                continue
             hit = _digit_runs(text.encode()) & secrets.indices
             if hit:
                 found.append(Finding(where, f"catalogue index {sorted(hit)} as decimal text"))
@@ -446,6 +451,9 @@ def test_innocent_requests_and_echoed_protocol_numbers_pass():
     )
     assert scan_request(SCORE, clean.SerializeToString(), SECRETS, echoes) == []
     assert scan_request(INFO, b"", SECRETS, NONE) == []
+    # An owner's address (a known string field holding long hex): its digit runs are not numbers.
+    address = keyservice_pb2.SignRequest(key_name="0x7e3F5a4321bB2c7d0E1f9A8b7C6d5E4f3A2b1C0d").SerializeToString()
+    assert scan_request("/cipherfeed.v1.KeyService/Sign", address, SECRETS, NONE) == []
     note = b"origin\n4321\n" + base64.b64encode(b"r" * 32) + b"\n"
     echoes.blobs.add(b"r" * 32)
     sign = keyservice_pb2.SignRequest(key_name="ledger", message=note).SerializeToString()

@@ -18,9 +18,13 @@ from cipherfeed.manifest import Manifest, ManifestError, decode
 _VERSION = re.compile(r"^[0-9a-f]{64}$")
 
 
+KEEP_VERSIONS = 3  # the serving model and the two before it (a rollback needs no download)
+
+
 class ManifestCache:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, keep: int = KEEP_VERSIONS) -> None:
         self.directory = directory
+        self.keep = keep
 
     def path(self, model_version: str) -> Path:
         if not _VERSION.match(model_version):
@@ -55,7 +59,14 @@ class ManifestCache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        self._prune(keep=path)
         return path
+
+    def _prune(self, keep: Path) -> None:
+        """Drops all but the ``keep`` most recently stored versions (and the one just written)."""
+        stored = sorted(self.directory.glob("*.cfmanifest"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        for old in [p for p in stored if p != keep][max(0, self.keep - 1) :]:
+            old.unlink(missing_ok=True)
 
     def versions(self) -> list[str]:
         if not self.directory.is_dir():
