@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench import history, keys, ledger, scoring
+from bench import authz, history, keys, ledger, scoring
 from bench.common import RESULTS
 
 
@@ -13,6 +13,7 @@ from bench.common import RESULTS
     [
         (scoring, ["--sizes", "9000", "--reps", "1", "--tenseal-reps", "0"]),
         (history, ["--sizes", "9000", "--reps", "1"]),
+        (authz, ["--items", "100", "--reps", "1", "--cheap-reps", "2"]),
         (keys, ["--users", "3", "--cache-size", "2", "--reps", "1"]),
         (ledger, ["--appends", "400", "--batch", "100", "--leaves", "300", "--anchors", "2"]),
     ],
