@@ -5,7 +5,9 @@ synthetic catalogue of that size; larger sizes synthetic, d = 64): the history u
 (one fresh ciphertext per block of 8,192 items), the server time to build a profile (E(w) ->
 E(u): the projection alone, and the whole UploadHistory call: validation, key state, projection,
 cache writes), Score by that profile, and today's inline-query Score in the same run, interleaved
-sample by sample (this VM's speed moves by up to 1.5x for minutes at a time). Correctness of what
+sample by sample (this VM's speed moves by up to 1.5x for minutes at a time, and other work on
+it moves it more: the process CPU time of the upload call and of the inline Score, and the load
+average, are recorded beside the wall times). Correctness of what
 was timed: the decrypted scores against the plaintext twin (``interest.history_interest``). The
 key set's size (public key + rotation keys + conjugation key).
 """
@@ -13,8 +15,10 @@ key set's size (public key + rotation keys + conjugation key).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,19 +96,25 @@ def run_size(
         core.score(ref, None, profile_ref=profile_ref)
         core.score(ref, encrypt_query(keys, u_unit))
     build, upload_server, by_profile, inline, upload_bytes = [], [], [], [], 0
+    build_cpu, inline_cpu = [], []  # process CPU time: less moved by other load on the VM than wall time
     result = None
     for _ in range(reps):
         blobs = encrypt_history(keys, weights)  # fresh ciphertexts: no result-cache hit
         upload_bytes = sum(len(b) for b in blobs)
         core.results.flush()
+        cpu = time.process_time()
         (profile_ref, _, millis), call_ms = timed_ms(core.upload_history, ref, blobs)
+        build_cpu.append(1e3 * (time.process_time() - cpu))
         build.append(millis)
         upload_server.append(call_ms)
         core.results.flush()
         result = core.score(ref, None, profile_ref=profile_ref)
         by_profile.append(result.server_millis)
         core.results.flush()
-        inline.append(core.score(ref, encrypt_query(keys, u_unit)).server_millis)
+        query = encrypt_query(keys, u_unit)
+        cpu = time.process_time()
+        inline.append(core.score(ref, query).server_millis)
+        inline_cpu.append(1e3 * (time.process_time() - cpu))
     assert result is not None and not result.from_cache
     got = decrypt(keys, core, result.ciphertexts, n)
     want = packing.plaintext_scores(
@@ -124,6 +134,10 @@ def run_size(
         "score_by_profile": percentiles(by_profile),
         "score_inline": percentiles(inline),
         "profile_over_inline_p50": float(np.percentile(by_profile, 50) / np.percentile(inline, 50)),
+        "build_over_inline_p50": float(np.percentile(build, 50) / np.percentile(inline, 50)),
+        "upload_call_cpu": percentiles(build_cpu),
+        "score_inline_cpu": percentiles(inline_cpu),
+        "load_average": os.getloadavg(),
         "max_abs_error": float(np.max(np.abs(got - want))),
         "top10_identical": list(np.argsort(-got)[:10]) == list(np.argsort(-want)[:10]),
         "key_set_bytes": len(keys.rotation_key_bytes) + len(keys.public_key_bytes),
@@ -136,7 +150,8 @@ def run_size(
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = (
         f"{'items':>9} {'blocks':>6} {'R':>2} {'upload KB':>9} {'build p50':>9} {'p95':>7} {'upload call':>11} "
-        f"{'by profile':>10} {'inline':>7} {'ratio':>6} {'max err':>8} {'top10':>5} {'key set MB':>10}"
+        f"{'by profile':>10} {'inline':>7} {'ratio':>6} {'build/inline':>12} {'cpu build':>9} {'cpu inline':>10} "
+        f"{'max err':>8} {'top10':>5} {'key set MB':>10} {'load':>5}"
     )
     print(head)
     print("-" * len(head))
@@ -145,8 +160,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{r['items']:>9,} {r['blocks']:>6} {r['input_rotations']:>2} {r['upload_bytes'] / 1e3:>9.0f} "
             f"{r['build']['p50_ms']:>9.1f} {r['build']['p95_ms']:>7.1f} {r['upload_server']['p50_ms']:>11.1f} "
             f"{r['score_by_profile']['p50_ms']:>10.1f} {r['score_inline']['p50_ms']:>7.1f} "
-            f"{r['profile_over_inline_p50']:>6.2f} {r['max_abs_error']:>8.1e} "
-            f"{'yes' if r['top10_identical'] else 'NO':>5} {r['key_set_bytes'] / 1e6:>10.2f}"
+            f"{r['profile_over_inline_p50']:>6.2f} {r['build_over_inline_p50']:>12.2f} "
+            f"{r['upload_call_cpu']['p50_ms']:>9.1f} {r['score_inline_cpu']['p50_ms']:>10.1f} "
+            f"{r['max_abs_error']:>8.1e} {'yes' if r['top10_identical'] else 'NO':>5} "
+            f"{r['key_set_bytes'] / 1e6:>10.2f} {r['load_average'][0]:>5.1f}"
         )
 
 
