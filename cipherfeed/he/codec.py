@@ -1,19 +1,38 @@
 """Checked (de)serialization of queries, score ciphertexts, public keys and rotation-key maps.
 
-OpenFHE registers the crypto context embedded in anything it deserializes in a process-wide
-registry and never forgets it, and it evaluates whatever ring size a ciphertext carries. So
-untrusted bytes are checked against a template before OpenFHE sees them: for this parameter set a
-fresh query, a public key and a rotation-key map each have one exact header (context, ring and
-moduli) before their first random coefficient, and a length fixed up to a little trailing metadata
-(OpenFHE writes ~200 bytes more when the public key was itself deserialized); another ring size or
-level changes the length by at least one limb (64 KiB). After deserializing, the
-embedded context's fingerprint, level, scale degree and slot count are checked again.
+Untrusted bytes never reach OpenFHE's deserializer before they are checked completely against
+the mesh's own serialization of the same object type and level (a ``StructureTemplate``):
+
+* OpenFHE's binary format for a given object type, parameter set and level is fixed except for
+  the key tag (a random lowercase hex string, each occurrence preceded by its length) and the
+  coefficient vectors (cereal vectors: a uint64 length ``N``, then ``N`` words, followed by the
+  limb's modulus). Two references made under two independent key pairs are diffed: every byte
+  that differs must lie in a tag or in a run of ``N`` words that differ *all*; everything else
+  (lengths, moduli, element counts, pointer ids, flags) is fixed and stored.
+* A candidate must have exactly a template's length (no trailing bytes), equal every fixed byte,
+  carry one well-formed tag in every tag slot, and every coefficient word must be below the modulus
+  written after its run (itself a fixed byte, checked to divide the context's modulus).
+* OpenFHE writes parameters by reference or in full depending on where a polynomial came from (a
+  public key that was itself deserialized is written with ~200 bytes more; so is a ciphertext made
+  under such a key). Those variants are enumerated as references of their own, each a template;
+  nothing else is accepted.
+
+So OpenFHE is only ever handed bytes it wrote itself up to tags and in-range coefficients: no
+input can make it abort, register a foreign context or allocate by a length field. After
+deserializing, the embedded context's fingerprint, level, scale degree and slot count are checked
+again, as a second line.
+
+Kinds are registered per (object type, context, level): ``MaterialCodec.register_ciphertext``
+adds a ciphertext of any context and level with one call; ``register`` takes any reference makers.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -31,48 +50,249 @@ class MaterialError(InvalidArgument):
     reason = Reason.HE_MATERIAL_INVALID
 
 
+class LayoutError(RuntimeError):
+    """OpenFHE's reference serializations do not have the structure this module expects (its
+    format changed): the service must not start."""
+
+
 class Kind(Enum):
     QUERY = "query ciphertext"
     PUBLIC_KEY = "public key"
     ROTATION_KEYS = "rotation key map"
 
 
-METADATA_SLACK = 4096  # bytes of trailing metadata allowed above the reference length
+KindKey = Kind | str  # the mesh's kinds, or a label another module registered
+Buffer = bytes | bytearray | memoryview
+ReferenceMaker = Callable[[], list[tuple[bytes, str]]]
+"""Serializations of one object type under one fresh key pair, one per legitimate layout, each
+with the key pair's tag."""
+
+TAG_PATTERN = re.compile(rb"[0-9a-f]+")
+
+
+def label(kind: KindKey) -> str:
+    return kind.value if isinstance(kind, Kind) else kind
 
 
 @dataclass(frozen=True)
-class ByteTemplate:
+class Run:
+    """A coefficient vector: ``words`` words from byte ``start``, each below ``modulus``."""
+
+    start: int
+    words: int
+    modulus: int
+
+    @property
+    def end(self) -> int:
+        return self.start + 8 * self.words
+
+
+@dataclass(frozen=True)
+class StructureTemplate:
+    """One exact serialization layout: its length, its fixed bytes, its tag slots and runs."""
+
     length: int
-    header: bytes
+    fixed_at: np.ndarray  # int64 offsets of every byte outside tags and coefficient runs
+    fixed: np.ndarray  # uint8: the reference's value at each of them
+    tags: tuple[int, ...]  # offsets of the key tag's occurrences
+    tag_length: int
+    runs: tuple[Run, ...]
+    header: bytes  # every byte before the first tag (fixed)
 
     @classmethod
-    def learn(cls, first: tuple[bytes, str], second: tuple[bytes, str]) -> ByteTemplate:
-        """The length and header of two serializations made under two different key pairs.
+    def learn(
+        cls, first: tuple[bytes, str], second: tuple[bytes, str], ring_dimension: int, modulus: int
+    ) -> StructureTemplate:
+        """The layout shared by two serializations of one object type under two key pairs.
 
-        The header ends where the per-key part begins: OpenFHE writes the key tag (a random hex
-        string) first, then random coefficients. Cutting at the tag, rather than at the first
-        differing byte, matters: two random tags share a first character one time in sixteen.
+        Runs are located exactly: a uint64 ``ring_dimension`` at the same offset in both, then
+        ``ring_dimension`` words of which *every one* differs between the two (random residues
+        collide with probability ~2^-55 per word), then a modulus that divides the context's
+        ``modulus``. Every other differing byte must be a tag; anything else raises LayoutError.
         """
         (a, a_tag), (b, b_tag) = first, second
         if len(a) != len(b):
-            raise RuntimeError("reference serializations differ in length; OpenFHE's layout changed")
-        cut = a.find(a_tag.encode())
-        if cut <= 0 or b.find(b_tag.encode()) != cut or a[:cut] != b[:cut]:
-            raise RuntimeError("key tag not where expected in OpenFHE's serialization; its layout changed")
-        return cls(length=len(a), header=a[:cut])
+            raise LayoutError("reference serializations differ in length; OpenFHE's layout changed")
+        if len(a_tag) != len(b_tag) or not TAG_PATTERN.fullmatch(a_tag.encode()) or a_tag == b_tag:
+            raise LayoutError(f"unexpected key tags {a_tag!r}, {b_tag!r}")
+        va, vb = np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)
+        runs: list[Run] = []
+        marker = struct.pack("<Q", ring_dimension)
+        pos = a.find(marker)
+        while pos != -1:
+            start = pos + 8
+            end = start + 8 * ring_dimension
+            if end + 8 <= len(a) and b[pos:start] == marker and a[end : end + 8] == b[end : end + 8]:
+                wa = np.frombuffer(a, "<u8", ring_dimension, start)
+                wb = np.frombuffer(b, "<u8", ring_dimension, start)
+                (q,) = struct.unpack_from("<Q", a, end)
+                if np.all(wa != wb) and q > 1 and modulus % q == 0 and bool(np.all(wa < q) and np.all(wb < q)):
+                    runs.append(Run(start, ring_dimension, q))
+                    pos = a.find(marker, end)
+                    continue
+            pos = a.find(marker, pos + 1)
+        tags = _occurrences(a, a_tag.encode())
+        if not runs or not tags or _occurrences(b, b_tag.encode()) != tags:
+            raise LayoutError("no coefficient runs or key tags where expected; OpenFHE's layout changed")
+        fixed_mask = np.ones(len(a), dtype=bool)
+        for run in runs:
+            fixed_mask[run.start : run.end] = False
+        for t in tags:
+            fixed_mask[t : t + len(a_tag)] = False
+        if np.any((va != vb) & fixed_mask):
+            where = int(np.flatnonzero((va != vb) & fixed_mask)[0])
+            raise LayoutError(f"reference serializations differ at byte {where}, outside tags and coefficients")
+        fixed_at = np.flatnonzero(fixed_mask)
+        return cls(
+            length=len(a),
+            fixed_at=fixed_at,
+            fixed=va[fixed_at].copy(),
+            tags=tuple(tags),
+            tag_length=len(a_tag),
+            runs=tuple(runs),
+            header=a[: tags[0]],
+        )
 
-    def check(self, data: bytes, kind: Kind) -> None:
-        if not self.length <= len(data) <= self.length + METADATA_SLACK:
+    @property
+    def structure_offsets(self) -> np.ndarray:
+        """Every offset that is not a coefficient word (fixed bytes and tag bytes), ascending."""
+        tag_bytes = [np.arange(t, t + self.tag_length) for t in self.tags]
+        return np.sort(np.concatenate([self.fixed_at, *tag_bytes]))
+
+    def same_layout(self, other: StructureTemplate) -> bool:
+        return (
+            self.length == other.length
+            and self.tags == other.tags
+            and self.runs == other.runs
+            and np.array_equal(self.fixed_at, other.fixed_at)
+            and np.array_equal(self.fixed, other.fixed)
+        )
+
+    def mismatch(self, data: Buffer, what: str) -> str | None:
+        """Why ``data`` is not an instance of this layout, or None if it is."""
+        if len(data) != self.length:
+            return f"{what} is {len(data)} bytes"
+        view = np.frombuffer(data, np.uint8)
+        differs = view[self.fixed_at] != self.fixed
+        if differs.any():
+            where = int(self.fixed_at[int(np.argmax(differs))])
+            return f"{what} was not made with the mesh's crypto parameters (byte {where} is not the mesh's)"
+        mv = memoryview(data).cast("B")
+        tag = bytes(mv[self.tags[0] : self.tags[0] + self.tag_length])
+        if not TAG_PATTERN.fullmatch(tag) or any(bytes(mv[t : t + self.tag_length]) != tag for t in self.tags[1:]):
+            return f"{what} carries a malformed or inconsistent key tag"
+        for i, run in enumerate(self.runs):
+            words = np.frombuffer(data, "<u8", run.words, run.start)
+            if (words >= np.uint64(run.modulus)).any():
+                return f"{what} has a coefficient not below its modulus (vector {i})"
+        return None
+
+
+def _occurrences(blob: bytes, needle: bytes) -> list[int]:
+    found, pos = [], blob.find(needle)
+    while pos != -1:
+        found.append(pos)
+        pos = blob.find(needle, pos + len(needle))
+    return found
+
+
+@dataclass(frozen=True)
+class KindTemplates:
+    """Every legitimate layout of one kind (see the module docstring on variants)."""
+
+    what: str
+    variants: tuple[StructureTemplate, ...]
+
+    def check(self, data: Buffer) -> StructureTemplate:
+        """The variant ``data`` is an instance of; MaterialError unless there is one."""
+        reasons = []
+        for variant in self.variants:
+            reason = variant.mismatch(data, self.what)
+            if reason is None:
+                return variant
+            reasons.append(reason)
+        if all(len(data) != v.length for v in self.variants):
+            lengths = " or ".join(str(v) for v in sorted({v.length for v in self.variants}))
             raise MaterialError(
-                f"{kind.value} is {len(data)} bytes; this parameter set's is {self.length} bytes"
+                f"{self.what} is {len(data)} bytes; this parameter set's is {lengths} bytes"
                 " (truncated, padded, or from another ring size or level)"
             )
-        if not data.startswith(self.header):
-            raise MaterialError(f"{kind.value} was not made with the mesh's crypto parameters")
+        raise MaterialError(next(r for r, v in zip(reasons, self.variants, strict=True) if len(data) == v.length))
+
+    @property
+    def header(self) -> bytes:
+        return self.variants[0].header
+
+    @property
+    def length(self) -> int:
+        return self.variants[0].length
+
+
+ByteTemplate = KindTemplates  # the name this module's callers knew
 
 
 def serialize(obj: object) -> bytes:
     return openfhe.Serialize(obj, openfhe.BINARY)
+
+
+def ciphertext_references(cc: openfhe.CryptoContext, slots: int, level: int = 0) -> ReferenceMaker:
+    """Reference serializations of a fresh CKKS ciphertext of ``cc`` at ``level`` with ``slots``
+    slots, in every layout a legitimate client writes: encrypted under its key pair's public key,
+    or under that key after a save and load, each as encrypted or as saved and loaded again."""
+
+    def make() -> list[tuple[bytes, str]]:
+        kp = cc.KeyGen()
+        tag = kp.publicKey.GetKeyTag()
+        loaded = openfhe.DeserializePublicKeyString(serialize(kp.publicKey), openfhe.BINARY)
+        zeros = np.zeros(slots, dtype=np.complex128)
+        out = []
+        for pk in (kp.publicKey, loaded):
+            blob = serialize(cc.Encrypt(pk, cc.MakeCKKSPackedPlaintext(zeros, 1, level, None, slots)))
+            out += [(blob, tag), (serialize(openfhe.DeserializeCiphertextString(blob, openfhe.BINARY)), tag)]
+        return out
+
+    return make
+
+
+def public_key_references(cc: openfhe.CryptoContext) -> ReferenceMaker:
+    def make() -> list[tuple[bytes, str]]:
+        kp = cc.KeyGen()
+        blob = serialize(kp.publicKey)
+        again = serialize(openfhe.DeserializePublicKeyString(blob, openfhe.BINARY))
+        return [(blob, kp.publicKey.GetKeyTag()), (again, kp.publicKey.GetKeyTag())]
+
+    return make
+
+
+def rotation_key_references(cc: openfhe.CryptoContext, indices: list[int]) -> ReferenceMaker:
+    """Maps generated from a fresh or a loaded secret key, each as generated or saved and loaded."""
+
+    def make() -> list[tuple[bytes, str]]:
+        kp = cc.KeyGen()
+        tag = kp.publicKey.GetKeyTag()
+        loaded_sk = openfhe.DeserializePrivateKeyString(serialize(kp.secretKey), openfhe.BINARY)
+        out = []
+        for sk in (kp.secretKey, loaded_sk):
+            blob = globalkeys.generate_serialized(cc, sk, indices, tag)
+            again = serialize(openfhe.DeserializeEvalKeyMapString(blob, openfhe.BINARY))
+            out += [(blob, tag), (again, tag)]
+        return out
+
+    return make
+
+
+def learn_templates(what: str, make: ReferenceMaker, cc: openfhe.CryptoContext) -> KindTemplates:
+    """Every distinct layout among two rounds of ``make``'s references."""
+    ring, modulus = cc.GetRingDimension(), int(cc.GetElementParams().GetModulus())
+    first, second = make(), make()
+    if len(first) != len(second) or not first:
+        raise LayoutError(f"reference maker for {what} returned {len(first)} and {len(second)} references")
+    variants: list[StructureTemplate] = []
+    for a, b in zip(first, second, strict=True):
+        learned = StructureTemplate.learn(a, b, ring, modulus)
+        if not any(learned.same_layout(v) for v in variants):
+            variants.append(learned)
+    return KindTemplates(what, tuple(variants))
 
 
 def ciphertext_sha256(blobs: list[bytes]) -> bytes:
@@ -114,39 +334,53 @@ class OrderedDigest:
 
 
 class MaterialCodec:
-    """Validating loader for one parameter set; templates are learned once, lazily."""
+    """Validating loader for one parameter set; templates are learned once, lazily (``warm_up``
+    learns them all before serving)."""
 
     def __init__(self, params: HEParams) -> None:
         self.params = params
         self.cc = build_context(params)
         self.fingerprint = context_fingerprint(self.cc)
-        self._templates: dict[Kind, ByteTemplate] = {}
+        self._makers: dict[str, tuple[ReferenceMaker, openfhe.CryptoContext]] = {}
+        self._templates: dict[str, KindTemplates] = {}
         self._lock = threading.Lock()
         self._vessel: openfhe.Ciphertext | None = None
+        self.register(Kind.QUERY, ciphertext_references(self.cc, params.slots), self.cc)
+        self.register(Kind.PUBLIC_KEY, public_key_references(self.cc), self.cc)
+        self.register(Kind.ROTATION_KEYS, rotation_key_references(self.cc, params.rotation_indices), self.cc)
 
-    def _reference(self, kind: Kind) -> tuple[bytes, str]:
-        """A serialization of ``kind`` under a fresh key pair, and that key pair's tag."""
-        kp = self.cc.KeyGen()
-        tag = kp.publicKey.GetKeyTag()
-        if kind is Kind.PUBLIC_KEY:
-            return serialize(kp.publicKey), tag
-        if kind is Kind.QUERY:
-            zeros = np.zeros(self.params.slots, dtype=np.complex128)
-            return serialize(self.cc.Encrypt(kp.publicKey, self.cc.MakeCKKSPackedPlaintext(zeros))), tag
-        return globalkeys.generate_serialized(self.cc, kp.secretKey, self.params.rotation_indices, tag), tag
-
-    def template(self, kind: Kind) -> ByteTemplate:
+    def register(self, kind: KindKey, make: ReferenceMaker, cc: openfhe.CryptoContext) -> None:
+        """Adds (or replaces) a kind of material: ``make`` returns reference serializations of it
+        in ``cc`` under one fresh key pair, one per legitimate layout."""
         with self._lock:
-            found = self._templates.get(kind)
+            self._makers[label(kind)] = (make, cc)
+            self._templates.pop(label(kind), None)
+
+    def register_ciphertext(self, kind: KindKey, cc: openfhe.CryptoContext, slots: int, level: int = 0) -> None:
+        """A fresh CKKS ciphertext of ``cc`` at ``level``: the one call another ciphertext kind needs."""
+        self.register(kind, ciphertext_references(cc, slots, level), cc)
+
+    def template(self, kind: KindKey) -> KindTemplates:
+        name = label(kind)
+        with self._lock:
+            found = self._templates.get(name)
             if found is None:
-                found = ByteTemplate.learn(self._reference(kind), self._reference(kind))
-                self._templates[kind] = found
+                make, cc = self._makers[name]
+                found = learn_templates(name, make, cc)
+                self._templates[name] = found
             return found
+
+    def check(self, kind: KindKey, data: Buffer) -> StructureTemplate:
+        """MaterialError unless ``data`` is, byte for byte outside tags and coefficients, one of the
+        mesh's own serializations of ``kind``, with every coefficient below its modulus."""
+        return self.template(kind).check(data)
 
     def warm_up(self) -> None:
         """Learns every template now, so that no request pays for it."""
-        for kind in Kind:
-            self.template(kind)
+        with self._lock:
+            names = list(self._makers)
+        for name in names:
+            self.template(name)
         self.vessel()
 
     def vessel(self) -> openfhe.Ciphertext:
@@ -172,7 +406,7 @@ class MaterialCodec:
             raise MaterialError(f"{kind.value} belongs to another crypto context")
 
     def load_query(self, data: bytes) -> openfhe.Ciphertext:
-        self.template(Kind.QUERY).check(data, Kind.QUERY)
+        self.check(Kind.QUERY, data)
         try:
             ct = openfhe.DeserializeCiphertextString(data, openfhe.BINARY)
         except Exception as exc:  # OpenFHE raises RuntimeError or cereal errors on garbage
@@ -196,7 +430,7 @@ class MaterialCodec:
         return self.cc.EvalAdd(vessel, ct)  # same level, scale degree, slots, encoding and scale, checked above
 
     def load_public_key(self, data: bytes) -> openfhe.PublicKey:
-        self.template(Kind.PUBLIC_KEY).check(data, Kind.PUBLIC_KEY)
+        self.check(Kind.PUBLIC_KEY, data)
         try:
             pk = openfhe.DeserializePublicKeyString(data, openfhe.BINARY)
         except Exception as exc:
@@ -205,7 +439,7 @@ class MaterialCodec:
         return pk
 
     def load_rotation_keys(self, data: bytes) -> openfhe.EvalKeyMap:
-        self.template(Kind.ROTATION_KEYS).check(data, Kind.ROTATION_KEYS)
+        self.check(Kind.ROTATION_KEYS, data)
         try:
             return openfhe.DeserializeEvalKeyMapString(data, openfhe.BINARY)
         except Exception as exc:

@@ -71,7 +71,12 @@ def validate(codec: MaterialCodec, material: KeyMaterial) -> None:
     install(codec, tag, material.rotation_keys)
     try:
         cc = codec.cc
-        probe = cc.Encrypt(pk, cc.MakeCKKSPackedPlaintext(np.zeros(codec.params.slots, dtype=np.complex128)))
+        try:
+            probe = cc.Encrypt(pk, cc.MakeCKKSPackedPlaintext(np.zeros(codec.params.slots, dtype=np.complex128)))
+        except Exception as exc:  # OpenFHE raises RuntimeError when the key does not fit the context
+            raise MaterialError(
+                f"public key does not encrypt under the mesh's context ({type(exc).__name__})"
+            ) from None
         probe.SetKeyTag(tag)
         with EVAL_KEY_LOCK.read():
             try:
