@@ -200,7 +200,7 @@ def test_malformed_truncated_and_foreign_histories_get_the_statuses_queries_get(
         "other ring": (foreign_ciphertext(HEParams(ring_dimension=16384)), "bytes"),
         "other moduli": (foreign_ciphertext(HEParams(scaling_mod_bits=50)), "crypto parameters"),
         "level 1": (level1, "bytes"),
-        "1024 slots": (few_slots, "1024 slots"),
+        "1024 slots": (few_slots, "crypto parameters"),  # the slot count is a fixed byte of the layout
     }
     contexts_before = len(openfhe.GetAllContexts())
     for name, (blob, phrase) in invalid.items():
