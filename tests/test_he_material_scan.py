@@ -25,11 +25,13 @@ import pytest
 
 from cipherfeed import grpcutil
 from cipherfeed.client import keystore
+from cipherfeed.config import GrpcLimits
 from cipherfeed.he import keymap
 from cipherfeed.he.codec import Kind, MaterialCodec, MaterialError, StructureTemplate, serialize
 from cipherfeed.he.keymap import KeyMaterial
 from cipherfeed.he.params import MESH_PARAMS
 from cipherfeed.v1 import common_pb2, keyservice_pb2, keyservice_pb2_grpc, recommender_pb2, recommender_pb2_grpc
+from tests.conftest import mesh_pki
 
 XORS = (0x01, 0x20, 0x80, 0xFF)
 ADDRESS_SPACE_HEADROOM = 1 << 30  # a child may map 1 GiB above what it inherited
@@ -311,12 +313,9 @@ def test_another_context_registers_with_one_call(codec):
 # Live services on loopback: formerly fatal mutations get INVALID_ARGUMENT and the service serves on.
 
 
-def _wide(port: int) -> grpc.Channel:
-    limit = 200 * 2**20
-    return grpc.insecure_channel(
-        f"127.0.0.1:{port}",
-        options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
-    )
+def _wide(port: int, server: str) -> grpc.Channel:
+    """A device's channel whose own limits are far above the servers'."""
+    return mesh_pki().channel(port, server, "device", GrpcLimits(max_message_bytes=200 * 2**20))
 
 
 def _mutations(codec: MaterialCodec, kind: Kind, blob: bytes) -> list[bytes]:
@@ -341,7 +340,7 @@ def test_live_services_refuse_formerly_fatal_material_and_keep_serving(recommend
     query = client.encrypt_query(np.eye(64)[0])
     ref = common_pb2.KeyRef(key_id=client.key_id, version=client.key_version)
     keys = client.keys
-    with _wide(recommender[0]) as rch, _wide(keyservice[0]) as kch:
+    with _wide(recommender[0], "recommender") as rch, _wide(keyservice[0], "keyservice") as kch:
         rec = recommender_pb2_grpc.RecommenderStub(rch)
         ks = keyservice_pb2_grpc.KeyServiceStub(kch)
         calls = [
