@@ -2,7 +2,7 @@
 export OMP_NUM_THREADS ?= 1
 PY := .venv/bin/python
 
-.PHONY: run test lint bench bootstrap
+.PHONY: run test lint bench bootstrap fuzz fuzz-rpc
 
 bootstrap:
 	@bash scripts/bootstrap.sh dev
@@ -24,3 +24,13 @@ lint: bootstrap
 bench:
 	@bash scripts/bootstrap.sh bench
 	$(PY) -m bench.scoring $(BENCH_ARGS)
+
+# The long fuzz run: every coverage-guided target for FUZZ_SECONDS each (corpora kept in fuzz/corpus).
+FUZZ_SECONDS ?= 300
+fuzz: bootstrap
+	$(PY) -m fuzz.campaign --seconds $(FUZZ_SECONDS)
+
+# The protocol fuzzer at full size: FUZZ_RPC_EXAMPLES requests per RPC against live servers.
+FUZZ_RPC_EXAMPLES ?= 10000
+fuzz-rpc: bootstrap
+	CIPHERFEED_FUZZ_RPC_EXAMPLES=$(FUZZ_RPC_EXAMPLES) $(PY) -m pytest -s -q -p no:cacheprovider tests/test_fuzz_rpc.py

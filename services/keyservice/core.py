@@ -250,8 +250,7 @@ class KeyServiceCore:
             self.rotate_signing_key(name)
 
     def rotate_signing_key(self, name: str) -> SigningPublicKey:
-        if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise invalid("key_name", "a signing key name is 1-64 letters, digits, '-', '_' or '.'")
+        _check_signing_key_name(name)
         private = Ed25519PrivateKey.generate()
         raw = private.private_bytes(
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
@@ -272,6 +271,7 @@ class KeyServiceCore:
     def sign(self, name: str, message: bytes) -> tuple[int, bytes]:
         if len(message) > MAX_SIGN_BYTES:
             raise too_large("message", len(message), MAX_SIGN_BYTES)
+        _check_signing_key_name(name)  # an empty name would select every key (found by the RPC fuzzer)
         rows = self.store.signing_keys(name)
         if not rows:
             raise NotFound(f"no signing key named {echo(name)}", reason=Reason.SIGNING_KEY_NOT_FOUND)
@@ -285,6 +285,13 @@ class KeyServiceCore:
         for r in rows:
             newest[r.name] = max(newest.get(r.name, 0), r.version)
         return [SigningPublicKey(r.name, r.version, r.public_key, r.version == newest[r.name]) for r in rows]
+
+
+def _check_signing_key_name(name: str) -> None:
+    if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise invalid("key_name", "a signing key name is 1-64 letters, digits, '-', '_' or '.'")
+    if not name.isascii():
+        raise invalid("key_name", "a signing key name is ASCII")
 
 
 def _signing_context(name: str, version: int) -> bytes:

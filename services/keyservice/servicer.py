@@ -104,7 +104,7 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
     @grpc_errors
     def ListAudit(self, request: keyservice_pb2.ListAuditRequest, context: Ctx) -> keyservice_pb2.ListAuditResponse:
         limit = min(request.limit or 100, 1000)
-        rows = self.core.store.audit_entries(request.after_seq, limit)
+        rows = self.core.store.audit_entries(min(request.after_seq, 2**63 - 1), limit)  # SQL integers are 64-bit signed
         return keyservice_pb2.ListAuditResponse(
             entries=[
                 keyservice_pb2.AuditEntry(

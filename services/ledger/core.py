@@ -15,6 +15,7 @@ from services.ledger.store import AnchorRow, CheckpointRow
 
 log = logging.getLogger(__name__)
 VERIFIER_KEYS = "verifier_keys"  # meta key: JSON list of vkeys
+MAX_STORED_SIZE = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ class LedgerCore:
             raise InvalidArgument(str(exc), reason=Reason.PROOF_RANGE_INVALID) from None
 
     def anchors(self, min_size: int) -> list[AnchorRow]:
+        if min_size > MAX_STORED_SIZE:  # no tree is that large; SQL integers are signed 64-bit
+            return []
         return self.log.store.anchors(min_size=min_size)
 
     def bundle(self, receipt_id: str) -> Bundle:

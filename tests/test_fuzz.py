@@ -1,0 +1,35 @@
+"""A short, bounded run of every coverage-guided fuzz target (``make fuzz`` is the long run)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from cipherfeed.config import REPO_ROOT
+from fuzz.targets import TARGETS
+
+RUNS = 3000
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_fuzz_target_survives_a_bounded_run(name, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fuzz.run", name, f"-runs={RUNS}", f"-artifact_prefix={tmp_path}/"],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, check=False,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert f"Done {RUNS} runs" in log
+    assert not list(tmp_path.glob("crash-*"))
+
+
+def test_a_target_that_raises_is_reported_as_a_crash(tmp_path):
+    """The harness itself: an exception the parser does not document stops the run."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, atheris\n"
+         "def boom(data):\n    raise RuntimeError('finding')\n"
+         f"atheris.Setup([sys.argv[0], '-runs=10', '-artifact_prefix={tmp_path}/'], boom)\natheris.Fuzz()\n"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "RuntimeError: finding" in proc.stdout + proc.stderr
+    assert list(tmp_path.glob("crash-*"))
