@@ -240,10 +240,10 @@ def test_a_one_mib_key_id_or_name_is_refused_with_a_bounded_message(ks, ks_as, r
         expect_reason(refused(call, request), CODE.INVALID_ARGUMENT, Reason.FIELD_INVALID, field="key_id")
     score = recommender_pb2.ScoreRequest(key=common_pb2.KeyRef(key_id=huge), query_ciphertext=b"q")
     expect_reason(refused(rec.Score, score), CODE.INVALID_ARGUMENT, Reason.FIELD_INVALID, field="key.key_id")
-    # Names that are not validated by shape are still never echoed whole.
     err = refused(ks_as["ledger"].Sign, keyservice_pb2.SignRequest(key_name=huge, message=b"m"))
-    expect_reason(err, CODE.NOT_FOUND, Reason.SIGNING_KEY_NOT_FOUND)
+    expect_reason(err, CODE.INVALID_ARGUMENT, Reason.FIELD_INVALID, field="key_name")
     assert len(err.details()) < 200
+    # Ids that are not validated by shape are still never echoed whole.
     err = refused(rec.GetItems, recommender_pb2.GetItemsRequest(item_ids=[huge]))
     expect_reason(err, CODE.NOT_FOUND, Reason.ITEM_NOT_FOUND)
     assert len(err.details()) < 200
