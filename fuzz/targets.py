@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -150,9 +150,59 @@ def ledger_entry_seeds() -> list[bytes]:
     return [request.SerializeToString()]
 
 
+# --- HE material (cipherfeed/he/codec.py): queries and public keys ---------------------------
+
+_CODEC: list[Any] = []
+
+
+def _codec() -> Any:
+    if not _CODEC:
+        from cipherfeed.he.codec import MaterialCodec
+        from cipherfeed.he.params import MESH_PARAMS
+
+        codec = MaterialCodec(MESH_PARAMS)
+        codec.warm_up()
+        _CODEC.append(codec)
+    return _CODEC[0]
+
+
+def he_query(data: bytes) -> None:
+    """A query as the recommender loads it; every accepted one is evaluated once (an addition)."""
+    from cipherfeed.he.codec import MaterialError
+
+    with contextlib.suppress(MaterialError):
+        ct = _codec().load_query(data)
+        _codec().cc.EvalAdd(ct, ct)
+
+
+def he_public_key(data: bytes) -> None:
+    """A public key as the key service loads it, then one encryption under it (as its validation does)."""
+    import numpy as np
+
+    from cipherfeed.he.codec import MaterialError
+
+    codec = _codec()
+    with contextlib.suppress(MaterialError):
+        pk = codec.load_public_key(data)
+        codec.cc.Encrypt(pk, codec.cc.MakeCKKSPackedPlaintext(np.zeros(codec.params.slots, dtype=np.complex128)))
+
+
+def _he_pair() -> tuple[bytes, bytes]:
+    import numpy as np
+
+    from cipherfeed.he.codec import serialize
+
+    cc = _codec().cc
+    kp = cc.KeyGen()
+    query = cc.Encrypt(kp.publicKey, cc.MakeCKKSPackedPlaintext(np.zeros(_codec().params.slots, dtype=np.complex128)))
+    return serialize(query), serialize(kp.publicKey)
+
+
 TARGETS: dict[str, Target] = {
     "checkpoint": Target(checkpoint_note, checkpoint_seeds, ("cipherfeed.checkpoint",)),
     "merkle": Target(merkle_proofs, merkle_seeds, ("cipherfeed.merkle",)),
     "wire": Target(wire_unpack, wire_seeds, ("cipherfeed.he.wire",)),
+    "he_query": Target(he_query, lambda: [_he_pair()[0]], ("cipherfeed.he.codec",)),
+    "he_public_key": Target(he_public_key, lambda: [_he_pair()[1]], ("cipherfeed.he.codec",)),
     "ledger_entries": Target(ledger_entries, ledger_entry_seeds, ("cipherfeed.receipts", "services.ledger.servicer")),
 }
