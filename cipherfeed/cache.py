@@ -44,6 +44,11 @@ class Keys:
         return f"{cls.prefix}profile:{ref}"
 
     @classmethod
+    def history(cls, ref: str) -> str:
+        """A history profile's uploaded ciphertexts (its E(u) is under ``profile``)."""
+        return f"{cls.prefix}history:{ref}"
+
+    @classmethod
     def result(cls, model_version: str, key_id: str, version: int, query_sha256: str) -> str:
         return f"{cls.prefix}result:{model_version}:{key_id}:{version}:{query_sha256}"
 

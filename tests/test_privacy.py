@@ -246,7 +246,7 @@ def test_the_cache_and_the_logs_hold_no_history_or_feed_item(private_run):
         findings += [f for f in scan_text("redis key", [key.decode()], run.secrets)]
         # cf:<kind>:<hex ids and digests, server-issued tokens, key versions>: nothing else.
         prefix, kind, *parts = key.decode().split(":")
-        assert prefix == "cf" and kind in {"evalkeys", "keystate", "profile", "result"}, key
+        assert prefix == "cf" and kind in {"evalkeys", "keystate", "profile", "history", "result"}, key
         for part in parts:
             if part in REDIS_KEY_WORDS:
                 continue

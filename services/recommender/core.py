@@ -252,7 +252,7 @@ class RecommenderCore:
         """E(w) under its own key (read only to project again), then the record with E(u), which
         Score reads: a reader never finds a record without its history."""
         ttl = self.redis_config.profile_ttl
-        return self.cache.set(_history_key(profile_ref), frame_history(ciphertexts), ttl) and self.cache.set(
+        return self.cache.set(Keys.history(profile_ref), frame_history(ciphertexts), ttl) and self.cache.set(
             Keys.profile(profile_ref), record.to_bytes(), ttl
         )
 
@@ -358,7 +358,7 @@ class RecommenderCore:
             except HistoryError:
                 log.warning("stored history profile %s does not load; projecting it again", profile_ref[:8])
         if profile is None:  # another model projected it (or nothing did): project it again
-            stored = self.cache.get(_history_key(profile_ref))
+            stored = self.cache.get(Keys.history(profile_ref))
             if stored is None:
                 raise UnknownProfileError("the history expired; upload it again")
             try:
@@ -501,10 +501,6 @@ def item_url(creator_id: str, item_id: str) -> str:
 
 
 HISTORY_PREFIX = b"CFHIST"
-
-
-def _history_key(profile_ref: str) -> str:
-    return Keys.profile(profile_ref) + ":history"
 
 
 def _frame_profile(key_id: str, version: int, query: bytes) -> bytes:
