@@ -239,7 +239,7 @@ class RecommenderClient:
             try:
                 return self._decrypt(self.stub.Score(request, timeout=self._deadline), query_sha, 0)
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND or attempt:
+                if reason_of(exc) != Reason.PROFILE_NOT_FOUND or attempt:  # expired: upload again
                     raise
         raise AssertionError("unreachable")
 
@@ -283,7 +283,7 @@ class RecommenderClient:
             try:
                 return self.score_profile(self._history[1], pin_model)
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND or attempt:
+                if reason_of(exc) != Reason.PROFILE_NOT_FOUND or attempt:  # expired: upload again
                     raise
         raise AssertionError("unreachable")
 
