@@ -14,12 +14,13 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from bench.common import log, machine, mesh_identities, percentiles, timed_ms, write_json
-from cipherfeed.config import GrpcLimits, LedgerConfig
+from cipherfeed.config import GrpcLimits, LedgerConfig, TlsConfig
 from cipherfeed.grpcutil import channel as grpc_channel
 from cipherfeed.merkle import CompactTree, leaf_hash, verify_inclusion
 from cipherfeed.receipts import Receipt
@@ -59,6 +60,34 @@ def append_on_postgresql(work: Path, base: LedgerConfig, batches: list[list[byte
     finally:
         server.cleanup()
     return {"receipts": n, "seconds": elapsed, "per_second": n / elapsed}
+
+
+def append_over_grpc(
+    work: Path, base: LedgerConfig, args: argparse.Namespace, identity: Callable[[str], TlsConfig], plaintext: bool
+) -> dict[str, Any]:
+    """Durable AppendBatch throughput into a fresh ledger on loopback."""
+    name = "grpc-plain" if plaintext else "grpc"
+    server_tls = TlsConfig(insecure_dev=True) if plaintext else base.tls
+    client_tls = TlsConfig(insecure_dev=True) if plaintext else identity("recommender")
+    settings = {**base.__dict__, "dsn": f"sqlite:///{work / f'{name}.db'}", "listen": "127.0.0.1:0", "tls": server_tls}
+    running, gcore = serve(LedgerConfig(**settings), LocalSigner("bench/ledger"), background_anchoring=False)
+    channel = grpc_channel(f"127.0.0.1:{running.port}", GrpcLimits(max_message_bytes=64 * 2**20), client_tls, "ledger")
+    stub = ledger_pb2_grpc.LedgerStub(channel)
+    seed = 3 if plaintext else 2
+    requests = [
+        ledger_pb2.AppendBatchRequest(
+            entries=[ledger_pb2.AppendRequest(receipt=ledger_pb2.Receipt(**r.__dict__)) for r in chunk]
+        )
+        for chunk in (receipts(args.appends, seed)[i : i + args.batch] for i in range(0, args.appends, args.batch))
+    ]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.writers) as pool:
+        list(pool.map(lambda req: stub.AppendBatch(req, timeout=120), requests))
+    elapsed = time.perf_counter() - started
+    channel.close()
+    running.stop(grace=1)
+    gcore.close()
+    return {"receipts": args.appends, "seconds": elapsed, "per_second": args.appends / elapsed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,28 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.postgres:
         results["append_in_process_postgresql"] = append_on_postgresql(work, base, batches, args.writers)
 
-    log("== the same over gRPC (AppendBatch, loopback, mutual TLS, the recommender's identity)")
-    config = LedgerConfig(**{**base.__dict__, "dsn": f"sqlite:///{work / 'grpc.db'}", "listen": "127.0.0.1:0"})
-    running, gcore = serve(config, LocalSigner("bench/ledger"), background_anchoring=False)
-    channel = grpc_channel(
-        f"127.0.0.1:{running.port}", GrpcLimits(max_message_bytes=64 * 2**20), identity("recommender"), "ledger"
-    )
-    stub = ledger_pb2_grpc.LedgerStub(channel)
-    requests = [
-        ledger_pb2.AppendBatchRequest(
-            entries=[ledger_pb2.AppendRequest(receipt=ledger_pb2.Receipt(**r.__dict__)) for r in chunk]
-        )
-        for chunk in (receipts(args.appends, 2)[i : i + args.batch] for i in range(0, args.appends, args.batch))
-    ]
-    started = time.perf_counter()
-    with ThreadPoolExecutor(args.writers) as pool:
-        list(pool.map(lambda req: stub.AppendBatch(req, timeout=120), requests))
-    elapsed = time.perf_counter() - started
-    results["append_grpc"] = {"receipts": args.appends, "seconds": elapsed, "per_second": args.appends / elapsed}
-    channel.close()
-    running.stop(grace=1)
-    gcore.close()
-
+    # Over gRPC: mutual TLS with the policy, as deployed, and the same in plaintext (the
+    # development setting) right after it, so the difference is what TLS and the policy cost.
+    for label, plaintext in (("append_grpc", False), ("append_grpc_plaintext", True)):
+        transport = "plaintext (CIPHERFEED_INSECURE_DEV)" if plaintext else "mutual TLS, the recommender's identity"
+        log(f"== the same over gRPC (AppendBatch, loopback, {transport})")
+        results[label] = append_over_grpc(work, base, args, identity, plaintext)
     log(f"== proofs at {args.leaves:,} leaves")
     tree, build_ms = timed_ms(CompactTree, [leaf_hash(os.urandom(16)) for _ in range(args.leaves)])
     root = tree.root()
@@ -180,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     if "append_in_process_postgresql" in results:
         pg = results["append_in_process_postgresql"]
         print(f"{'durable appends/s, in process, PostgreSQL':<52} {pg['per_second']:>14,.0f}")
-    print(f"{'durable appends/s, gRPC AppendBatch':<52} {g['per_second']:>14,.0f}")
+    print(f"{'durable appends/s, gRPC AppendBatch (mutual TLS)':<52} {g['per_second']:>14,.0f}")
+    plain = results["append_grpc_plaintext"]
+    print(f"{'durable appends/s, gRPC AppendBatch (plaintext)':<52} {plain['per_second']:>14,.0f}")
     gen_p, ver_p = p["inclusion_generate"], p["inclusion_verify"]
     print(f"{'inclusion proof at 1e6 leaves, p50 / p95 (ms)':<52} {gen_p['p50_ms']:>6.3f} / {gen_p['p95_ms']:.3f}")
     print(f"{'inclusion verify at 1e6 leaves, p50 / p95 (ms)':<52} {ver_p['p50_ms']:>6.3f} / {ver_p['p95_ms']:.3f}")
