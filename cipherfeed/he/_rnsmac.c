@@ -43,7 +43,25 @@ static int check_modulus(unsigned long long q, Py_ssize_t count) {
     return 0;
 }
 
+/* Word arrays are read and written as uint64_t: a buffer must be 8-byte aligned (numpy allocates
+ * so; a view into a serialization at an arbitrary offset is not, and is refused, not misread). */
+static int check_aligned(Py_buffer *b, const char *name) {
+    if ((uintptr_t)b->buf % _Alignof(uint64_t)) {
+        PyErr_Format(PyExc_ValueError, "%s is not 8-byte aligned", name);
+        return -1;
+    }
+    return 0;
+}
+
+/* A little-endian host word from any address (pack_planes reads views into serializations). */
+static inline uint64_t load_word(const unsigned char *p) {
+    uint64_t x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
 static int check_size(Py_buffer *b, Py_ssize_t words, const char *name) {
+    if (check_aligned(b, name)) return -1;
     if (b->len != words * (Py_ssize_t)sizeof(uint64_t)) {
         PyErr_Format(PyExc_ValueError, "%s holds %zd bytes; expected %zd", name, b->len,
                      words * (Py_ssize_t)sizeof(uint64_t));
@@ -128,7 +146,7 @@ static PyObject *add_mod(PyObject *self, PyObject *args) {
     unsigned long long q;
     PyObject *result = NULL;
     if (!PyArg_ParseTuple(args, "w*y*K:add_mod", &out, &v, &q)) return NULL;
-    if (check_modulus(q, 1) == 0) {
+    if (check_modulus(q, 1) == 0 && check_aligned(&out, "out") == 0 && check_aligned(&v, "values") == 0) {
         if (out.len != v.len || out.len % sizeof(uint64_t)) {
             PyErr_SetString(PyExc_ValueError, "out and values must be the same number of 64-bit words");
         } else {
@@ -155,7 +173,7 @@ static PyObject *to_montgomery(PyObject *self, PyObject *args) {
     Py_buffer v;
     unsigned long long q;
     if (!PyArg_ParseTuple(args, "w*K:to_montgomery", &v, &q)) return NULL;
-    if (check_modulus(q, 1) || v.len % sizeof(uint64_t)) {
+    if (check_modulus(q, 1) || check_aligned(&v, "values") || v.len % sizeof(uint64_t)) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "values must be whole 64-bit words");
         PyBuffer_Release(&v);
         return NULL;
@@ -203,28 +221,29 @@ static PyObject *pack_planes(PyObject *self, PyObject *args) {
         return NULL;
     }
     uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
-    const uint64_t *w = v.buf;
+    const unsigned char *w = v.buf; /* any alignment: every word goes through load_word */
     Py_BEGIN_ALLOW_THREADS
     for (int p = 0; p < planes; p++) {
         int s = shifts[p];
         if (widths[p] == 4) /* little-endian host assumed by the format: memcpy of the low bytes */
-            for (Py_ssize_t i = 0; i < n; i++, o += 4) { uint32_t x = (uint32_t)(w[i] >> s); memcpy(o, &x, 4); }
+            for (Py_ssize_t i = 0; i < n; i++, o += 4) { uint32_t x = (uint32_t)(load_word(w + 8 * i) >> s); memcpy(o, &x, 4); }
         else if (widths[p] == 2)
-            for (Py_ssize_t i = 0; i < n; i++, o += 2) { uint16_t x = (uint16_t)(w[i] >> s); memcpy(o, &x, 2); }
+            for (Py_ssize_t i = 0; i < n; i++, o += 2) { uint16_t x = (uint16_t)(load_word(w + 8 * i) >> s); memcpy(o, &x, 2); }
         else
-            for (Py_ssize_t i = 0; i < n; i++) *o++ = (uint8_t)(w[i] >> s);
+            for (Py_ssize_t i = 0; i < n; i++) *o++ = (uint8_t)(load_word(w + 8 * i) >> s);
     }
     for (int bit = shift; bit < bits; bit++) {
         Py_ssize_t full = n / 8;
         for (Py_ssize_t k = 0; k < full; k++) {
-            const uint64_t *x = w + 8 * k;
-            *o++ = (uint8_t)(((x[0] >> bit) & 1) | ((x[1] >> bit) & 1) << 1 | ((x[2] >> bit) & 1) << 2 |
-                             ((x[3] >> bit) & 1) << 3 | ((x[4] >> bit) & 1) << 4 | ((x[5] >> bit) & 1) << 5 |
-                             ((x[6] >> bit) & 1) << 6 | ((x[7] >> bit) & 1) << 7);
+            const unsigned char *x = w + 64 * k;
+            uint8_t byte = 0;
+            for (int j = 0; j < 8; j++) byte |= (uint8_t)((load_word(x + 8 * j) >> bit) & 1) << j;
+            *o++ = byte;
         }
         if (n % 8) {
             uint8_t byte = 0;
-            for (Py_ssize_t j = 8 * full; j < n; j++) byte |= (uint8_t)((w[j] >> bit) & 1) << (j - 8 * full);
+            for (Py_ssize_t j = 8 * full; j < n; j++)
+                byte |= (uint8_t)((load_word(w + 8 * j) >> bit) & 1) << (j - 8 * full);
             *o++ = byte;
         }
     }

@@ -49,14 +49,15 @@ class KeyMaterial:
         return cls(public_key=data[8 : 8 + n], rotation_keys=data[8 + n :])
 
 
-def install(codec: MaterialCodec, tag: str, rotation_keys: bytes) -> None:
-    """Deserializes (checked) and files the rotation keys under ``tag``."""
-    globalkeys.file(codec.cc, codec.load_rotation_keys(rotation_keys), tag)
+def install(codec: MaterialCodec, tag: str, rotation_keys: bytes) -> int:
+    """Deserializes (checked) and files the rotation keys under ``tag``; returns the filing's
+    generation (for ``remove``)."""
+    return globalkeys.file(codec.cc, codec.load_rotation_keys(rotation_keys), tag)
 
 
-def remove(codec: MaterialCodec, tag: str) -> None:
-    """Frees the keys filed under ``tag``."""
-    globalkeys.drop(codec.cc, tag)
+def remove(codec: MaterialCodec, tag: str, generation: int | None = None) -> None:
+    """Frees the keys filed under ``tag`` (only if they are still the filing ``generation``)."""
+    globalkeys.drop(codec.cc, tag, generation)
 
 
 def validate(codec: MaterialCodec, material: KeyMaterial) -> None:
@@ -68,7 +69,7 @@ def validate(codec: MaterialCodec, material: KeyMaterial) -> None:
     """
     pk = codec.load_public_key(material.public_key)
     tag = "staging-" + secrets.token_hex(16)
-    install(codec, tag, material.rotation_keys)
+    generation = install(codec, tag, material.rotation_keys)
     try:
         cc = codec.cc
         try:
@@ -94,4 +95,4 @@ def validate(codec: MaterialCodec, material: KeyMaterial) -> None:
             except Exception as exc:
                 raise MaterialError(f"rotation keys lack the conjugation key ({type(exc).__name__})") from None
     finally:
-        remove(codec, tag)
+        remove(codec, tag, generation)

@@ -36,8 +36,8 @@ def _require() -> Any:  # the compiled module (untyped)
 
 
 def _words(a: np.ndarray, name: str) -> None:
-    if a.dtype != np.uint64 or not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be a C-contiguous uint64 array, got {a.dtype}")
+    if a.dtype != np.uint64 or not a.flags.c_contiguous or not a.flags.aligned:
+        raise ValueError(f"{name} must be a C-contiguous, 8-byte aligned uint64 array, got {a.dtype}")
 
 
 def to_montgomery(values: Words, modulus: int) -> None:

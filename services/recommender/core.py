@@ -42,7 +42,7 @@ from services.recommender.history import (
     unframe_history,
 )
 from services.recommender.receipts import ReceiptSpool
-from services.recommender.scoring import EncryptedScorer
+from services.recommender.scoring import EncryptedScorer, SelfCheckError
 
 log = logging.getLogger(__name__)
 MAX_ITEMS_PER_REQUEST = 1000
@@ -148,6 +148,19 @@ class RecommenderCore:
             self.scorer.kernel,
             "" if self.scorer.kernel == "native" else f": {rnsmac.IMPORT_ERROR}",
         )
+        t0 = time.perf_counter()
+        try:  # before serving: the native kernel must give OpenFHE's bytes under this OpenFHE build
+            checked = self.scorer.self_check(self.codec.load_query)
+        except SelfCheckError as exc:
+            log.error("%s", exc)
+            self.pool.shutdown(wait=False)
+            raise
+        if checked:
+            log.info(
+                "scoring self-check: blocks %s scored by the native kernel are OpenFHE's bytes (%.1f s)",
+                checked,
+                time.perf_counter() - t0,
+            )
         t0 = time.perf_counter()
         self.history = HistoryProjector(model, params, self.pool)
         self.catalogue_sha256 = catalogue_sha256(model.item_ids)

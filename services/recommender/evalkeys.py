@@ -5,7 +5,8 @@ key service recorded.
 Keys are installed in OpenFHE's global map under ``<key_id>:<version>``, a tag this process
 chooses, and the query is re-tagged before use. The installed set is an LRU bounded by count and
 bytes; eviction removes the keys from OpenFHE's map, so memory stays flat however many users come
-and go. Insertion and eviction take the write lock; evaluation holds the read lock throughout.
+and go. Insertion and eviction take the write lock; evaluation holds the read lock throughout. An eviction
+removes only the filing it evicted (``globalkeys`` generations), never a newer install of the tag.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class InstalledKeys:
         self.max_count = max_count
         self.max_bytes = max_bytes
         self.stats = InstallStats()
-        self._lru: OrderedDict[str, int] = OrderedDict()
+        # tag -> (bytes, generation of its filing in OpenFHE's map: a removal names the filing it means)
+        self._lru: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -77,20 +79,22 @@ class InstalledKeys:
             return True
 
     def install(self, tag: str, rotation_keys: builtins.bytes) -> None:  # the property above is "bytes"
-        keymap.install(self.codec, tag, rotation_keys)
-        evict: list[str] = []
+        generation = keymap.install(self.codec, tag, rotation_keys)
+        evict: list[tuple[str, int]] = []
         with self._lock:
             if tag in self._lru:
-                self._bytes -= self._lru.pop(tag)
-            self._lru[tag] = len(rotation_keys)
+                self._bytes -= self._lru.pop(tag)[0]
+            self._lru[tag] = (len(rotation_keys), generation)
             self._bytes += len(rotation_keys)
             self.stats.installs += 1
             while len(self._lru) > 1 and (len(self._lru) > self.max_count or self._bytes > self.max_bytes):
-                old, size = self._lru.popitem(last=False)
+                old, (size, old_generation) = self._lru.popitem(last=False)
                 self._bytes -= size
-                evict.append(old)
-        for old in evict:
-            keymap.remove(self.codec, old)
+                evict.append((old, old_generation))
+        # The removals wait for the write lock while scorings hold the read lock; the same tag may
+        # be installed again meanwhile: naming the generation keeps that newer filing.
+        for old, old_generation in evict:
+            keymap.remove(self.codec, old, old_generation)
             with self._lock:
                 self.stats.evictions += 1
         if evict:
@@ -100,11 +104,11 @@ class InstalledKeys:
 
     def remove(self, tag: str) -> None:
         with self._lock:
-            size = self._lru.pop(tag, None)
-            if size is None:
+            entry = self._lru.pop(tag, None)
+            if entry is None:
                 return
-            self._bytes -= size
-        keymap.remove(self.codec, tag)
+            self._bytes -= entry[0]
+        keymap.remove(self.codec, tag, entry[1])
 
     def remove_key(self, key_id: str) -> None:
         with self._lock:

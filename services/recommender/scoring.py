@@ -34,6 +34,8 @@ run on one limb (q0), at half the cost and half the plaintext memory of two:
 
 from __future__ import annotations
 
+import importlib.metadata
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -44,7 +46,7 @@ from typing import TypeVar
 import numpy as np
 import openfhe
 
-from cipherfeed.he import packing, rnsmac
+from cipherfeed.he import globalkeys, packing, rnsmac
 from cipherfeed.he.codec import serialize
 from cipherfeed.he.onelimb import OneLimbLayout
 from cipherfeed.he.params import HEParams, build_context
@@ -65,6 +67,13 @@ class ScoreTiming:
     @property
     def total_ms(self) -> float:
         return self.rotations_ms + self.blocks_ms
+
+
+OPENFHE_VERSION = importlib.metadata.version("openfhe")
+
+
+class SelfCheckError(RuntimeError):
+    """The native kernel's scores are not OpenFHE's bytes: the recommender must not serve."""
 
 
 class EncryptedScorer:
@@ -270,11 +279,12 @@ class EncryptedScorer:
             raise failures[0]
         return [rescaled[k] for k in range(self._per_group)]
 
-    def _group(self, b: int, g: int, rotations: list[openfhe.Ciphertext]) -> openfhe.Ciphertext:
+    def _group(
+        self, b: int, g: int, rotations: list[openfhe.Ciphertext], diagonals: list[openfhe.Plaintext]
+    ) -> openfhe.Ciphertext:
         """sum_j diag'_{g+j} * rot(u, j): one group's products, on one limb. EvalAddMany sums them
         in one call: fewer trips through the GIL than one EvalAddInPlace per product (~13% on 2
         threads)."""
-        diagonals = self._diagonals[b]
         count = self._shape[b][1]
         products = [self.cc.EvalMult(rotations[j], diagonals[g * count + j]) for j in range(count)]
         return self.cc.EvalAddMany(products)
@@ -287,9 +297,9 @@ class EncryptedScorer:
             self.cc.EvalAddInPlace(total, partial)
         return total
 
-    def _block(self, b: int, rotations: list[openfhe.Ciphertext]) -> bytes:
+    def _block(self, b: int, rotations: list[openfhe.Ciphertext], diagonals: list[openfhe.Plaintext]) -> bytes:
         """One block's serialized score ciphertext, with OpenFHE's products."""
-        total = self._join([self._group(b, g, rotations) for g in range(self._shape[b][0])])
+        total = self._join([self._group(b, g, rotations, diagonals) for g in range(self._shape[b][0])])
         self.cc.EvalAddInPlace(total, self._popularity[b])
         return serialize(total)
 
@@ -327,6 +337,70 @@ class EncryptedScorer:
             return None
         return [(start, self.params.ring_dimension) for start in self._layout.offsets(blob)]
 
+    def _native_inputs(
+        self, query: openfhe.Ciphertext, lifted: bool = False
+    ) -> tuple[rnsmac.Words, bytes, openfhe.Ciphertext]:
+        """The query's rotations as words (2, n, per_group), a product's serialization to write
+        scores into and a zero under the query's tag."""
+        n = self.params.ring_dimension
+        words = np.empty((2, n, self._per_group), dtype=np.uint64)
+        first: list[tuple[bytes, openfhe.Ciphertext]] = []
+
+        def lowered(offset: int, low: openfhe.Ciphertext) -> None:
+            self._layout.read(serialize(low), words[:, :, offset])
+            if offset == 0:  # outputs carry OpenFHE's metadata for a product under this key tag
+                product = self.cc.EvalMult(low, self._popularity[0])
+                first.append((serialize(product), self.cc.EvalSub(product, product)))
+
+        self._rotations(query, lowered, lifted)
+        template, zero = first[0]
+        return words, template, zero
+
+    def self_check(self, load_query: Callable[[bytes], openfhe.Ciphertext] | None = None) -> list[int]:
+        """Scores the first block (and a folded or short last one) of a random query under a
+        throwaway key both ways, with the native kernel and with OpenFHE's own products, and raises
+        SelfCheckError unless the serialized bytes are equal. The kernel reads and writes
+        OpenFHE's serializations at byte offsets, so another OpenFHE build could make it write
+        wrong scores; this refuses to serve them. ``load_query`` loads the query the way requests
+        are loaded (it gets the serialized query). Returns the blocks checked; nothing to compare
+        without the native kernel."""
+        if self.kernel != "native":
+            return []
+        cc = self.cc
+        kp = cc.KeyGen()
+        rotation = globalkeys.generate_serialized(
+            cc, kp.secretKey, self.params.rotation_indices, kp.publicKey.GetKeyTag()
+        )
+        tag = "self-check:" + secrets.token_hex(8)
+        generation = globalkeys.file(cc, openfhe.DeserializeEvalKeyMapString(rotation, openfhe.BINARY), tag)
+        rng = np.random.default_rng()
+        u = rng.standard_normal(self.model.dim)
+        values = packing.replicate_query(u / np.linalg.norm(u), self.params.padded_dim, self.params.slots)
+        fresh = cc.Encrypt(kp.publicKey, cc.MakeCKKSPackedPlaintext(values))
+        query = load_query(serialize(fresh)) if load_query is not None else fresh
+        query.SetKeyTag(tag)
+        blocks = sorted({0, self.block_count - 1})
+        try:
+            with globalkeys.EVAL_KEY_LOCK.read():
+                words, template, zero = self._native_inputs(query)
+                native = [self._native_block_scores(b, words, template, zero) for b in blocks]
+                rotations = self._rotations(query)
+                reference = [self._block(b, rotations, self._encode_block(b)) for b in blocks]
+        finally:
+            globalkeys.drop(cc, tag, generation)
+        for b, mine, theirs in zip(blocks, native, reference, strict=True):
+            if mine != theirs:
+                first = next(
+                    (i for i, (x, y) in enumerate(zip(mine, theirs, strict=False)) if x != y),
+                    min(len(mine), len(theirs)),
+                )
+                raise SelfCheckError(
+                    f"scoring self-check failed: block {b}'s native-kernel ciphertext ({len(mine)} bytes) differs from"
+                    f" OpenFHE's ({len(theirs)} bytes) from byte {first} on; openfhe {OPENFHE_VERSION} does not"
+                    " serialize as the kernel expects: refusing to serve"
+                )
+        return blocks
+
     def score(
         self,
         query: openfhe.Ciphertext,
@@ -340,18 +414,7 @@ class EncryptedScorer:
         profile, ``history.HistoryProjector``)."""
         t0 = time.perf_counter()
         if self.kernel == "native":
-            n = self.params.ring_dimension
-            words = np.empty((2, n, self._per_group), dtype=np.uint64)
-            first: list[tuple[bytes, openfhe.Ciphertext]] = []
-
-            def lowered(offset: int, low: openfhe.Ciphertext) -> None:
-                self._layout.read(serialize(low), words[:, :, offset])
-                if offset == 0:  # outputs carry OpenFHE's metadata for a product under this key tag
-                    product = self.cc.EvalMult(low, self._popularity[0])
-                    first.append((serialize(product), self.cc.EvalSub(product, product)))
-
-            self._rotations(query, lowered, lifted)
-            template, zero = first[0]
+            words, template, zero = self._native_inputs(query, lifted)
 
             def block(b: int) -> T:
                 return finish(b, self._native_block_scores(b, words, template, zero))
@@ -360,7 +423,7 @@ class EncryptedScorer:
             rotations = self._rotations(query, lifted=lifted)
 
             def block(b: int) -> T:
-                return finish(b, self._block(b, rotations))
+                return finish(b, self._block(b, rotations, self._diagonals[b]))
 
         t1 = time.perf_counter()
         outputs = list(self._pool.map(block, range(self.block_count)))
