@@ -28,7 +28,8 @@ from cipherfeed.he import packing
 from cipherfeed.he.packing import plaintext_scores
 from cipherfeed.manifest import CatalogueItem
 from cipherfeed.receipts import Receipt
-from cipherfeed.v1 import keyservice_pb2, ledger_pb2, ledger_pb2_grpc
+from cipherfeed.trust import TrustAnchors
+from cipherfeed.v1 import keyservice_pb2, ledger_pb2_grpc
 
 if TYPE_CHECKING:  # the services are imported only by the commands that start them
     from cipherfeed.devredis import LocalRedis
@@ -135,9 +136,8 @@ def save_receipt(home: Path, receipt: Receipt) -> Path:
     return path
 
 
-def load_receipt(home: Path, receipt_id: str) -> Receipt | None:
-    path = home / "receipts" / f"{receipt_id}.json"
-    return Receipt(**json.loads(path.read_text())) if path.exists() else None
+def saved_receipt_path(home: Path, receipt_id: str) -> Path:
+    return home / "receipts" / f"{receipt_id}.json"
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
@@ -194,7 +194,8 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def signing_verifiers(client: RecommenderClient, origin: str, key_name: str) -> list[Verifier]:
-    """The mesh's published checkpoint keys, as note verifiers named after the log's origin."""
+    """The mesh's published checkpoint keys, as note verifiers named after the log's origin.
+    Only an operator writing its trust file asks this; a verifying client never does."""
     reply = client.keyservice.GetPublicKeys(
         keyservice_pb2.GetPublicKeysRequest(), timeout=client.config.deadline_seconds
     )
@@ -202,54 +203,129 @@ def signing_verifiers(client: RecommenderClient, origin: str, key_name: str) -> 
 
 
 def web3_chain_root(rpc_url: str) -> Callable[[str, int], bytes]:
-    from web3 import Web3
+    chain = Web3Chain(rpc_url)
+    return chain.root_at
 
-    from services.ledger.anchor import compiled_contract
 
-    w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": 10}))
+class Web3Chain:
+    """The anchor contract read over a JSON-RPC node (``--chain-rpc``): the user's choice of node;
+    its chain id is checked against the pinned one."""
 
-    def root(address: str, size: int) -> bytes:
-        contract = w3.eth.contract(address=Web3.to_checksum_address(address), abi=compiled_contract()["abi"])
-        return bytes(contract.functions.root_at(size).call())
+    def __init__(self, rpc_url: str) -> None:
+        from web3 import Web3
 
-    return root
+        self._w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": 10}))
+
+    def _contract(self, address: str):  # noqa: ANN202 - a web3 contract object
+        from web3 import Web3
+
+        from services.ledger.anchor import compiled_contract
+
+        return self._w3.eth.contract(address=Web3.to_checksum_address(address), abi=compiled_contract()["abi"])
+
+    def chain_id(self) -> int:
+        return int(self._w3.eth.chain_id)
+
+    def root_at(self, address: str, size: int) -> bytes:
+        return bytes(self._contract(address).functions.root_at(size).call())
+
+    def latest(self, address: str) -> tuple[int, bytes]:
+        size, root = self._contract(address).functions.latest().call()
+        return int(size), bytes(root)
+
+
+class AnchorerChain:
+    """The demo's chain: the ledger's in-process py-evm, read through its anchorer (only the
+    contract it deployed exists there)."""
+
+    def __init__(self, anchorer: object) -> None:
+        self.anchorer = anchorer
+
+    def chain_id(self) -> int:
+        return int(self.anchorer.chain_id)
+
+    def root_at(self, address: str, size: int) -> bytes:
+        if address.lower() != str(self.anchorer.contract_address).lower():
+            raise ValueError(f"no contract at {address} on the demo chain")
+        return self.anchorer.onchain_root(size)
+
+    def latest(self, address: str) -> tuple[int, bytes]:
+        raise ValueError("the demo chain reads roots by size only")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from cipherfeed.client.verify import VerificationError, fetch_and_verify
+    from cipherfeed.client.verify import VerificationError, fetch_and_verify, normalise_receipt_id, parse_saved_receipt
+    from cipherfeed.trust import TrustError, load_pinned
 
-    if not args.chain_rpc and not args.trust_ledger_anchors:
-        print(
-            "cipherfeed: anchor: no --chain-rpc to read the anchor from the chain; pass one, or "
-            "--trust-ledger-anchors to accept the anchors the ledger reports",
-            file=sys.stderr,
-        )
-        return 13
-    with _client(args) as client:
-        ledger = ledger_pb2_grpc.LedgerStub(client.ledger_channel())
-        checkpoint = ledger.GetCheckpoint(ledger_pb2.GetCheckpointRequest(), timeout=client.config.deadline_seconds)
-        verifiers = (
-            [Verifier.from_vkey(v) for v in args.trust_vkey]
-            if args.trust_vkey
-            else signing_verifiers(client, checkpoint.origin, args.signing_key)
-        )
-        chain_root = web3_chain_root(args.chain_rpc) if args.chain_rpc else None
-        expected = load_receipt(client.config.home, args.receipt_id)
-        try:
-            verified = fetch_and_verify(
-                args.receipt_id, ledger, verifiers, chain_root, client.config.deadline_seconds, expected
+    config = replace(ClientConfig.from_env(), home=args.home or ClientConfig.from_env().home)
+    try:
+        trust = load_pinned(config.home)
+    except TrustError as exc:
+        print(f"cipherfeed: {exc}", file=sys.stderr)
+        return 2
+    try:
+        receipt_id = normalise_receipt_id(args.receipt_id)
+        saved = saved_receipt_path(config.home, receipt_id)
+        expected = parse_saved_receipt(saved.read_bytes(), str(saved)) if saved.exists() else None
+        if expected is None and not args.no_local_copy:
+            raise VerificationError(
+                "receipt", f"no local copy at {saved} to compare with; pass --no-local-copy to verify without it"
             )
-        except VerificationError as exc:
-            print(f"cipherfeed: verification failed at {exc}", file=sys.stderr)
-            return exc.exit_code
-    trust = "read on chain" if chain_root else "as reported by the ledger (not read on chain)"
-    print(
-        f"receipt   {args.receipt_id}: model {verified.receipt.model_version[:16]}, key {verified.receipt.key_id[:16]}"
-    )
-    print(f"inclusion leaf {verified.leaf_index} of {verified.checkpoint.size}: ok")
+        if not args.chain_rpc and not args.trust_ledger_anchors:
+            raise VerificationError(
+                "anchor",
+                "no --chain-rpc to read the anchor from the chain; pass one, or "
+                "--trust-ledger-anchors to accept the anchors the ledger reports",
+            )
+        chain = Web3Chain(args.chain_rpc) if args.chain_rpc else None
+        with _client(args) as client:
+            ledger = ledger_pb2_grpc.LedgerStub(client.ledger_channel())
+            verified = fetch_and_verify(receipt_id, ledger, trust, chain, client.config.deadline_seconds, expected)
+    except VerificationError as exc:
+        print(f"cipherfeed: verification failed at {exc}", file=sys.stderr)
+        return exc.exit_code
+    anchored = "read on chain" if chain else "as reported by the ledger (not read on chain)"
+    local = "equals the copy kept here" if expected else "NOT compared with a local copy (--no-local-copy)"
+    print(f"trust     pinned {trust.fingerprint[:16]}… (log {trust.log_origin}, chain {trust.chain_id})")
+    print(f"receipt   {receipt_id}: model {verified.receipt.model_version[:16]}, key {verified.receipt.key_id[:16]}")
+    print(f"local     {local}")
     print(f"signature checkpoint {verified.checkpoint.origin} size {verified.checkpoint.size}: ok")
-    print(f"anchor    size {verified.anchor.size} {trust}: ok ({verified.anchor.source})")
+    print(f"inclusion leaf {verified.leaf_index} of {verified.checkpoint.size}: ok")
+    print(f"anchor    size {verified.anchor.size} {anchored}: ok ({verified.anchor.source})")
     return 0
+
+
+def cmd_trust_init(args: argparse.Namespace) -> int:
+    from cipherfeed.trust import TrustError, pin, pinned_path
+
+    home = args.home or ClientConfig.from_env().home
+    try:
+        trust = pin(args.file, home, force=args.force, expect_fingerprint=args.fingerprint)
+    except TrustError as exc:
+        print(f"cipherfeed: {exc}", file=sys.stderr)
+        return 1 if "already pinned" in str(exc) else 2
+    print(f"pinned {pinned_path(home)}: log {trust.log_origin}, {len(trust.checkpoint_vkeys)} checkpoint key(s), "
+          f"chain {trust.chain_id} contract {trust.anchor_contract}", file=sys.stderr)  # fmt: skip
+    print(f"fingerprint sha256:{trust.fingerprint}")
+    return 0
+
+
+def operator_trust(mesh: LocalMesh, client: RecommenderClient) -> TrustAnchors:
+    """The trust file an operator publishes for this mesh (the demo plays the operator)."""
+    from cipherfeed.checkpoint import vkey
+    from cipherfeed.trust import checksum_address
+
+    anchorer = mesh.ledger_core.anchorer
+    anchorer.anchor_pending()  # deploys the anchor contract if it is not yet
+    origin = mesh.ledger_core.log.origin
+    keys = signing_verifiers(client, origin, "ledger")
+    return TrustAnchors(
+        log_origin=origin,
+        checkpoint_vkeys=tuple(vkey(v.name, v.public_key) for v in keys),
+        chain_id=int(anchorer.chain_id),
+        anchor_contract=checksum_address(anchorer.contract_address),
+        mesh_ca_pem=None,
+    )
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
@@ -363,6 +439,21 @@ def dev_identities(directory: Path, base: TlsConfig) -> Callable[[str], TlsConfi
     return lambda name: ca.write(directory, name)
 
 
+def demo_pin_trust(mesh: LocalMesh, client: RecommenderClient, state_dir: Path) -> TrustAnchors:
+    """Plays the operator (writes the mesh's trust file), then the device (pins it)."""
+    from cipherfeed import trust as trustfile
+
+    published = state_dir / "mesh-trust.json"
+    trustfile.write(operator_trust(mesh, client), published)
+    pinned = trustfile.pin(published, client.config.home, force=True)  # each demo chain is new
+    print(
+        f"== trust: the operator's {published} pinned in {trustfile.pinned_path(client.config.home)} "
+        f"(fingerprint sha256:{pinned.fingerprint[:16]}…; contract {pinned.anchor_contract})",
+        file=sys.stderr,
+    )
+    return pinned
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Starts the mesh in-process on loopback ports and runs one private recommendation."""
     from cipherfeed.client.verify import fetch_and_verify
@@ -377,7 +468,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"== cipherfeed demo: local mesh with embedded defaults (service logs: {state / 'demo.log'})", file=sys.stderr
     )
-    mesh = start_local_mesh(RecommenderConfig.from_env())
+    base = RecommenderConfig.from_env()
+    mesh = start_local_mesh(base)
     model = mesh.model
     try:
         client_config = replace(
@@ -390,6 +482,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         user = args.user or model.creator_ids[0]
         with RecommenderClient(client_config) as client:
             client.wait_ready(timeout=10)
+            trust = demo_pin_trust(mesh, client, base.state_dir)
             print(f"== private For-You feed for @{user}", file=sys.stderr)
             feed, scored = recommend(client, user, args.k, args.per_creator)
             # Demo-only cross-check: the demo owns the server's model, a real client never does.
@@ -414,16 +507,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             mesh.ledger_core.log.checkpoint()
             anchorer.anchor_pending()
             ledger = ledger_pb2_grpc.LedgerStub(client.ledger_channel())
-            origin = ledger.GetCheckpoint(ledger_pb2.GetCheckpointRequest(), timeout=10).origin
-            verifiers = signing_verifiers(client, origin, "ledger")
             verified = fetch_and_verify(
                 scored.receipt_id,
                 ledger,
-                verifiers,
-                lambda _address, size: anchorer.onchain_root(size),
+                trust,
+                AnchorerChain(anchorer),
                 client_config.deadline_seconds,
                 scored.receipt,
             )
+            origin = trust.log_origin
             print(
                 f"== receipt {scored.receipt_id[:16]}… verified: leaf {verified.leaf_index} of "
                 f"{verified.checkpoint.size}, checkpoint signed by the key service's '{origin}' key, "
@@ -478,9 +570,16 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--ledger", help="ledger address (default $CIPHERFEED_LEDGER_TARGET)")
     ver.add_argument("--chain-rpc", help="JSON-RPC URL of the chain holding the anchors")
     ver.add_argument("--trust-ledger-anchors", action="store_true", help="accept the anchors the ledger reports")
-    ver.add_argument("--trust-vkey", action="append", default=[], help="trusted checkpoint key (C2SP vkey)")
-    ver.add_argument("--signing-key", default="ledger", help="the key service's name for the checkpoint key")
+    ver.add_argument("--no-local-copy", action="store_true", help="verify without the copy this client saved")
     ver.set_defaults(func=cmd_verify)
+
+    trust = sub.add_parser("trust", help="the operator's trust file that verify relies on")
+    trust_sub = trust.add_subparsers(dest="trust_command", required=True)
+    tinit = trust_sub.add_parser("init", help="pin an operator's trust file in the client home")
+    tinit.add_argument("file", type=Path)
+    tinit.add_argument("--force", action="store_true", help="replace an already pinned trust file")
+    tinit.add_argument("--fingerprint", help="refuse unless the file has this fingerprint (sha256:<hex>)")
+    tinit.set_defaults(func=cmd_trust_init)
 
     demo = sub.add_parser("demo", help="local mesh + one private recommendation, end to end")
     demo.add_argument("--user", help="dataset account_id (default: the first creator)")

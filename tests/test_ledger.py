@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from web3 import Web3
 
+from cipherfeed import trust
 from cipherfeed.checkpoint import DASH, Verifier, verify_checkpoint, vkey
 from cipherfeed.cli import web3_chain_root
 from cipherfeed.client.verify import AnchorEvidence, VerificationError, verify_receipt
@@ -421,22 +422,29 @@ def test_verify_command_exit_status_names_the_failing_step(mesh, tmp_path):
     client, rec_core, ledger_core, _, signer = mesh
     s = client.score(np.eye(64)[9])
     settle(rec_core, ledger_core)
-    ledger = ["--ledger", client.config.ledger_target]
-    trusted = ["--trust-vkey", vkey(signer.name, signer.public_key)]
-    ok = run_verify(s.receipt_id, *ledger, *trusted, "--trust-ledger-anchors", home=tmp_path)
+    ledger = ["--ledger", client.config.ledger_target, "--no-local-copy"]
+
+    def pinned(home: Path, key: LocalSigner) -> Path:
+        anchorer = ledger_core.anchorer
+        trust.pin_anchors(
+            trust.TrustAnchors(ORIGIN, (vkey(key.name, key.public_key),), int(anchorer.chain_id),
+                               trust.checksum_address(anchorer.contract_address)), home)  # fmt: skip
+        return home
+
+    home = pinned(tmp_path / "client", signer)
+    ok = run_verify(s.receipt_id, *ledger, "--trust-ledger-anchors", home=home)
     assert ok.returncode == 0, ok.stderr
     assert "inclusion leaf" in ok.stdout and "as reported by the ledger" in ok.stdout
-    stranger = LocalSigner(ORIGIN)
-    bad_key = run_verify(s.receipt_id, *ledger, "--trust-vkey", vkey(stranger.name, stranger.public_key),
-                         "--trust-ledger-anchors", home=tmp_path)  # fmt: skip
+    stranger = pinned(tmp_path / "stranger", LocalSigner(ORIGIN))
+    bad_key = run_verify(s.receipt_id, *ledger, "--trust-ledger-anchors", home=stranger)
     assert bad_key.returncode == 12 and "signature" in bad_key.stderr
-    unchecked = run_verify(s.receipt_id, *ledger, *trusted, home=tmp_path)
+    unchecked = run_verify(s.receipt_id, *ledger, home=home)
     assert unchecked.returncode == 13 and "--chain-rpc" in unchecked.stderr
-    unknown = run_verify("ab" * 32, *ledger, *trusted, "--trust-ledger-anchors", home=tmp_path)
+    unknown = run_verify("ab" * 32, *ledger, "--trust-ledger-anchors", home=home)
     assert unknown.returncode == 3 and "NOT_FOUND" in unknown.stderr
     # A receipt kept by the client that differs from the ledger's copy is refused.
     kept = dataclasses.replace(s.receipt, unix_millis=s.receipt.unix_millis + 1)
-    (tmp_path / "receipts").mkdir()
-    (tmp_path / "receipts" / f"{s.receipt_id}.json").write_text(json.dumps(dataclasses.asdict(kept)))
-    differs = run_verify(s.receipt_id, *ledger, *trusted, "--trust-ledger-anchors", home=tmp_path)
+    (home / "receipts").mkdir()
+    (home / "receipts" / f"{s.receipt_id}.json").write_text(json.dumps(dataclasses.asdict(kept)))
+    differs = run_verify(s.receipt_id, *ledger, "--trust-ledger-anchors", home=home)
     assert differs.returncode == 10 and "receipt" in differs.stderr
