@@ -23,7 +23,7 @@ from cipherfeed import heap
 from cipherfeed.cache import Keys
 from cipherfeed.client import keystore
 from cipherfeed.client.sdk import RecommenderClient
-from cipherfeed.config import ClientConfig, GrpcLimits, MiB, RecommenderConfig, RedisConfig
+from cipherfeed.config import ClientConfig, GrpcLimits, MiB, RecommenderConfig
 from cipherfeed.devprocess import start_service
 from cipherfeed.devredis import LocalRedis, free_port
 from cipherfeed.he.params import MESH_PARAMS
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     heap.limit_arenas(1)  # as the recommender's own process does at start (cipherfeed.heap)
     work = Path(tempfile.mkdtemp(prefix="cf-bench-keys-"))
     redis_server = LocalRedis.start()
-    redis_config = RedisConfig(url=redis_server.url)
+    redis_config = redis_server.config_for("recommender")
     # The key service runs in its own process, so the RSS measured here is the recommender's
     # (plus a thin client), not the key service's 11 MB SQLite writes per registration.
     ks_port = free_port()
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             "CIPHERFEED_KEYSERVICE_LISTEN": f"127.0.0.1:{ks_port}",
             "CIPHERFEED_KEYSERVICE_DSN": f"sqlite:///{work / 'ks.db'}",
             "CIPHERFEED_STATE_DIR": str(work),
-            "CIPHERFEED_REDIS_URL": redis_server.url,
+            **redis_server.env_for("keyservice"),
             "CIPHERFEED_GRPC_MAX_MESSAGE_BYTES": str(LIMITS.max_message_bytes),
             **identity("keyservice").to_env(),
         },

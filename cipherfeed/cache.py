@@ -4,26 +4,105 @@ Values are opaque bytes (evaluation keys, key states, uploaded profiles, score r
 connection error the cache stops asking Redis for a short, growing interval (a circuit breaker),
 so requests do not wait on a dead server, and resumes by itself when Redis answers again.
 
+Redis is not trusted with what it holds. Each service connects as its own ACL user (password from
+a file, TLS with ``rediss://``), and every value is sealed: ``SEAL_MAGIC || HMAC-SHA256(mac key,
+label || Redis key || issued ms || value) || issued ms || value``. The MAC binds the value to the
+key name it was written under and to when it was written, so a value planted by anyone without
+the MAC key, moved from another key, or (for readers that bound the age) replayed from long ago,
+reads as a miss: it is counted (``CacheStats.rejected``), logged at most every 10 s, and the caller
+goes to the source of truth. Only rotation-key sets are stored unsealed: they are 11 MB, and the
+reader checks them against the SHA-256 the (sealed) key state records.
+
 Recommended server settings (multi-MB values, a bounded cache): ``maxmemory 2gb``,
 ``maxmemory-policy allkeys-lru``, no persistence needed (``save ""``, ``appendonly no``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
 import logging
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import cast
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from cipherfeed.config import RedisConfig
+from cipherfeed.config import ConfigError, RedisConfig
 
 log = logging.getLogger(__name__)
+SEAL_MAGIC = b"cfs1"
+_SEAL_LABEL = b"cipherfeed.cache.v1\x00"
+_SEAL_HEADER = len(SEAL_MAGIC) + 32 + 8
+MIN_MAC_KEY_BYTES = 32
+FUTURE_SKEW_SECONDS = 30.0  # a value "issued" further ahead than this was not written by a peer
+
+
+def read_secret_file(path: Path, what: str, minimum: int = 1) -> bytes:
+    """A secret from a file that only its owner may read (the cache's MAC key, a password)."""
+    try:
+        mode = path.stat().st_mode & 0o777
+        data = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} file {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ConfigError(f"the {what} file {path} is readable by others (mode {mode:o}); chmod 600 it")
+    if len(data) < minimum:
+        raise ConfigError(f"the {what} file {path} holds {len(data)} bytes; at least {minimum} are needed")
+    return data
+
+
+class Sealer:
+    """HMAC-SHA256 seals for cache values (see the module docstring)."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < MIN_MAC_KEY_BYTES:
+            raise ConfigError(f"the cache MAC key is {len(key)} bytes; at least {MIN_MAC_KEY_BYTES} are needed")
+        self._key = key
+
+    def _tag(self, name: str, issued: bytes, value: bytes) -> bytes:
+        mac = hmac.new(self._key, _SEAL_LABEL, hashlib.sha256)
+        mac.update(name.encode())
+        mac.update(b"\x00")
+        mac.update(issued)
+        mac.update(value)
+        return mac.digest()
+
+    def seal(self, name: str, value: bytes, now: float | None = None) -> bytes:
+        issued = struct.pack(">Q", int(1000 * (time.time() if now is None else now)))
+        return SEAL_MAGIC + self._tag(name, issued, value) + issued + value
+
+    def open(self, name: str, blob: bytes, max_age: float | None = None) -> bytes | None:
+        """The value, or None if ``blob`` is not a seal of it under ``name`` (or is too old)."""
+        if len(blob) < _SEAL_HEADER or not blob.startswith(SEAL_MAGIC):
+            return None
+        tag, issued = blob[4:36], blob[36:44]
+        value = memoryview(blob)[_SEAL_HEADER:]
+        if not hmac.compare_digest(tag, self._tag(name, issued, value)):
+            return None
+        age = time.time() - struct.unpack(">Q", issued)[0] / 1000
+        if age < -FUTURE_SKEW_SECONDS or (max_age is not None and age > max_age):
+            return None
+        return bytes(value)
+
+
+def _is_loopback(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Keys:
@@ -59,6 +138,7 @@ class CacheStats:
     misses: int = 0
     errors: int = 0
     skipped_while_down: int = 0
+    rejected: int = 0  # values that were not sealed by a holder of the MAC key (or too old)
 
 
 class Cache:
@@ -66,17 +146,38 @@ class Cache:
         self.config = config
         self.stats = CacheStats()
         self._client: redis.Redis | None = None
+        self._sealer: Sealer | None = None
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+        self._backoff = config.min_backoff
+        self._rejected_logged_at = 0.0
+        self._rejected_unlogged = 0
         if config.url:
+            if config.mac_key_file is None:
+                raise ConfigError(
+                    "a Redis cache needs CIPHERFEED_REDIS_MAC_KEY_FILE: values read back from Redis are "
+                    "believed only when sealed with the key service's and recommenders' shared key"
+                )
+            self._sealer = Sealer(read_secret_file(config.mac_key_file, "cache MAC key", MIN_MAC_KEY_BYTES))
+            auth: dict[str, object] = {}
+            if config.username:
+                auth["username"] = config.username
+            if config.password_file is not None:
+                auth["password"] = read_secret_file(config.password_file, "Redis password").decode()
+            if config.url.startswith("rediss://"):
+                auth["ssl_cert_reqs"] = "required"
+                if config.tls_ca_file is not None:
+                    auth["ssl_ca_certs"] = str(config.tls_ca_file)
+            elif not _is_loopback(config.url):
+                log.warning("Redis at a non-loopback address without TLS: use a rediss:// URL in production")
             self._client = redis.Redis.from_url(
                 config.url,
                 socket_timeout=config.socket_timeout,
                 socket_connect_timeout=config.connect_timeout,
                 retry=Retry(NoBackoff(), 0),
                 health_check_interval=30,
+                **auth,
             )
-        self._lock = threading.Lock()
-        self._down_until = 0.0
-        self._backoff = config.min_backoff
 
     @property
     def enabled(self) -> bool:
@@ -109,7 +210,20 @@ class Cache:
         with self._lock:
             self._down_until = 0.0
 
-    def get(self, key: str) -> bytes | None:
+    def reject(self, key: str, why: str) -> None:
+        """Counts a value read from Redis that is not believed; logs at most every 10 s."""
+        now = time.monotonic()
+        with self._lock:
+            self.stats.rejected += 1
+            self._rejected_unlogged += 1
+            if now - self._rejected_logged_at < 10.0:
+                return
+            count, self._rejected_unlogged, self._rejected_logged_at = self._rejected_unlogged, 0, now
+        log.warning("ignored %d value(s) from Redis not written by the mesh (latest: %s, %s)", count, key[:80], why)
+
+    def get(self, key: str, sealed: bool = True, max_age: float | None = None) -> bytes | None:
+        """The value under ``key``; with ``sealed`` only if its seal verifies (and it is at most
+        ``max_age`` seconds old), else None as for a miss."""
         client = self._usable()
         if client is None:
             return None
@@ -121,16 +235,28 @@ class Cache:
         self._succeeded()
         if value is None:
             self.stats.misses += 1
-        else:
-            self.stats.hits += 1
-        return cast("bytes | None", value)  # the client is made without decode_responses
+            return None
+        value = cast(bytes, value)  # the client is made without decode_responses
+        if sealed:
+            assert self._sealer is not None
+            opened = self._sealer.open(key, value, max_age)
+            if opened is None:
+                self.reject(key, "seal missing, wrong or expired")
+                self.stats.misses += 1
+                return None
+            value = opened
+        self.stats.hits += 1
+        return value
 
-    def set(self, key: str, value: bytes, ttl_seconds: int) -> bool:
+    def set(self, key: str, value: bytes, ttl_seconds: int, sealed: bool = True) -> bool:
         if len(value) > self.config.max_value_bytes:
             return False
         client = self._usable()
         if client is None:
             return False
+        if sealed:
+            assert self._sealer is not None
+            value = self._sealer.seal(key, value)
         try:
             client.set(key, value, ex=ttl_seconds)
         except redis.RedisError as exc:

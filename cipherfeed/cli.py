@@ -392,13 +392,17 @@ def start_local_mesh(base: RecommenderConfig) -> LocalMesh:
 
     identities = dev_identities(base.state_dir / "pki", base.tls)
     redis_server = LocalRedis.start() if redis_server_binary() else None
-    redis_config = RedisConfig(url=redis_server.url) if redis_server else RedisConfig()
-    print(f"== cache: {redis_server.url if redis_server else 'none (no redis-server found)'}", file=sys.stderr)
+    cache = f"{redis_server.url}, a user and password per service, values sealed" if redis_server else None
+    print(f"== cache: {cache or 'none (no redis-server found)'}", file=sys.stderr)
+
+    def redis_config(user: str) -> RedisConfig:
+        return redis_server.config_for(user, RedisConfig.from_env()) if redis_server else RedisConfig()
+
     ks_config = replace(
         KeyServiceConfig.from_env(),
         listen="127.0.0.1:0",
         state_dir=base.state_dir,
-        redis=redis_config,
+        redis=redis_config("keyservice"),
         tls=identities("keyservice"),
     )
     keyservice, ks_core = serve_keyservice(ks_config)
@@ -416,7 +420,7 @@ def start_local_mesh(base: RecommenderConfig) -> LocalMesh:
         listen="127.0.0.1:0",
         keyservice_target=f"127.0.0.1:{keyservice.port}",
         ledger_target=f"127.0.0.1:{ledger.port}",
-        redis=redis_config,
+        redis=redis_config("recommender"),
         tls=identities("recommender"),
     )
     model = load_or_train(config)

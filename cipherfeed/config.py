@@ -41,6 +41,11 @@ def _env_float(name: str, default: float) -> float:
         raise ConfigError(f"{name}={raw!r} is not a number") from exc
 
 
+def _env_path(name: str) -> Path | None:
+    raw = os.environ.get(name)
+    return Path(raw) if raw else None
+
+
 def sqlite_path(dsn: str, variable: str) -> Path:
     """The file of a ``sqlite:///relative`` or ``sqlite:////absolute`` DSN (SQLAlchemy's form)."""
     scheme, sep, rest = dsn.partition("://")
@@ -139,9 +144,19 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class RedisConfig:
-    """The optional ciphertext cache. No URL: no cache (every lookup goes to the source)."""
+    """The optional ciphertext cache. No URL: no cache (every lookup goes to the source).
+
+    Redis is not trusted: each service logs in as its own ACL user (``username``, password read
+    from ``password_file``), ``rediss://`` URLs use TLS verified against ``tls_ca_file``, and every
+    value read back must carry an HMAC-SHA256 under the key in ``mac_key_file`` (shared by the key
+    service and the recommenders; a URL without it is a configuration error).
+    """
 
     url: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    tls_ca_file: Path | None = None
+    mac_key_file: Path | None = None
     socket_timeout: float = 5.0  # multi-MB values; redis-py's default would also be 5 s
     connect_timeout: float = 0.5
     min_backoff: float = 0.5  # seconds the cache is bypassed after a failure, doubling...
@@ -156,6 +171,10 @@ class RedisConfig:
     def from_env(cls) -> RedisConfig:
         return cls(
             url=os.environ.get("CIPHERFEED_REDIS_URL") or None,
+            username=os.environ.get("CIPHERFEED_REDIS_USERNAME") or None,
+            password_file=_env_path("CIPHERFEED_REDIS_PASSWORD_FILE"),
+            tls_ca_file=_env_path("CIPHERFEED_REDIS_TLS_CA_FILE"),
+            mac_key_file=_env_path("CIPHERFEED_REDIS_MAC_KEY_FILE"),
             socket_timeout=_env_float("CIPHERFEED_REDIS_SOCKET_TIMEOUT", cls.socket_timeout),
             connect_timeout=_env_float("CIPHERFEED_REDIS_CONNECT_TIMEOUT", cls.connect_timeout),
             max_value_bytes=_env_int("CIPHERFEED_REDIS_MAX_VALUE_BYTES", cls.max_value_bytes, 1),

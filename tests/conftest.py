@@ -102,14 +102,14 @@ def master_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def keyservice_config(state_dir: Path, master_key_file: Path, redis_url: str | None) -> KeyServiceConfig:
+def keyservice_config(state_dir: Path, master_key_file: Path, redis: RedisConfig | None) -> KeyServiceConfig:
     return KeyServiceConfig(
         listen="127.0.0.1:0",
         dsn=f"sqlite:///{state_dir / 'keyservice.db'}",
         master_key_file=master_key_file,
         state_dir=state_dir,
         limits=TEST_LIMITS,
-        redis=RedisConfig(url=redis_url),
+        redis=redis or RedisConfig(),
         tls=mesh_pki().tls("keyservice"),
     )
 
@@ -118,7 +118,9 @@ def keyservice_config(state_dir: Path, master_key_file: Path, redis_url: str | N
 def keyservice(
     redis_server: LocalRedis, master_key_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[int, KeyServiceCore]]:
-    config = keyservice_config(tmp_path_factory.mktemp("keyservice"), master_key_file, redis_server.url)
+    config = keyservice_config(
+        tmp_path_factory.mktemp("keyservice"), master_key_file, redis_server.config_for("keyservice")
+    )
     running, core = serve_keyservice(config)
     yield running.port, core
     running.stop(grace=1)
@@ -126,8 +128,9 @@ def keyservice(
 
 
 def recommender_config(
-    state_dir: Path, keyservice_port: int, redis_url: str | None, max_keys: int = 8
+    state_dir: Path, keyservice_port: int, redis: RedisConfig | None, max_keys: int = 8
 ) -> RecommenderConfig:
+    """``redis``: e.g. ``redis_server.config_for("recommender")``, or None for no cache."""
     return RecommenderConfig(
         listen="127.0.0.1:0",
         grpc_workers=8,
@@ -136,7 +139,7 @@ def recommender_config(
         keyservice_target=f"127.0.0.1:{keyservice_port}",
         state_dir=state_dir,
         limits=TEST_LIMITS,
-        redis=RedisConfig(url=redis_url),
+        redis=redis or RedisConfig(),
         tls=mesh_pki().tls("recommender"),
     )
 
@@ -148,7 +151,7 @@ def recommender(
     redis_server: LocalRedis,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[int, RecommenderCore]]:
-    config = recommender_config(tmp_path_factory.mktemp("state"), keyservice[0], redis_server.url)
+    config = recommender_config(tmp_path_factory.mktemp("state"), keyservice[0], redis_server.config_for("recommender"))
     running, core = serve_recommender(config, tiktok_model)
     yield running.port, core
     running.stop(grace=1)

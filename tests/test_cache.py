@@ -2,14 +2,12 @@
 
 import threading
 
-import redis
-
 from cipherfeed.cache import Cache, WriteBehind
 from cipherfeed.config import RedisConfig
 
 
 def test_pending_entries_are_served_from_memory_then_land_in_redis(redis_server):
-    cache = Cache(RedisConfig(url=redis_server.url))
+    cache = Cache(redis_server.config_for("admin"))
     writes = WriteBehind(cache, max_pending=2)
     gate = threading.Event()
     writes._writer.submit(gate.wait)  # hold the writer so that entries stay pending
@@ -18,12 +16,13 @@ def test_pending_entries_are_served_from_memory_then_land_in_redis(redis_server)
         assert writes.set("cf:test:b", b"B", 60)
         assert not writes.set("cf:test:c", b"C", 60)  # bounded: the third is dropped, not queued
         assert writes.get("cf:test:a") == b"A" * 1000  # a retry is answered before Redis has it
-        direct = redis.Redis.from_url(redis_server.url)
+        direct = redis_server.client()
         assert not direct.exists("cf:test:a")
     finally:
         gate.set()
     writes.flush()
-    assert direct.get("cf:test:a") == b"A" * 1000 and direct.get("cf:test:b") == b"B"
+    assert cache.get("cf:test:a") == b"A" * 1000 and cache.get("cf:test:b") == b"B"
+    assert direct.get("cf:test:b").endswith(b"B")  # sealed (cipherfeed.cache) around the value
     assert 0 < direct.ttl("cf:test:a") <= 60
     assert writes.get("cf:test:c") is None
     writes.close()
@@ -33,7 +32,7 @@ def test_pending_entries_are_served_from_memory_then_land_in_redis(redis_server)
 
 
 def test_pending_bytes_are_bounded_too(redis_server):
-    cache = Cache(RedisConfig(url=redis_server.url))
+    cache = Cache(redis_server.config_for("admin"))
     writes = WriteBehind(cache, max_pending=8, max_pending_bytes=1000)
     gate = threading.Event()
     writes._writer.submit(gate.wait)
@@ -49,8 +48,12 @@ def test_pending_bytes_are_bounded_too(redis_server):
     cache.close()
 
 
-def test_a_failed_write_is_dropped_and_forgotten():
-    cache = Cache(RedisConfig(url="redis://127.0.0.1:1/0", socket_timeout=0.5, connect_timeout=0.5))
+def test_a_failed_write_is_dropped_and_forgotten(redis_server):
+    cache = Cache(
+        RedisConfig(
+            url="redis://127.0.0.1:1/0", socket_timeout=0.5, connect_timeout=0.5, mac_key_file=redis_server.mac_key_file
+        )
+    )
     writes = WriteBehind(cache)
     assert writes.set("cf:test:x", b"X", 60)  # accepted: the response does not wait
     writes.flush()

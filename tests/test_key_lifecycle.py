@@ -5,7 +5,6 @@ import grpc
 import numpy as np
 import psutil
 import pytest
-import redis
 
 from cipherfeed.cache import Keys
 from cipherfeed.client import keystore
@@ -17,7 +16,9 @@ from tests.conftest import client_for, mesh_pki, recommender_config
 
 @pytest.fixture(scope="module")
 def replica_b(tiktok_model, keyservice, redis_server, tmp_path_factory):
-    config = recommender_config(tmp_path_factory.mktemp("replica-b"), keyservice[0], redis_server.url)
+    config = recommender_config(
+        tmp_path_factory.mktemp("replica-b"), keyservice[0], redis_server.config_for("recommender")
+    )
     running, core = serve_recommender(config, tiktok_model)
     yield running.port, core
     running.stop(grace=1)
@@ -96,7 +97,7 @@ def test_destroy_removes_material_everywhere(fresh_client, replica_b, keyservice
     b = on(a, replica_b[0], keyservice[0], tmp_path)
     b.score(unit(5))
     key_id = a.key_id
-    r = redis.Redis.from_url(redis_server.url)
+    r = redis_server.client()
     assert r.exists(Keys.eval_keys(key_id, 1))
     record = a.keyservice.DestroyKey(keyservice_pb2.KeyStateRequest(key_id=key_id), timeout=5)
     assert record.state == keyservice_pb2.DESTROYED and not record.versions[0].material_sha256
@@ -133,7 +134,7 @@ def test_scoring_survives_redis_going_away_and_caching_resumes(fresh_client, rec
     keyservice[1].cache.retry_now()
     query = a.encrypt_query(unit(7))
     a.score_ciphertext(query)
-    r = redis.Redis.from_url(redis_server.url)
+    r = redis_server.client()
     assert r.exists(Keys.key_state(a.key_id))  # caching resumed by itself
     assert a.score_ciphertext(query).from_cache
 
@@ -146,7 +147,7 @@ def test_profiles_score_by_reference_and_reupload_after_a_flush(fresh_client, re
     by_ref = a.score(u, use_profile=True)
     np.testing.assert_allclose(by_ref.scores, inline, atol=1e-4)
     assert by_ref.query_bytes == 0  # only the reference went over the wire
-    redis.Redis.from_url(redis_server.url).flushall()
+    redis_server.client().flushall()
     again = a.score(u, use_profile=True)  # NOT_FOUND, re-upload, retry: transparent
     np.testing.assert_allclose(again.scores, inline, atol=1e-4)
     assert a._profile is not None and a._profile[1] != ref
@@ -165,7 +166,7 @@ def test_profile_uploaded_under_another_key_is_refused(fresh_client, client):
 
 
 def test_memory_stays_bounded_as_many_users_come_and_go(tiktok_model, keyservice, redis_server, tmp_path):
-    config = recommender_config(tmp_path, keyservice[0], redis_server.url, max_keys=2)
+    config = recommender_config(tmp_path, keyservice[0], redis_server.config_for("recommender"), max_keys=2)
     running, core = serve_recommender(config, tiktok_model)
     shared = keystore.generate(MESH_PARAMS)  # one rotation-key set, many public keys: same bytes per user
     process = psutil.Process()

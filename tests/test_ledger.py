@@ -80,7 +80,8 @@ def mesh(tiktok_model, keyservice, redis_server, tmp_path_factory):
     signer = LocalSigner(ORIGIN)
     ledger, ledger_core = serve_ledger(ledger_config(tmp), signer=signer, background_anchoring=False)
     config = dataclasses.replace(
-        recommender_config(tmp, keyservice[0], redis_server.url), ledger_target=f"127.0.0.1:{ledger.port}"
+        recommender_config(tmp, keyservice[0], redis_server.config_for("recommender")),
+        ledger_target=f"127.0.0.1:{ledger.port}",
     )
     rec, rec_core = serve_recommender(config, tiktok_model)
     client = client_for(rec.port, keyservice[0], tmp / "client")

@@ -157,13 +157,18 @@ class KeyResolver:
             raise Unavailable(f"key service: {code.name}", metadata={"dependency": "keyservice"}) from None
 
     def status(self, key_id: str) -> KeyStatus:
-        """The key's state: Redis (written by the key service on every change), else the key service."""
-        cached = self.cache.get(Keys.key_state(key_id))
+        """The key's state: Redis (sealed by the key service on every change, believed for at most
+        its TTL so an old state cannot be replayed for longer), else the key service."""
+        name = Keys.key_state(key_id)
+        cached = self.cache.get(name, max_age=self.redis_config.key_state_ttl)
         if cached is not None:
             try:
-                return KeyStatus.from_json(cached)
-            except (ValueError, KeyError):
-                log.warning("unreadable key state in the cache for %s; asking the key service", key_id[:16])
+                status = KeyStatus.from_json(cached)
+            except (ValueError, KeyError, TypeError):
+                status = None
+            if status is not None and status.key_id == key_id:
+                return status
+            self.cache.reject(name, "sealed but not this key's state")
         record = self._call("GetKey", keyservice_pb2.GetKeyRequest(key_id=key_id))
         return KeyStatus(
             key_id=key_id,
@@ -206,13 +211,17 @@ class KeyResolver:
 
     def _fetch(self, key_id: str, version: int, expected_sha256: str) -> KeyMaterial:
         cache_key = Keys.eval_keys(key_id, version)
-        blob = self.cache.get(cache_key)
+        # Unsealed (11 MB): believed only if it hashes to the digest the sealed key state records.
+        blob = self.cache.get(cache_key, sealed=False)
         if blob is not None:
-            material = KeyMaterial.from_bytes(blob)
-            if material.sha256.hex() == expected_sha256:
+            try:
+                material: KeyMaterial | None = KeyMaterial.from_bytes(blob)
+            except MaterialError:
+                material = None
+            if material is not None and material.sha256.hex() == expected_sha256:
                 self.installed.stats.fetched_from_cache += 1
                 return material
-            log.warning("cached rotation keys for %s v%d do not match their hash; refetching", key_id[:16], version)
+            self.cache.reject(cache_key, "rotation keys that do not match the key state's digest")
         reply = self._call("GetEvalKeys", keyservice_pb2.GetKeyRequest(key_id=key_id, version=version))
         material = KeyMaterial(public_key=reply.public_key, rotation_keys=reply.rotation_key_map)
         if material.sha256.hex() != expected_sha256:
@@ -221,5 +230,5 @@ class KeyResolver:
                 metadata={"dependency": "keyservice"},
             )
         self.installed.stats.fetched_from_keyservice += 1
-        self.cache.set(cache_key, material.to_bytes(), self.redis_config.eval_keys_ttl)
+        self.cache.set(cache_key, material.to_bytes(), self.redis_config.eval_keys_ttl, sealed=False)
         return material
