@@ -28,7 +28,7 @@ from cipherfeed.config import RedisConfig
 from cipherfeed.errors import FailedPrecondition, NotFound, Reason, Unavailable
 from cipherfeed.grpcutil import known_reason
 from cipherfeed.he import keymap
-from cipherfeed.he.codec import MaterialCodec
+from cipherfeed.he.codec import MaterialCodec, MaterialError
 from cipherfeed.he.keymap import EVAL_KEY_LOCK, KeyMaterial
 from cipherfeed.keystate import KeyState, KeyStatus, check_key_id
 from cipherfeed.v1 import common_pb2, keyservice_pb2, keyservice_pb2_grpc
