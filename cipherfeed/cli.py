@@ -310,14 +310,15 @@ def cmd_trust_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def operator_trust(mesh: LocalMesh, client: RecommenderClient) -> TrustAnchors:
-    """The trust file an operator publishes for this mesh (the demo plays the operator)."""
+def operator_trust(ledger_core: object, client: RecommenderClient) -> TrustAnchors:
+    """The trust file an operator publishes for a mesh whose ledger core it runs (the demo, the
+    tests): the log's origin, the key service's checkpoint keys, the chain and the contract."""
     from cipherfeed.checkpoint import vkey
     from cipherfeed.trust import checksum_address
 
-    anchorer = mesh.ledger_core.anchorer
+    anchorer = ledger_core.anchorer
     anchorer.anchor_pending()  # deploys the anchor contract if it is not yet
-    origin = mesh.ledger_core.log.origin
+    origin = ledger_core.log.origin
     keys = signing_verifiers(client, origin, "ledger")
     return TrustAnchors(
         log_origin=origin,
@@ -448,7 +449,7 @@ def demo_pin_trust(mesh: LocalMesh, client: RecommenderClient, state_dir: Path) 
     from cipherfeed import trust as trustfile
 
     published = state_dir / "mesh-trust.json"
-    trustfile.write(operator_trust(mesh, client), published)
+    trustfile.write(operator_trust(mesh.ledger_core, client), published)
     pinned = trustfile.pin(published, client.config.home, force=True)  # each demo chain is new
     print(
         f"== trust: the operator's {published} pinned in {trustfile.pinned_path(client.config.home)} "

@@ -20,14 +20,13 @@ import threading
 import grpc
 import numpy as np
 import pytest
-import redis
 
-from cipherfeed.cli import device_history, signing_verifiers
+from cipherfeed.cli import AnchorerChain, device_history, operator_trust
 from cipherfeed.client import history as history_store
 from cipherfeed.client.history import HistoryEntry, HistoryStore
 from cipherfeed.client.verify import fetch_and_verify
 from cipherfeed.devredis import LocalRedis
-from cipherfeed.v1 import ledger_pb2, ledger_pb2_grpc
+from cipherfeed.v1 import ledger_pb2_grpc
 from services.keyservice.server import serve as serve_keyservice
 from services.ledger.server import serve as serve_ledger
 from services.recommender.server import serve as serve_recommender
@@ -77,7 +76,7 @@ class RecordingInterceptor(grpc.ServerInterceptor):
 class Run:
     recorder: RecordingInterceptor
     secrets: Secrets
-    redis_url: str
+    redis: LocalRedis
     logs: list[str]
     feeds: dict[str, list[int]]
     histories: dict[str, list[int]]
@@ -104,14 +103,17 @@ def private_run(tiktok_model, master_key_file, tmp_path_factory) -> Run:
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(grpc, "server", recording_server)
-            ks, ks_core = serve_keyservice(keyservice_config(tmp / "ks", master_key_file, cache.url))
+            ks, ks_core = serve_keyservice(
+                keyservice_config(tmp / "ks", master_key_file, cache.config_for("keyservice"))
+            )
             stack.append((ks, ks_core))
             ledger, ledger_core = serve_ledger(
                 ledger_config(tmp / "ledger", keyservice_target=f"127.0.0.1:{ks.port}"), background_anchoring=False
             )
             stack.append((ledger, ledger_core))
             config = dataclasses.replace(
-                recommender_config(tmp / "rec", ks.port, cache.url), ledger_target=f"127.0.0.1:{ledger.port}"
+                recommender_config(tmp / "rec", ks.port, cache.config_for("recommender")),
+                ledger_target=f"127.0.0.1:{ledger.port}",
             )
             rec, rec_core = serve_recommender(config, tiktok_model)
             stack.append((rec, rec_core))
@@ -154,14 +156,13 @@ def private_run(tiktok_model, master_key_file, tmp_path_factory) -> Run:
             ledger_core.log.checkpoint()
             ledger_core.anchorer.anchor_pending()
             stub = ledger_pb2_grpc.LedgerStub(client.ledger_channel())
-            origin = stub.GetCheckpoint(ledger_pb2.GetCheckpointRequest(), timeout=10).origin
-            verifiers = signing_verifiers(client, origin, "ledger")
+            trust = operator_trust(ledger_core, client)
             for scored in receipts:
                 fetch_and_verify(
                     scored.receipt_id,
                     stub,
-                    verifiers,
-                    lambda _address, size: ledger_core.anchorer.onchain_root(size),
+                    trust,
+                    AnchorerChain(ledger_core.anchorer),
                     30,
                     scored.receipt,
                 )
@@ -173,7 +174,7 @@ def private_run(tiktok_model, master_key_file, tmp_path_factory) -> Run:
             for shown in feeds.values():
                 client.items(indices=shown)
         assert {i for i in indices} == {m.item_ids.index(i) for i in ids}
-        return Run(recorder, Secrets(frozenset(ids), frozenset(indices)), cache.url, logs, feeds, histories)
+        return Run(recorder, Secrets(frozenset(ids), frozenset(indices)), cache, logs, feeds, histories)
     finally:
         for server, core in reversed(stack):
             server.stop(grace=1)
@@ -233,7 +234,7 @@ def test_the_scan_finds_what_the_sdk_sent_before_issue_9(private_run):
 
 def test_the_cache_and_the_logs_hold_no_history_or_feed_item(private_run):
     run = private_run
-    r = redis.Redis.from_url(run.redis_url)
+    r = run.redis.client()  # as admin: everything there is
     keys = list(r.scan_iter(count=1000))
     echoes = Echoes()
     for method, data in run.recorder.responses:
