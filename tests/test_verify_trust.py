@@ -24,6 +24,7 @@ from cipherfeed.client.verify import (
 from cipherfeed.receipts import Receipt
 from services.ledger.server import serve as serve_ledger
 from services.ledger.signers import LocalSigner
+from tests.conftest import mesh_pki
 from tests.test_ledger import Anvil, ledger_config
 
 ORIGIN = "cipherfeed.test/ledger"
@@ -56,6 +57,13 @@ class Ledger:
 
 def receipt(n: int) -> Receipt:
     return Receipt(f"{n:064x}", f"{n + 1:064x}", "ab" * 32, "cd" * 32, 1, 1_700_000_000_000 + n)
+
+
+@pytest.fixture(autouse=True)
+def device_identity(monkeypatch):
+    """The CLI calls the ledger over mutual TLS as a device, configured from the environment."""
+    for name, value in mesh_pki().env("device").items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.fixture(scope="module")
