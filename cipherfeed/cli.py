@@ -34,6 +34,7 @@ from cipherfeed.v1 import keyservice_pb2, ledger_pb2_grpc
 if TYPE_CHECKING:  # the services are imported only by the commands that start them
     from cipherfeed.devredis import LocalRedis
     from services.keyservice.core import KeyServiceCore
+    from services.ledger.anchor import Anchorer
     from services.ledger.core import LedgerCore
     from services.recommender.artifact import ModelArtifact
     from services.recommender.core import RecommenderCore
@@ -238,11 +239,11 @@ class AnchorerChain:
     """The demo's chain: the ledger's in-process py-evm, read through its anchorer (only the
     contract it deployed exists there)."""
 
-    def __init__(self, anchorer: object) -> None:
+    def __init__(self, anchorer: Anchorer) -> None:
         self.anchorer = anchorer
 
     def chain_id(self) -> int:
-        return int(self.anchorer.chain_id)
+        return int(self.anchorer.chain_id or 0)
 
     def root_at(self, address: str, size: int) -> bytes:
         if address.lower() != str(self.anchorer.contract_address).lower():
@@ -310,14 +311,19 @@ def cmd_trust_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def operator_trust(ledger_core: object, client: RecommenderClient) -> TrustAnchors:
+def operator_trust(ledger_core: LedgerCore, client: RecommenderClient) -> TrustAnchors:
     """The trust file an operator publishes for a mesh whose ledger core it runs (the demo, the
     tests): the log's origin, the key service's checkpoint keys, the chain and the contract."""
     from cipherfeed.checkpoint import vkey
     from cipherfeed.trust import checksum_address
 
     anchorer = ledger_core.anchorer
+    if anchorer is None:
+        raise ValueError("this ledger does not anchor: there is no contract to pin")
     anchorer.anchor_pending()  # deploys the anchor contract if it is not yet
+    if anchorer.chain_id is None or anchorer.contract_address is None:
+        raise ValueError("the anchor contract is not deployed")
+    ca_file = client.config.tls.ca_file  # the mesh CA the device was given
     origin = ledger_core.log.origin
     keys = signing_verifiers(client, origin, "ledger")
     return TrustAnchors(
@@ -325,7 +331,7 @@ def operator_trust(ledger_core: object, client: RecommenderClient) -> TrustAncho
         checkpoint_vkeys=tuple(vkey(v.name, v.public_key) for v in keys),
         chain_id=int(anchorer.chain_id),
         anchor_contract=checksum_address(anchorer.contract_address),
-        mesh_ca_pem=None,
+        mesh_ca_pem=ca_file.read_text() if ca_file is not None else None,
     )
 
 

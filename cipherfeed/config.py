@@ -41,11 +41,6 @@ def _env_float(name: str, default: float) -> float:
         raise ConfigError(f"{name}={raw!r} is not a number") from exc
 
 
-def _env_path(name: str) -> Path | None:
-    raw = os.environ.get(name)
-    return Path(raw) if raw else None
-
-
 def sqlite_path(dsn: str, variable: str) -> Path:
     """The file of a ``sqlite:///relative`` or ``sqlite:////absolute`` DSN (SQLAlchemy's form)."""
     scheme, sep, rest = dsn.partition("://")

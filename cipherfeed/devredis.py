@@ -32,6 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -131,7 +132,7 @@ class LocalRedis:
             "CIPHERFEED_REDIS_MAC_KEY_FILE": str(self.mac_key_file),
         }
 
-    def client(self, user: str = "admin", **kwargs: object) -> redis.Redis:
+    def client(self, user: str = "admin", **kwargs: Any) -> redis.Redis:
         """A plain redis-py client logged in as ``user`` (the tests' and operators' view)."""
         password = self.password_file(user).read_text().strip()
         return redis.Redis(host="127.0.0.1", port=self.port, username=user, password=password, **kwargs)

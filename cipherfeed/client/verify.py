@@ -11,17 +11,19 @@ proof from the checkpoint to it.
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cipherfeed.checkpoint import Checkpoint, NoteError, Verifier, verify_checkpoint
 from cipherfeed.merkle import ProofError, leaf_hash, verify_consistency, verify_inclusion
 from cipherfeed.receipts import Receipt
 from cipherfeed.trust import TrustAnchors
+
+if TYPE_CHECKING:
+    from cipherfeed.v1 import ledger_pb2_grpc
 
 STEPS = ("receipt", "inclusion", "signature", "anchor")
 EXIT_CODES = {"receipt": 10, "inclusion": 11, "signature": 12, "anchor": 13}
@@ -166,14 +168,12 @@ def _short(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text[:200]}"
 
 
-def _ledger_pb2() -> Any:
-    return importlib.import_module("cipherfeed.v1.ledger_pb2")
-
-
-def ledger_reported_anchors(ledger: Any, trust: TrustAnchors, deadline: float) -> Callable[[int], list[AnchorEvidence]]:
+def ledger_reported_anchors(
+    ledger: ledger_pb2_grpc.LedgerStub, trust: TrustAnchors, deadline: float
+) -> Callable[[int], list[AnchorEvidence]]:
     """The anchors the ledger reports, believed only for the pinned chain and contract (for a user
     who chose not to read the chain)."""
-    pb = _ledger_pb2()
+    from cipherfeed.v1 import ledger_pb2 as pb
 
     def anchors(size: int) -> list[AnchorEvidence]:
         reply = ledger.GetAnchors(pb.GetAnchorsRequest(min_size=size), timeout=deadline)
@@ -196,7 +196,7 @@ def ledger_reported_anchors(ledger: Any, trust: TrustAnchors, deadline: float) -
 
 def fetch_and_verify(
     receipt_id: str,
-    ledger: Any,
+    ledger: ledger_pb2_grpc.LedgerStub,
     trust: TrustAnchors,
     chain: Chain | None,
     deadline: float,
@@ -205,7 +205,8 @@ def fetch_and_verify(
     """Fetches the proofs from ``ledger`` (a ``LedgerStub``) and checks everything against
     ``trust``. ``chain`` None takes the anchors the ledger reports (the caller must say so to its
     user); ``expected`` is the receipt the client kept, compared with the ledger's."""
-    pb = _ledger_pb2()
+    from cipherfeed.v1 import ledger_pb2 as pb
+
     receipt_id = normalise_receipt_id(receipt_id)
     if expected is not None and expected.receipt_id != receipt_id:
         raise VerificationError("receipt", "the receipt this client kept does not hash to its id")
