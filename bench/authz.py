@@ -22,7 +22,7 @@ import numpy as np
 from bench.common import log, machine, mesh_identities, percentiles, timed_ms, write_json
 from cipherfeed import tls as mtls
 from cipherfeed.client.sdk import RecommenderClient
-from cipherfeed.config import ClientConfig, GrpcLimits, KeyServiceConfig, MiB, RecommenderConfig, RedisConfig
+from cipherfeed.config import ClientConfig, GrpcLimits, KeyServiceConfig, MiB, RecommenderConfig
 from cipherfeed.devredis import LocalRedis
 from cipherfeed.grpcutil import start_server
 from cipherfeed.v1 import recommender_pb2, recommender_pb2_grpc
@@ -55,14 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="cf-bench-authz-"))
     identity = mesh_identities(work)
     redis_server = LocalRedis.start()
-    redis = RedisConfig(url=redis_server.url)
+    redis = redis_server.config_for("recommender")
     ks_running, ks_core = serve_keyservice(
         KeyServiceConfig(
             listen="127.0.0.1:0",
             dsn=f"sqlite:///{work / 'ks.db'}",
             state_dir=work,
             limits=LIMITS,
-            redis=redis,
+            redis=redis_server.config_for("keyservice"),
             tls=identity("keyservice"),
         )
     )

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes.append(1_000_000)
     work = Path(tempfile.mkdtemp(prefix="cf-bench-history-"))
     redis_server = LocalRedis.start()
-    redis = RedisConfig(url=redis_server.url)
+    redis = redis_server.config_for("recommender")
     identity = mesh_identities(work)
     ks_running, ks_core = serve_keyservice(
         KeyServiceConfig(
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             dsn=f"sqlite:///{work / 'ks.db'}",
             state_dir=work,
             limits=LIMITS,
-            redis=redis,
+            redis=redis_server.config_for("keyservice"),
             tls=identity("keyservice"),
         )
     )

@@ -94,7 +94,7 @@ def test_score_history_uploads_once_and_again_after_expiry(client, recommender, 
     )
     first = client.score_history(weights)
     ref = client._history[1]
-    core.cache.delete(f"cf:history:{ref}")  # Score reads only E(u) under the serving model
+    redis_server.client().delete(f"cf:history:{ref}")  # Score reads only E(u) under the serving model
     client.score_history(weights)
     assert client._history[1] == ref  # not uploaded again
     redis_server.client().delete(f"cf:profile:{ref}")  # expired (the recommender itself may not delete)
