@@ -42,11 +42,13 @@ RESULTS: dict[str, object] = {}
 @pytest.fixture(scope="module")
 def mesh(tiktok_model, redis_server, master_key_file, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz-rpc")
-    ks, ks_core = serve_keyservice(keyservice_config(tmp / "ks", master_key_file, redis_server.url))
+    ks, ks_core = serve_keyservice(
+        keyservice_config(tmp / "ks", master_key_file, redis_server.config_for("keyservice"))
+    )
     ledger, ledger_core = serve_ledger(ledger_config(tmp), signer=LocalSigner(ORIGIN), background_anchoring=False)
     ledger_core.log.append_many([b"first leaf"])
     ledger_core.log.checkpoint()
-    rec_config = dataclasses.replace(recommender_config(tmp / "rec", ks.port, redis_server.url))
+    rec_config = dataclasses.replace(recommender_config(tmp / "rec", ks.port, redis_server.config_for("recommender")))
     rec, rec_core = serve_recommender(rec_config, tiktok_model)
     health = client_for(rec.port, ks.port, tmp / "health")  # its key is never given to the fuzzer
     health.use_keys()
