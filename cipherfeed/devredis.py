@@ -9,7 +9,7 @@ own user, with a password generated at start into a 0600 file in the server's 07
 
 * ``keyservice`` may SET key states and key sets and DEL key sets (destroy); it reads nothing;
 * ``recommender`` may GET key states (read-only: ``%R~``) and GET/SET rotation-key sets, uploaded
-  profiles and results; nothing else;
+  profiles, stored histories and results; nothing else;
 * ``admin`` (tests, operators) may do anything.
 
 Redis before 7 has no read-only key patterns; there the recommender can also write key states,
@@ -73,7 +73,8 @@ def acl_rules(major: int) -> dict[str, str]:
     return {
         "keyservice": f"resetkeys ~cf:keystate:* ~cf:evalkeys:* resetchannels -@all +set +del {basics}",
         "recommender": (
-            f"resetkeys {state_read} ~cf:evalkeys:* ~cf:profile:* ~cf:result:* resetchannels -@all +get +set {basics}"
+            f"resetkeys {state_read} ~cf:evalkeys:* ~cf:profile:* ~cf:history:* ~cf:result:* "
+            f"resetchannels -@all +get +set {basics}"
         ),
         "admin": "~* &* +@all",
     }
