@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 import psutil
+from eth_account import Account
 
 from bench.common import log, machine, mesh_identities, percentiles, timed_ms, write_json
-from cipherfeed import heap
+from cipherfeed import heap, ownerauth
 from cipherfeed.cache import Keys
 from cipherfeed.client import keystore
 from cipherfeed.client.sdk import RecommenderClient
@@ -150,16 +151,19 @@ def main(argv: list[str] | None = None) -> int:
         process = psutil.Process()
         rss: list[tuple[int, int]] = []  # (users so far, RSS bytes)
         started = time.perf_counter()
-        user_ids: list[str] = []
+        user_ids: list[tuple[str, Any]] = []  # (key id, owner account)
         for i in range(args.users):
             user = RecommenderClient(client.config)
-            user.keys = keystore.load_test_keys(shared)
-            user_ids.append(user.register())
+            user.keys, user.account = keystore.load_test_keys(shared), Account.create()
+            user_ids.append((user.register(), user.account))
             user.score(u)
             # Keys evicted long ago (two cache sizes back) are destroyed, so the key service's
             # store stays ~100 key sets (1.1 GB) instead of growing by 11 MB per user.
             if i >= 2 * args.cache_size:
-                stale = keyservice_pb2.KeyStateRequest(key_id=user_ids[i - 2 * args.cache_size])
+                stale_id, stale_owner = user_ids[i - 2 * args.cache_size]
+                stale = keyservice_pb2.KeyStateRequest(key_id=stale_id)
+                method = "cipherfeed.v1.KeyService/DestroyKey"
+                ownerauth.sign_request(stale_owner, user.config.chain_id, method, stale_id, stale)
                 user.keyservice.DestroyKey(stale, timeout=30)
             user.close()
             if i == args.cache_size or i == args.users - 1 or (i + 1) % 100 == 0:

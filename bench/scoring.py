@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from eth_account import Account
 
 from bench.common import log, machine, mesh_identities, percentiles, timed_ms, write_json
 from cipherfeed.client import keystore
@@ -87,7 +88,8 @@ def run_size(
     core, encode_ms = timed_ms(RecommenderCore, model, MESH_PARAMS, 2, LIMITS, stub, KeyLimits(4, 1 << 40), redis)
     log(f"   plaintexts encoded in {encode_ms / 1e3:.1f} s")
     keys = keystore.generate(MESH_PARAMS)
-    record = ks_core.register(KeyMaterial(keys.public_key_bytes, keys.rotation_key_bytes))
+    owner = Account.create()
+    record = ks_core.register(KeyMaterial(keys.public_key_bytes, keys.rotation_key_bytes), owner.address)
     ref = common_pb2.KeyRef(key_id=record.key_id, version=1)
     rng = np.random.default_rng(n)
     u = model.embeddings[rng.integers(0, n, 20)].astype(np.float64).sum(axis=0)
@@ -142,7 +144,7 @@ def run_size(
             tls=identity("device"),
         )
     )
-    client.keys = keys
+    client.keys, client.account = keys, owner
     client.key_id, client.key_version = record.key_id, 1
     client.score(u)
     rtt = [timed_ms(client.score, u)[1] for _ in range(max(3, reps // 3))]

@@ -345,7 +345,8 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
             return 1
         keys = keystore.generate(client.params())
         keystore.save(keys, directory)
-        print(f"new CKKS key pair in {directory}; secret key mode 0600", file=sys.stderr)
+        account = keystore.load_or_create_account(directory)  # kept: the same owner across key changes
+        print(f"new CKKS key pair in {directory}; secret key mode 0600; owner {account.address}", file=sys.stderr)
     return 0
 
 

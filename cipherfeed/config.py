@@ -181,6 +181,72 @@ class RedisConfig:
 
 
 @dataclass(frozen=True)
+class OwnerAuthConfig:
+    """How owners of HE keys prove themselves (cipherfeed/ownerauth.py): EIP-712 signatures per
+    request, or session tokens from a Sign-In with Ethereum exchange with the key service."""
+
+    chain_id: int = 31337  # the EIP-712 domain's and SIWE messages' chain id
+    siwe_domain: str = "cipherfeed.local"  # the EIP-4361 domain and URI sign-in messages must name
+    siwe_uri: str = "https://cipherfeed.local"
+    audience: str = "cipherfeed"  # session tokens name it; every verifier checks it
+    session_ttl: int = 900  # seconds a session token lives (at most)
+    signin_nonce_ttl: int = 300
+    max_signature_lifetime: int = 600  # a signature expiring later than this is refused
+    clock_skew: int = 30  # seconds of tolerance on issued-at times
+    max_nonces: int = 200_000  # remembered nonces (each lives at most max_signature_lifetime)
+    operator_identities: tuple[str, ...] = ("operator",)  # mesh identities that may disable any key
+    session_key_name: str = "session"  # the key service's Ed25519 key for session tokens
+
+    @classmethod
+    def from_env(cls) -> OwnerAuthConfig:
+        operators = os.environ.get("CIPHERFEED_OPERATOR_IDENTITIES", ",".join(cls.operator_identities))
+        return cls(
+            chain_id=_env_int("CIPHERFEED_OWNER_CHAIN_ID", cls.chain_id, 1),
+            siwe_domain=_env_str("CIPHERFEED_SIWE_DOMAIN", cls.siwe_domain),
+            siwe_uri=_env_str("CIPHERFEED_SIWE_URI", cls.siwe_uri),
+            audience=_env_str("CIPHERFEED_SESSION_AUDIENCE", cls.audience),
+            session_ttl=_env_int("CIPHERFEED_SESSION_TTL", cls.session_ttl, 1),
+            signin_nonce_ttl=_env_int("CIPHERFEED_SIGNIN_NONCE_TTL", cls.signin_nonce_ttl, 1),
+            max_signature_lifetime=_env_int("CIPHERFEED_MAX_SIGNATURE_LIFETIME", cls.max_signature_lifetime, 1),
+            clock_skew=_env_int("CIPHERFEED_CLOCK_SKEW", cls.clock_skew, 0),
+            max_nonces=_env_int("CIPHERFEED_MAX_NONCES", cls.max_nonces, 1),
+            operator_identities=tuple(n for n in operators.split(",") if n),
+        )
+
+
+@dataclass(frozen=True)
+class OwnerQuotas:
+    """Per-owner limits in the key service: a flood from one account stops here."""
+
+    max_keys: int = 8  # keys an owner holds that are not destroyed
+    max_bytes: int = 256 * MiB  # key material an owner stores, over all versions
+
+    @classmethod
+    def from_env(cls) -> OwnerQuotas:
+        return cls(
+            max_keys=_env_int("CIPHERFEED_OWNER_MAX_KEYS", cls.max_keys, 1),
+            max_bytes=_env_int("CIPHERFEED_OWNER_MAX_BYTES", cls.max_bytes, 1),
+        )
+
+
+@dataclass(frozen=True)
+class ScoreRateLimit:
+    """A token bucket per owner (or per key without one) in each recommender."""
+
+    per_second: float = 5.0
+    burst: int = 20
+    max_buckets: int = 100_000  # least recently used buckets beyond this are forgotten
+
+    @classmethod
+    def from_env(cls) -> ScoreRateLimit:
+        return cls(
+            per_second=_env_float("CIPHERFEED_SCORE_RATE_PER_SECOND", cls.per_second),
+            burst=_env_int("CIPHERFEED_SCORE_BURST", cls.burst, 1),
+            max_buckets=_env_int("CIPHERFEED_SCORE_RATE_BUCKETS", cls.max_buckets, 1),
+        )
+
+
+@dataclass(frozen=True)
 class KeyServiceConfig:
     listen: str = "127.0.0.1:50052"
     grpc_workers: int = 8
@@ -191,6 +257,8 @@ class KeyServiceConfig:
     limits: GrpcLimits = field(default_factory=GrpcLimits)
     tls: TlsConfig = field(default_factory=TlsConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
+    owner_auth: OwnerAuthConfig = field(default_factory=OwnerAuthConfig)
+    owner_quotas: OwnerQuotas = field(default_factory=OwnerQuotas)
 
     @property
     def database_dsn(self) -> str:
@@ -214,6 +282,8 @@ class KeyServiceConfig:
             limits=GrpcLimits.from_env(),
             tls=TlsConfig.from_env(),
             redis=RedisConfig.from_env(),
+            owner_auth=OwnerAuthConfig.from_env(),
+            owner_quotas=OwnerQuotas.from_env(),
         )
 
 
@@ -280,6 +350,8 @@ class RecommenderConfig:
     limits: GrpcLimits = field(default_factory=GrpcLimits)
     tls: TlsConfig = field(default_factory=TlsConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
+    owner_auth: OwnerAuthConfig = field(default_factory=OwnerAuthConfig)
+    score_rate: ScoreRateLimit = field(default_factory=ScoreRateLimit)
 
     @classmethod
     def from_env(cls) -> RecommenderConfig:
@@ -302,6 +374,8 @@ class RecommenderConfig:
             limits=GrpcLimits.from_env(),
             tls=TlsConfig.from_env(),
             redis=RedisConfig.from_env(),
+            owner_auth=OwnerAuthConfig.from_env(),
+            score_rate=ScoreRateLimit.from_env(),
         )
 
 
@@ -311,6 +385,7 @@ class ClientConfig:
     keyservice_target: str = "127.0.0.1:50052"
     ledger_target: str = "127.0.0.1:50053"
     deadline_seconds: float = 30.0
+    chain_id: int = OwnerAuthConfig.chain_id  # the EIP-712 domain the owner signs in
     home: Path = field(default_factory=lambda: default_state_dir() / "client")
     limits: GrpcLimits = field(default_factory=GrpcLimits)
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -322,6 +397,7 @@ class ClientConfig:
             keyservice_target=_env_str("CIPHERFEED_KEYSERVICE_TARGET", cls.keyservice_target),
             ledger_target=_env_str("CIPHERFEED_LEDGER_TARGET", cls.ledger_target),
             deadline_seconds=_env_float("CIPHERFEED_DEADLINE_SECONDS", cls.deadline_seconds),
+            chain_id=_env_int("CIPHERFEED_OWNER_CHAIN_ID", cls.chain_id, 1),
             home=Path(_env_str("CIPHERFEED_CLIENT_HOME", str(default_state_dir() / "client"))),
             limits=GrpcLimits.from_env(),
             tls=TlsConfig.from_env(),

@@ -19,6 +19,16 @@ class Reason(str, Enum):
     """Every reason the mesh returns (``ErrorInfo.reason``), grouped by status code. Stable: clients
     branch on these, so a reason is added or deprecated, never renamed."""
 
+    # UNAUTHENTICATED (cipherfeed/ownerauth.py)
+    OWNER_AUTH_REQUIRED = "OWNER_AUTH_REQUIRED"  # sign the request (EIP-712) or send a session token
+    OWNER_AUTH_INVALID = "OWNER_AUTH_INVALID"  # malformed, or not over this request, method, key or domain
+    OWNER_AUTH_EXPIRED = "OWNER_AUTH_EXPIRED"  # sign again / sign in again
+    OWNER_AUTH_REPLAYED = "OWNER_AUTH_REPLAYED"  # the nonce was used: sign again
+    OPERATOR_REQUIRED = "OPERATOR_REQUIRED"  # only an operator identity may do this
+    # PERMISSION_DENIED
+    NOT_KEY_OWNER = "NOT_KEY_OWNER"  # a valid signer who does not own the key
+    NOT_OPERATOR = "NOT_OPERATOR"  # a mesh identity that is not an operator's
+    RESERVED_SIGNING_KEY = "RESERVED_SIGNING_KEY"  # the session key signs only the key service's tokens
     # INVALID_ARGUMENT
     FIELD_REQUIRED = "FIELD_REQUIRED"  # metadata: field
     FIELD_INVALID = "FIELD_INVALID"  # metadata: field
@@ -49,6 +59,7 @@ class Reason(str, Enum):
     SIZE_LIMIT = "SIZE_LIMIT"  # metadata: field, limit, size
     COUNT_LIMIT = "COUNT_LIMIT"  # metadata: field, limit
     RATE_LIMITED = "RATE_LIMITED"  # carries RetryInfo when the limiter knows when to retry
+    OWNER_QUOTA = "OWNER_QUOTA"  # metadata: quota (keys or bytes), limit; destroy a key to free it
     # UNAVAILABLE
     DEPENDENCY_UNAVAILABLE = "DEPENDENCY_UNAVAILABLE"  # metadata: dependency (keyservice, cache, ledger)
     BACKLOG_FULL = "BACKLOG_FULL"  # receipts waiting for the ledger

@@ -37,6 +37,7 @@ class KeyStatus:
     current_version: int
     min_version: int
     material_sha256: dict[int, str] = field(default_factory=dict)  # version -> hex digest
+    owner: str = ""  # the owning Ethereum account (checksummed); who may score and upload with it
 
     def check_usable(self, version: int) -> int:
         """The version to use (0 = current), or KeyStateError saying why it may not be used."""
@@ -69,6 +70,7 @@ class KeyStatus:
                 "current_version": self.current_version,
                 "min_version": self.min_version,
                 "material_sha256": {str(k): v for k, v in self.material_sha256.items()},
+                "owner": self.owner,
             },
             sort_keys=True,
         ).encode()
@@ -82,4 +84,5 @@ class KeyStatus:
             current_version=int(d["current_version"]),
             min_version=int(d["min_version"]),
             material_sha256={int(k): v for k, v in d["material_sha256"].items()},
+            owner=str(d.get("owner", "")),
         )

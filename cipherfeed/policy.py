@@ -52,6 +52,8 @@ POLICY: dict[str, frozenset[str]] = {
     KS + "EnableKey": USERS | {OPERATOR},
     KS + "DestroyKey": USERS | {OPERATOR},
     KS + "ListAudit": USERS | {OPERATOR},  # owners see their own entries (checked in the key service)
+    KS + "GetSignInNonce": USERS,  # Sign-In with Ethereum: a session token for the owner's account
+    KS + "SignIn": USERS,
     # Key service: the mesh's signing keys.
     KS + "Sign": frozenset({LEDGER}),  # only the ledger signs (checkpoints)
     KS + "GetPublicKeys": EVERYONE,  # verification keys are public

@@ -16,7 +16,7 @@ import pytest
 from cipherfeed.client import keystore
 from cipherfeed.client.interest import Engagement, history_interest, history_weights
 from cipherfeed.client.ranking import rank_feed
-from cipherfeed.client.sdk import encrypt_history
+from cipherfeed.client.sdk import RECOMMENDER, encrypt_history
 from cipherfeed.he import globalkeys, packing, rnsmac
 from cipherfeed.he.codec import ciphertext_sha256, serialize
 from cipherfeed.he.globalkeys import EVAL_KEY_LOCK
@@ -165,7 +165,11 @@ def valid_history(client, recommender):
 def upload(stub, client, blobs, key_id=None, model_version=""):
     key = common_pb2.KeyRef(key_id=client.key_id if key_id is None else key_id, version=client.key_version)
     request = recommender_pb2.UploadHistoryRequest(key=key, history_ciphertexts=blobs, model_version=model_version)
-    return stub.UploadHistory(request, timeout=60)
+    return stub.UploadHistory(client._authorize(RECOMMENDER, "UploadHistory", key.key_id, request), timeout=60)
+
+
+def signed_score(client, request):
+    return client._authorize(RECOMMENDER, "Score", request.key.key_id, request)
 
 
 def expect(code, fn, *args, match="", **kwargs):
@@ -217,15 +221,21 @@ def test_malformed_truncated_and_foreign_histories_get_the_statuses_queries_get(
     expect(STATUS.FAILED_PRECONDITION, upload, stub, client, valid_history, model_version="0" * 64, match="serves")
     ref = upload(stub, client, valid_history).profile_ref  # still serving
     score = recommender_pb2.ScoreRequest(key=common_pb2.KeyRef(key_id=client.key_id), profile_ref=ref)
-    assert len(stub.Score(score, timeout=60).score_ciphertexts) == 4
+    assert len(stub.Score(signed_score(client, score), timeout=60).score_ciphertexts) == 4
     unknown = recommender_pb2.ScoreRequest(key=common_pb2.KeyRef(key_id=client.key_id), profile_ref="nope")
-    expect(STATUS.NOT_FOUND, stub.Score, unknown, timeout=60, match="upload it again")
+    expect(STATUS.NOT_FOUND, stub.Score, signed_score(client, unknown), timeout=60, match="upload it again")
 
 
-def test_a_history_is_scored_only_under_the_key_it_was_uploaded_with(stub, client, valid_history):
+def test_a_history_is_scored_only_under_the_key_it_was_uploaded_with(
+    stub, client, valid_history, recommender, keyservice, tmp_path
+):
     ref = upload(stub, client, valid_history).profile_ref
-    other = recommender_pb2.ScoreRequest(key=common_pb2.KeyRef(key_id="cd" * 32), profile_ref=ref)
-    expect(STATUS.INVALID_ARGUMENT, stub.Score, other, timeout=60, match="another key")
+    second = client_for(recommender[0], keyservice[0], tmp_path)  # the same owner's other key
+    second.keys, second.account = keystore.load_test_keys(client.keys), client.account
+    second.register()
+    other = recommender_pb2.ScoreRequest(key=common_pb2.KeyRef(key_id=second.key_id), profile_ref=ref)
+    expect(STATUS.INVALID_ARGUMENT, stub.Score, signed_score(second, other), timeout=60, match="another key")
+    second.close()
 
 
 @pytest.mark.parametrize(

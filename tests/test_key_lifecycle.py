@@ -5,9 +5,11 @@ import grpc
 import numpy as np
 import psutil
 import pytest
+from eth_account import Account
 
 from cipherfeed.cache import Keys
 from cipherfeed.client import keystore
+from cipherfeed.client.sdk import RECOMMENDER
 from cipherfeed.he.params import MESH_PARAMS
 from cipherfeed.v1 import keyservice_pb2, keyservice_pb2_grpc
 from services.recommender.server import serve as serve_recommender
@@ -38,6 +40,7 @@ def on(client, port, keyservice_port, tmp_path):
     """The same user (same keys and key id) talking to another replica."""
     other = client_for(port, keyservice_port, tmp_path)
     other.keys, other.key_id, other.key_version = client.keys, client.key_id, client.key_version
+    other.account = client.account
     return other
 
 
@@ -65,11 +68,11 @@ def test_disable_is_refused_by_every_replica_on_the_next_request(
     retried = b.score_ciphertext(query)  # same bytes on the other replica: from the shared cache
     assert retried.from_cache
     np.testing.assert_array_equal(retried.scores, first.scores)
-    a.keyservice.DisableKey(keyservice_pb2.KeyStateRequest(key_id=a.key_id), timeout=5)
+    a.disable()
     for replica in (a, b):  # no wait: the very next request is refused, cached result or not
         err = refused(replica.score_ciphertext, query)
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "DISABLED" in err.details()
-    a.keyservice.EnableKey(keyservice_pb2.KeyStateRequest(key_id=a.key_id), timeout=5)
+    a.enable()
     assert b.score(unit(2)).scores.size
     b.close()
 
@@ -82,7 +85,7 @@ def test_rotation_keeps_old_versions_until_the_minimum_is_raised(fresh_client, r
     b = on(a, replica_b[0], keyservice[0], tmp_path)
     new = b.score(unit(3))  # v2 keys, fetched by replica B from Redis or the key service
     old = client_for(replica_b[0], keyservice[0], tmp_path)
-    old.keys, old.key_id, old.key_version = v1_keys, a.key_id, v1
+    old.keys, old.key_id, old.key_version, old.account = v1_keys, a.key_id, v1, a.account
     assert old.score(unit(3)).scores.size == new.scores.size  # v1 still usable
     a.rotate(keystore.generate(MESH_PARAMS), min_version=3)
     err = refused(old.score, unit(4))
@@ -99,7 +102,7 @@ def test_destroy_removes_material_everywhere(fresh_client, replica_b, keyservice
     key_id = a.key_id
     r = redis_server.client()
     assert r.exists(Keys.eval_keys(key_id, 1))
-    record = a.keyservice.DestroyKey(keyservice_pb2.KeyStateRequest(key_id=key_id), timeout=5)
+    record = a.destroy()
     assert record.state == keyservice_pb2.DESTROYED and not record.versions[0].material_sha256
     assert not r.exists(Keys.eval_keys(key_id, 1))
     for replica in (a, b):
@@ -108,7 +111,7 @@ def test_destroy_removes_material_everywhere(fresh_client, replica_b, keyservice
     as_recommender = keyservice_pb2_grpc.KeyServiceStub(mesh_pki().channel(keyservice[0], "keyservice", "recommender"))
     err = refused(as_recommender.GetEvalKeys, keyservice_pb2.GetKeyRequest(key_id=key_id), timeout=5)
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-    err = refused(a.keyservice.EnableKey, keyservice_pb2.KeyStateRequest(key_id=key_id), timeout=5)
+    err = refused(a.enable)
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     _, ks_core = keyservice
     assert ks_core.store.material(key_id, 1) is None  # the tombstone keeps the id, not the keys
@@ -124,9 +127,9 @@ def test_scoring_survives_redis_going_away_and_caching_resumes(fresh_client, rec
         during = a.score(unit(6))  # state from the key service, keys still installed in process
         np.testing.assert_allclose(during.scores, reference, atol=1e-4)
         assert not during.from_cache
-        a.keyservice.DisableKey(keyservice_pb2.KeyStateRequest(key_id=a.key_id), timeout=5)
+        a.disable()
         assert refused(a.score, unit(6)).code() == grpc.StatusCode.FAILED_PRECONDITION  # still enforced
-        a.keyservice.EnableKey(keyservice_pb2.KeyStateRequest(key_id=a.key_id), timeout=5)
+        a.enable()
     finally:
         redis_server.restart()  # empty, like a flushed cache
     # Both circuit breakers would ask Redis again within a second by themselves; do it now.
@@ -157,11 +160,8 @@ def test_profile_uploaded_under_another_key_is_refused(fresh_client, client):
     ref = fresh_client.upload_profile(unit(9))
     from cipherfeed.v1 import recommender_pb2
 
-    err = refused(
-        client.stub.Score,
-        recommender_pb2.ScoreRequest(key=client._key_ref(), profile_ref=ref),
-        timeout=30,
-    )
+    request = recommender_pb2.ScoreRequest(key=client._key_ref(), profile_ref=ref)
+    err = refused(client.stub.Score, client._authorize(RECOMMENDER, "Score", client.key_id, request), timeout=30)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -174,7 +174,7 @@ def test_memory_stays_bounded_as_many_users_come_and_go(tiktok_model, keyservice
     try:
         for i in range(24):
             user = client_for(running.port, keyservice[0], tmp_path / f"u{i}")
-            user.keys = keystore.load_test_keys(shared)
+            user.keys, user.account = keystore.load_test_keys(shared), Account.create()
             user.register()
             user.score(unit(100 + i))
             user.close()

@@ -1,5 +1,6 @@
 """The key service on its own: registration, signing keys, audit, durability, secrets at rest."""
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -8,7 +9,9 @@ import sys
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from eth_account import Account
 
+from cipherfeed import ownerauth
 from cipherfeed.client import keystore
 from cipherfeed.config import REPO_ROOT
 from cipherfeed.devprocess import start_service
@@ -46,10 +49,25 @@ def material():
     return keys.public_key_bytes, keys.rotation_key_bytes
 
 
+OWNER = Account.create()
+KEYSERVICE = "cipherfeed.v1.KeyService"
+
+
+def signed(method, key_id, request, account=OWNER):
+    """``request`` with the owner's EIP-712 signature for ``method`` on ``key_id``."""
+    ownerauth.sign_request(account, 31337, f"{KEYSERVICE}/{method}", key_id, request)
+    return request
+
+
 def register(ks, public_key, rotation_keys):
-    return ks.RegisterKey(
-        keyservice_pb2.RegisterKeyRequest(public_key=public_key, rotation_key_map=rotation_keys), timeout=60
+    request = keyservice_pb2.RegisterKeyRequest(
+        public_key=public_key, rotation_key_map=rotation_keys, owner=OWNER.address
     )
+    return ks.RegisterKey(signed("RegisterKey", hashlib.sha256(public_key).hexdigest(), request), timeout=60)
+
+
+def set_state(ks, method, key_id):
+    return getattr(ks, method)(signed(method, key_id, keyservice_pb2.KeyStateRequest(key_id=key_id)), timeout=5)
 
 
 def test_register_is_idempotent_and_conflicts_are_refused(ks, material):
@@ -96,9 +114,10 @@ def test_signing_keys_sign_verify_and_rotate(ks, ks_ledger, ks_operator):
 def test_audit_records_every_change_and_no_key_material(ks, material, keyservice):
     pk, rk = material
     record = register(ks, pk, rk)
-    ks.DisableKey(keyservice_pb2.KeyStateRequest(key_id=record.key.key_id), timeout=5)
-    ks.EnableKey(keyservice_pb2.KeyStateRequest(key_id=record.key.key_id), timeout=5)
-    entries = ks.ListAudit(keyservice_pb2.ListAuditRequest(limit=1000), timeout=5).entries
+    set_state(ks, "DisableKey", record.key.key_id)
+    set_state(ks, "EnableKey", record.key.key_id)
+    audit = keyservice_pb2.ListAuditRequest(limit=1000, key_id=record.key.key_id)
+    entries = ks.ListAudit(signed("ListAudit", record.key.key_id, audit), timeout=5).entries
     mine = [e.action for e in entries if e.subject == record.key.key_id]
     assert mine[:1] == ["key.register"] and mine[-2:] == ["key.disabled", "key.enabled"]
     assert [e.seq for e in entries] == sorted(e.seq for e in entries)
@@ -151,7 +170,7 @@ def test_restart_after_a_crash_loses_nothing(tmp_path, master_key_file, material
         with mesh_pki().channel(port, "keyservice", "device") as ch:
             stub = keyservice_pb2_grpc.KeyServiceStub(ch)
             record = register(stub, *material)
-            stub.DisableKey(keyservice_pb2.KeyStateRequest(key_id=record.key.key_id), timeout=5)
+            set_state(stub, "DisableKey", record.key.key_id)
             public = stub.GetPublicKeys(keyservice_pb2.GetPublicKeysRequest(), timeout=5)
     finally:
         proc.send_signal(signal.SIGKILL)  # a crash, not a clean shutdown
@@ -167,7 +186,7 @@ def test_restart_after_a_crash_loses_nothing(tmp_path, master_key_file, material
             again = stub.GetKey(keyservice_pb2.GetKeyRequest(key_id=record.key.key_id), timeout=5)
             assert again.state == keyservice_pb2.DISABLED
             assert again.versions[0].material_sha256 == KeyMaterial(*material).sha256
-            stub.EnableKey(keyservice_pb2.KeyStateRequest(key_id=record.key.key_id), timeout=5)
+            set_state(stub, "EnableKey", record.key.key_id)
             as_recommender = keyservice_pb2_grpc.KeyServiceStub(rec_ch)
             keys = as_recommender.GetEvalKeys(keyservice_pb2.GetKeyRequest(key_id=record.key.key_id), timeout=30)
             assert (keys.public_key, keys.rotation_key_map) == material
@@ -175,7 +194,8 @@ def test_restart_after_a_crash_loses_nothing(tmp_path, master_key_file, material
             signed = keyservice_pb2_grpc.KeyServiceStub(ledger_ch).Sign(
                 keyservice_pb2.SignRequest(key_name="ledger", message=b"m"), timeout=5
             )
-            Ed25519PublicKey.from_public_bytes(public.keys[-1].ed25519_public_key).verify(signed.signature, b"m")
+            ledger_key = [k for k in public.keys if k.key_name == "ledger"][-1]
+            Ed25519PublicKey.from_public_bytes(ledger_key.ed25519_public_key).verify(signed.signature, b"m")
     finally:
         proc.terminate()
         proc.wait(timeout=10)

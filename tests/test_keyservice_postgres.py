@@ -16,6 +16,8 @@ from services.keyservice.envelope import MasterKey
 from services.keyservice.server import build_core
 from tests.conftest import TEST_LIMITS, mesh_pki
 
+OWNER = "0x" + "ab" * 20  # an owner address; these changes go through the core, not the servicer
+
 
 def config_for(uri: str, state_dir: Path, master_key_file: Path) -> KeyServiceConfig:
     return KeyServiceConfig(
@@ -31,17 +33,18 @@ def test_lifecycle_audit_and_restart_on_postgresql(postgres, master_key_file, tm
     material = KeyMaterial(keys.public_key_bytes, keys.rotation_key_bytes)
     core = build_core(config_for(uri, tmp_path, master_key_file))
     try:
-        row = core.register(material)
-        assert core.register(material).key_id == row.key_id  # idempotent
+        row = core.register(material, OWNER)
+        assert core.register(material, OWNER).key_id == row.key_id  # idempotent
         core.rotate(
             row.key_id,
             KeyMaterial(*(lambda k: (k.public_key_bytes, k.rotation_key_bytes))(keystore.generate(MESH_PARAMS))),
             0,
+            OWNER,
         )
-        core.set_state(row.key_id, KeyState.DISABLED)
+        core.set_state(row.key_id, KeyState.DISABLED, OWNER)
         with pytest.raises(KeyStateError):
             core.eval_keys(row.key_id, 0)
-        core.set_state(row.key_id, KeyState.ENABLED)
+        core.set_state(row.key_id, KeyState.ENABLED, OWNER)
         version, got = core.eval_keys(row.key_id, 1)
         assert (version, got) == (1, material)
         signed_version, _ = core.sign("ledger", b"m")
@@ -51,7 +54,7 @@ def test_lifecycle_audit_and_restart_on_postgresql(postgres, master_key_file, tm
             db.execute("UPDATE audit SET action = ?", ("x",))
         actions = [e.action for e in core.store.audit_entries(0, 1000) if e.subject == row.key_id]
         assert actions == ["key.register", "key.rotate", "key.disabled", "key.enabled"]
-        core.set_state(row.key_id, KeyState.DESTROYED)
+        core.set_state(row.key_id, KeyState.DESTROYED, OWNER)
         assert core.store.material(row.key_id, 1) is None
     finally:
         core.close()

@@ -1,12 +1,16 @@
 """Bad input gets a precise status and the recommender keeps serving."""
 
+import hashlib
 import os
 
 import grpc
 import numpy as np
 import openfhe
 import pytest
+from eth_account import Account
 
+from cipherfeed import ownerauth
+from cipherfeed.client.sdk import RECOMMENDER
 from cipherfeed.config import GrpcLimits
 from cipherfeed.he import globalkeys
 from cipherfeed.he.codec import Kind, serialize
@@ -42,9 +46,8 @@ def valid_query(client):
 
 def score(stub, client, query, key_id=None, model_version=""):
     key = common_pb2.KeyRef(key_id=client.key_id if key_id is None else key_id, version=client.key_version)
-    return stub.Score(
-        recommender_pb2.ScoreRequest(key=key, query_ciphertext=query, model_version=model_version), timeout=60
-    )
+    request = recommender_pb2.ScoreRequest(key=key, query_ciphertext=query, model_version=model_version)
+    return stub.Score(client._authorize(RECOMMENDER, "Score", key.key_id, request), timeout=60)
 
 
 def expect(code, fn, *args, match="", **kwargs):
@@ -153,10 +156,16 @@ def test_unknown_items(stub, tiktok_model):
     assert [i.index for i in ok.items] == [0, 1] and "embedding" not in recommender_pb2.Item.DESCRIPTOR.fields_by_name
 
 
+REGISTRANT = Account.create()
+
+
 def register(stub, public_key, rotation_keys):
-    return stub.RegisterKey(
-        keyservice_pb2.RegisterKeyRequest(public_key=public_key, rotation_key_map=rotation_keys), timeout=60
+    request = keyservice_pb2.RegisterKeyRequest(
+        public_key=public_key, rotation_key_map=rotation_keys, owner=REGISTRANT.address
     )
+    key_id = hashlib.sha256(public_key).hexdigest()
+    ownerauth.sign_request(REGISTRANT, 31337, "cipherfeed.v1.KeyService/RegisterKey", key_id, request)
+    return stub.RegisterKey(request, timeout=60)
 
 
 @pytest.fixture(scope="module")

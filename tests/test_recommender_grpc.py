@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from cipherfeed.client.interest import Engagement, interest_vector
 from cipherfeed.client.ranking import rank_feed
-from cipherfeed.client.sdk import ClientError
+from cipherfeed.client.sdk import RECOMMENDER, ClientError
 from cipherfeed.he.packing import plaintext_scores
 from cipherfeed.v1 import keyservice_pb2, ledger_pb2, recommender_pb2
 from tests.conftest import mesh_pki
@@ -53,7 +53,7 @@ def test_encrypted_top10_equals_plaintext_top10_for_20_users(client, tiktok_mode
 def test_client_refuses_a_layout_that_breaks_the_folding_rule(client, tiktok_model):
     query = client.encrypt_query(np.ones(64) / 8)
     request = recommender_pb2.ScoreRequest(key=client._key_ref(), query_ciphertext=query)
-    response = client.stub.Score(request, timeout=30)
+    response = client.stub.Score(client._authorize(RECOMMENDER, "Score", client.key_id, request), timeout=30)
     assert response.layout.tail_fold == 4  # 26,558 items: a 1,982-item last block
     digest = hashlib.sha256(query).digest()
     assert len(client._decrypt(response, digest, len(query)).scores) == tiktok_model.item_count

@@ -1,5 +1,6 @@
-"""The client's CKKS key pair on disk. The secret key file is 0600 in a 0700 directory and is never
-sent anywhere; only the public key and the rotation key map are uploaded."""
+"""The client's CKKS key pair on disk, and beside it the Ethereum account that owns the registered
+key. The secret key and account key files are 0600 in a 0700 directory and are never sent or
+logged; only the public key, the rotation key map and the account's address are uploaded."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import openfhe
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
 
 from cipherfeed.he import globalkeys
 from cipherfeed.he.codec import serialize
@@ -18,6 +21,7 @@ SECRET_FILE = "secret.key"
 PUBLIC_FILE = "public.key"
 ROTATION_FILE = "rotation.keys"
 META_FILE = "keys.json"
+ACCOUNT_FILE = "owner.key"  # the owner account's secp256k1 private key, hex
 
 
 class KeyStoreError(RuntimeError):
@@ -86,6 +90,24 @@ def load(directory: Path, params: HEParams) -> ClientKeys:
         public_key_bytes=public,
         rotation_key_bytes=(directory / ROTATION_FILE).read_bytes(),
     )
+
+
+def load_or_create_account(directory: Path) -> LocalAccount:
+    """The account that owns this device's keys: read from ``directory``, or made and saved there."""
+    path = directory / ACCOUNT_FILE
+    if path.is_file():
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise KeyStoreError(f"{path} is readable by others (mode {mode:o}); chmod 600 it")
+        try:
+            return Account.from_key(bytes.fromhex(path.read_text().strip().removeprefix("0x")))
+        except ValueError:
+            raise KeyStoreError(f"{path} is not a secp256k1 private key in hex") from None
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    account = Account.create()
+    _write_private(path, account.key.hex().removeprefix("0x").encode())
+    return account
 
 
 def load_or_generate(directory: Path, params: HEParams) -> tuple[ClientKeys, bool]:

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import grpc
 import numpy as np
+from eth_account.messages import encode_defunct
+from eth_account.signers.local import LocalAccount
+from google.protobuf.message import Message
 
+from cipherfeed import ownerauth, siwe
 from cipherfeed.client import keystore
 from cipherfeed.client.catalogue import ManifestCache
 from cipherfeed.client.interest import Engagement, history_weights
@@ -36,6 +42,11 @@ from cipherfeed.v1 import (
 
 class ClientError(RuntimeError):
     """The server's answer cannot be trusted or used."""
+
+
+KEYSERVICE = keyservice_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
+RECOMMENDER = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
+SESSION_MARGIN = 30  # seconds before a session token's expiry that the SDK stops using it
 
 
 @dataclass(frozen=True)
@@ -107,6 +118,8 @@ class RecommenderClient:
         self._params: HEParams | None = None
         self._codec: MaterialCodec | None = None
         self.keys: ClientKeys | None = None
+        self.account: LocalAccount | None = None  # owns the registered key; never sent or logged
+        self.session: keyservice_pb2.SessionToken | None = None
         self.key_id: str | None = None
         self.key_version: int = 0
         self._profile: tuple[bytes, str] | None = None  # (query sha256, profile_ref)
@@ -152,20 +165,66 @@ class RecommenderClient:
         return self.stub.GetModelInfo(recommender_pb2.GetModelInfoRequest(), timeout=self._deadline)
 
     def use_keys(self, directory: Path | None = None) -> bool:
-        """Loads the key pair from ``directory`` (default: the client home), making one if needed."""
-        self.keys, created = keystore.load_or_generate(directory or self.config.home / "keys", self.params())
+        """Loads the key pair and its owner account from ``directory`` (default: the client home),
+        making them if needed."""
+        directory = directory or self.config.home / "keys"
+        self.keys, created = keystore.load_or_generate(directory, self.params())
+        self.account = keystore.load_or_create_account(directory)
         return created
 
-    def register(self) -> str:
-        """Registers the public key and rotation keys with the key service (idempotent)."""
-        keys = self._require_keys()
-        record = self.keyservice.RegisterKey(
-            keyservice_pb2.RegisterKeyRequest(
-                public_key=keys.public_key_bytes, rotation_key_map=keys.rotation_key_bytes
-            ),
-            timeout=self._deadline,
+    def _require_account(self) -> LocalAccount:
+        if self.account is None:
+            raise ClientError("no owner account loaded; call use_keys() first")
+        return self.account
+
+    def _authorize(self, service: str, method: str, key_id: str, request: Message) -> Message:
+        """Sets the owner's authorization on ``request``: the session token while it is fresh,
+        else an EIP-712 signature over this very request."""
+        if self.session is not None and self.session.expires_unix > time.time() + SESSION_MARGIN:
+            request.auth.session_token = self.session.token  # type: ignore[attr-defined]
+        else:
+            account = self._require_account()
+            ownerauth.sign_request(account, self.config.chain_id, f"{service}/{method}", key_id, request)
+        return request
+
+    def sign_in(self, statement: str = "Sign in to cipherfeed with this device's owner account.") -> str:
+        """Sign-In with Ethereum (EIP-4361) with the owner account: later owner requests carry the
+        session token instead of a signature each. Returns the token."""
+        account = self._require_account()
+        challenge = self.keyservice.GetSignInNonce(keyservice_pb2.GetSignInNonceRequest(), timeout=self._deadline)
+        now = datetime.now(timezone.utc)
+        message = siwe.SiweMessage(
+            domain=challenge.domain,
+            address=account.address,
+            statement=statement,
+            uri=challenge.uri,
+            chain_id=self.config.chain_id,
+            nonce=challenge.nonce,
+            issued_at=siwe.format_time(now),
+            expiration_time=siwe.format_time(now + timedelta(minutes=15)),
         )
+        text = message.text()
+        signature = bytes(account.sign_message(encode_defunct(text=text)).signature)
+        session = self.keyservice.SignIn(
+            keyservice_pb2.SignInRequest(message=text, signature=signature), timeout=self._deadline
+        )
+        if session.address != account.address:
+            raise ClientError("the key service issued a session for another account")
+        self.session = session
+        return session.token
+
+    def register(self) -> str:
+        """Registers the public key and rotation keys with the key service, owned by this
+        device's account (idempotent)."""
+        keys = self._require_keys()
+        account = self._require_account()
         expected = hashlib.sha256(keys.public_key_bytes).hexdigest()
+        request = keyservice_pb2.RegisterKeyRequest(
+            public_key=keys.public_key_bytes, rotation_key_map=keys.rotation_key_bytes, owner=account.address
+        )
+        record = self.keyservice.RegisterKey(
+            self._authorize(KEYSERVICE, "RegisterKey", expected, request), timeout=self._deadline
+        )
         if record.key.key_id != expected:
             raise ClientError("key service returned a key id that is not the hash of our public key")
         self.key_id = record.key.key_id
@@ -176,20 +235,50 @@ class RecommenderClient:
         """Registers ``new_keys`` as the next version of this key; returns that version."""
         if self.key_id is None:
             raise ClientError("register before rotating")
+        request = keyservice_pb2.RotateKeyRequest(
+            key_id=self.key_id,
+            public_key=new_keys.public_key_bytes,
+            rotation_key_map=new_keys.rotation_key_bytes,
+            min_version=min_version,
+        )
         record = self.keyservice.RotateKey(
-            keyservice_pb2.RotateKeyRequest(
-                key_id=self.key_id,
-                public_key=new_keys.public_key_bytes,
-                rotation_key_map=new_keys.rotation_key_bytes,
-                min_version=min_version,
-            ),
-            timeout=self._deadline,
+            self._authorize(KEYSERVICE, "RotateKey", self.key_id, request), timeout=self._deadline
         )
         self.keys = new_keys
         self.key_version = record.key.version
         self._profile = None
         self._history = None
         return self.key_version
+
+    def _set_state(self, method: str) -> keyservice_pb2.KeyRecord:
+        if self.key_id is None:
+            raise ClientError("register first")
+        request = keyservice_pb2.KeyStateRequest(key_id=self.key_id)
+        call = getattr(self.keyservice, method)
+        return call(self._authorize(KEYSERVICE, method, self.key_id, request), timeout=self._deadline)
+
+    def disable(self) -> keyservice_pb2.KeyRecord:
+        """Stops every recommender from using this key until ``enable``."""
+        return self._set_state("DisableKey")
+
+    def enable(self) -> keyservice_pb2.KeyRecord:
+        return self._set_state("EnableKey")
+
+    def destroy(self) -> keyservice_pb2.KeyRecord:
+        """Deletes the key's material for good (the key id stays, DESTROYED)."""
+        record = self._set_state("DestroyKey")
+        self._profile = None
+        return record
+
+    def audit(self, after_seq: int = 0, limit: int = 100) -> list[keyservice_pb2.AuditEntry]:
+        """This key's entries in the key service's audit log."""
+        if self.key_id is None:
+            raise ClientError("register first")
+        request = keyservice_pb2.ListAuditRequest(key_id=self.key_id, after_seq=after_seq, limit=limit)
+        reply = self.keyservice.ListAudit(
+            self._authorize(KEYSERVICE, "ListAudit", self.key_id, request), timeout=self._deadline
+        )
+        return list(reply.entries)
 
     @staticmethod
     def _version_of(record: keyservice_pb2.KeyRecord, keys: ClientKeys) -> int:
@@ -215,9 +304,10 @@ class RecommenderClient:
     def upload_profile(self, u: np.ndarray) -> str:
         """Uploads the encrypted interest vector once; later scores send only the reference."""
         query = self.encrypt_query(u)
+        ref = self._key_ref()
+        request = recommender_pb2.UploadProfileRequest(key=ref, query_ciphertext=query)
         reply = self.stub.UploadProfile(
-            recommender_pb2.UploadProfileRequest(key=self._key_ref(), query_ciphertext=query),
-            timeout=self._deadline,
+            self._authorize(RECOMMENDER, "UploadProfile", ref.key_id, request), timeout=self._deadline
         )
         self._profile = (hashlib.sha256(query).digest(), reply.profile_ref)
         return reply.profile_ref
@@ -235,7 +325,9 @@ class RecommenderClient:
                 self.upload_profile(u)
             assert self._profile is not None
             query_sha, ref = self._profile
-            request = recommender_pb2.ScoreRequest(key=self._key_ref(), profile_ref=ref, model_version=pin_model)
+            key = self._key_ref()
+            request = recommender_pb2.ScoreRequest(key=key, profile_ref=ref, model_version=pin_model)
+            self._authorize(RECOMMENDER, "Score", key.key_id, request)
             try:
                 return self._decrypt(self.stub.Score(request, timeout=self._deadline), query_sha, 0)
             except grpc.RpcError as exc:
@@ -248,11 +340,10 @@ class RecommenderClient:
         catalogue; normalised here to sum to 1) and uploads it; the server computes the encrypted
         interest vector ``u = X^T w`` from it. Returns the profile reference to score by."""
         blobs = encrypt_history(self._require_keys(), weights)
+        key = self._key_ref()
+        request = recommender_pb2.UploadHistoryRequest(key=key, history_ciphertexts=blobs, model_version=pin_model)
         reply = self.stub.UploadHistory(
-            recommender_pb2.UploadHistoryRequest(
-                key=self._key_ref(), history_ciphertexts=blobs, model_version=pin_model
-            ),
-            timeout=self._deadline,
+            self._authorize(RECOMMENDER, "UploadHistory", key.key_id, request), timeout=self._deadline
         )
         if len(self._histories) >= 64:  # a few live references; the oldest are forgotten
             self._histories.pop(next(iter(self._histories)))
@@ -270,7 +361,9 @@ class RecommenderClient:
             expected = self._profile[0]
         if expected is None:
             raise ClientError("unknown profile reference: pass the SHA-256 of what was uploaded")
-        request = recommender_pb2.ScoreRequest(key=self._key_ref(), profile_ref=profile_ref, model_version=pin_model)
+        key = self._key_ref()
+        request = recommender_pb2.ScoreRequest(key=key, profile_ref=profile_ref, model_version=pin_model)
+        self._authorize(RECOMMENDER, "Score", key.key_id, request)
         return self._decrypt(self.stub.Score(request, timeout=self._deadline), expected, 0)
 
     def score_history(self, weights: np.ndarray, pin_model: str = "") -> EncryptedScores:
@@ -290,8 +383,9 @@ class RecommenderClient:
     def score_ciphertext(self, query: bytes, pin_model: str = "") -> EncryptedScores:
         """Scores an already encrypted query; sending the same bytes again (a retry) is answered
         from the server's result cache without recomputation."""
-        request = recommender_pb2.ScoreRequest(key=self._key_ref(), query_ciphertext=query, model_version=pin_model)
-        response = self.stub.Score(request, timeout=self._deadline)
+        key = self._key_ref()
+        request = recommender_pb2.ScoreRequest(key=key, query_ciphertext=query, model_version=pin_model)
+        response = self.stub.Score(self._authorize(RECOMMENDER, "Score", key.key_id, request), timeout=self._deadline)
         return self._decrypt(response, hashlib.sha256(query).digest(), len(query))
 
     def _decrypt(

@@ -31,6 +31,8 @@ def build_core(config: KeyServiceConfig, params: HEParams = MESH_PARAMS) -> KeyS
         Cache(config.redis),
         key_state_ttl=config.redis.key_state_ttl,
         max_material_bytes=config.limits.max_eval_key_bytes,
+        owner_auth=config.owner_auth,
+        quotas=config.owner_quotas,
     )
     for name in config.signing_key_names:
         core.ensure_signing_key(name)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import grpc
 
+from cipherfeed.errors import PermissionDenied, Reason, Unauthenticated, required
 from cipherfeed.grpcutil import grpc_errors
 from cipherfeed.he.keymap import KeyMaterial
+from cipherfeed.identity import peer_identity
 from cipherfeed.keystate import KeyState, check_key_id
+from cipherfeed.ownerauth import checksum_address, method_name
 from cipherfeed.v1 import common_pb2, keyservice_pb2, keyservice_pb2_grpc
-from services.keyservice.core import KeyServiceCore, SigningPublicKey
+from services.keyservice.core import KeyServiceCore, SigningPublicKey, key_id_for
 from services.keyservice.store import KeyRow
 
 Ctx = grpc.ServicerContext
+SERVICE = keyservice_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
 
 
 def key_record(row: KeyRow) -> keyservice_pb2.KeyRecord:
@@ -21,6 +25,7 @@ def key_record(row: KeyRow) -> keyservice_pb2.KeyRecord:
         min_version=row.min_version,
         created_unix=row.created_unix,
         updated_unix=row.updated_unix,
+        owner=row.owner,
         versions=[
             keyservice_pb2.KeyVersionInfo(
                 version=v.version,
@@ -46,13 +51,31 @@ def _key_id(
 
 
 class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
+    """Every change to a key, and reading its audit, is authorized by the key's owner
+    (cipherfeed/ownerauth.py); an operator identity may also disable any key and read all audit."""
+
     def __init__(self, core: KeyServiceCore) -> None:
         self.core = core
+        self.operators = frozenset(core.owner_auth.operator_identities)
+
+    def _owner(self, method: str, request: Any, key_id: str) -> str:
+        """The owner's address if ``request`` carries their valid authorization for ``method``."""
+        owner = self.core.get(key_id).owner
+        return self.core.owners.authorize(method_name(SERVICE, method), key_id, request, owner).address
+
+    def _operator(self, context: Ctx) -> str | None:
+        identity = peer_identity(context)
+        return identity if identity in self.operators else None
 
     @grpc_errors
     def RegisterKey(self, request: keyservice_pb2.RegisterKeyRequest, context: Ctx) -> keyservice_pb2.KeyRecord:
+        if not request.owner:
+            raise required("owner")
+        owner = checksum_address(request.owner)
+        key_id = key_id_for(request.public_key)
+        self.core.owners.authorize(method_name(SERVICE, "RegisterKey"), key_id, request, owner)
         material = KeyMaterial(public_key=request.public_key, rotation_keys=request.rotation_key_map)
-        return key_record(self.core.register(material))
+        return key_record(self.core.register(material, owner))
 
     @grpc_errors
     def GetKey(self, request: keyservice_pb2.GetKeyRequest, context: Ctx) -> keyservice_pb2.KeyRecord:
@@ -69,20 +92,45 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
 
     @grpc_errors
     def RotateKey(self, request: keyservice_pb2.RotateKeyRequest, context: Ctx) -> keyservice_pb2.KeyRecord:
+        key_id = _key_id(request)
+        by = self._owner("RotateKey", request, key_id)
         material = KeyMaterial(public_key=request.public_key, rotation_keys=request.rotation_key_map)
-        return key_record(self.core.rotate(_key_id(request), material, request.min_version))
+        return key_record(self.core.rotate(key_id, material, request.min_version, by))
 
     @grpc_errors
     def DisableKey(self, request: keyservice_pb2.KeyStateRequest, context: Ctx) -> keyservice_pb2.KeyRecord:
-        return key_record(self.core.set_state(_key_id(request), KeyState.DISABLED))
+        key_id = _key_id(request)
+        operator = None if request.HasField("auth") else self._operator(context)
+        by = f"operator:{operator}" if operator else self._owner("DisableKey", request, key_id)
+        return key_record(self.core.set_state(key_id, KeyState.DISABLED, by))
 
     @grpc_errors
     def EnableKey(self, request: keyservice_pb2.KeyStateRequest, context: Ctx) -> keyservice_pb2.KeyRecord:
-        return key_record(self.core.set_state(_key_id(request), KeyState.ENABLED))
+        key_id = _key_id(request)
+        return key_record(self.core.set_state(key_id, KeyState.ENABLED, self._owner("EnableKey", request, key_id)))
 
     @grpc_errors
     def DestroyKey(self, request: keyservice_pb2.KeyStateRequest, context: Ctx) -> keyservice_pb2.KeyRecord:
-        return key_record(self.core.set_state(_key_id(request), KeyState.DESTROYED))
+        key_id = _key_id(request)
+        by = self._owner("DestroyKey", request, key_id)
+        return key_record(self.core.set_state(key_id, KeyState.DESTROYED, by))
+
+    @grpc_errors
+    def GetSignInNonce(
+        self, request: keyservice_pb2.GetSignInNonceRequest, context: Ctx
+    ) -> keyservice_pb2.SignInChallenge:
+        nonce, expires = self.core.signin_nonce()
+        cfg = self.core.owner_auth
+        return keyservice_pb2.SignInChallenge(
+            nonce=nonce, expires_unix=expires, domain=cfg.siwe_domain, uri=cfg.siwe_uri, chain_id=cfg.chain_id
+        )
+
+    @grpc_errors
+    def SignIn(self, request: keyservice_pb2.SignInRequest, context: Ctx) -> keyservice_pb2.SessionToken:
+        token, claims = self.core.sign_in(request.message, request.signature)
+        return keyservice_pb2.SessionToken(
+            token=token, address=claims.address, expires_unix=claims.expires_unix, audience=claims.audience
+        )
 
     @grpc_errors
     def Sign(self, request: keyservice_pb2.SignRequest, context: Ctx) -> keyservice_pb2.SignResponse:
@@ -104,7 +152,25 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
     @grpc_errors
     def ListAudit(self, request: keyservice_pb2.ListAuditRequest, context: Ctx) -> keyservice_pb2.ListAuditResponse:
         limit = min(request.limit or 100, 1000)
-        rows = self.core.store.audit_entries(min(request.after_seq, 2**63 - 1), limit)  # SQL integers are 64-bit signed
+        after = min(request.after_seq, 2**63 - 1)  # SQL integers are 64-bit signed
+        operator = None if request.HasField("auth") else self._operator(context)
+        if request.key_id:
+            key_id = check_key_id(request.key_id)
+            if not operator:
+                self._owner("ListAudit", request, key_id)
+            rows = self.core.store.audit_entries(after, limit, subject=key_id)
+        elif operator:
+            rows = self.core.store.audit_entries(after, limit)
+        elif peer_identity(context) is None:
+            raise Unauthenticated(
+                "the whole audit log is for operators; owners read their key's (set key_id)",
+                reason=Reason.OPERATOR_REQUIRED,
+            )
+        else:
+            raise PermissionDenied(
+                "the whole audit log is for operators; owners read their key's (set key_id)",
+                reason=Reason.NOT_OPERATOR,
+            )
         return keyservice_pb2.ListAuditResponse(
             entries=[
                 keyservice_pb2.AuditEntry(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cipherfeed.config import sqlite_path
+from cipherfeed.errors import Reason, ResourceExhausted
 from cipherfeed.he.keymap import KeyMaterial
 from cipherfeed.keystate import KeyState
 from cipherfeed.sqlitedb import DurableDatabase
@@ -22,8 +23,16 @@ CREATE TABLE IF NOT EXISTS he_keys (
   current_version INTEGER NOT NULL,
   min_version INTEGER NOT NULL,
   created_unix INTEGER NOT NULL,
-  updated_unix INTEGER NOT NULL
+  updated_unix INTEGER NOT NULL,
+  owner TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS owner_nonces (
+  signer TEXT NOT NULL,
+  nonce BLOB NOT NULL,
+  expires_unix INTEGER NOT NULL,
+  PRIMARY KEY (signer, nonce)
+);
+CREATE INDEX IF NOT EXISTS owner_nonces_expiry ON owner_nonces(expires_unix);
 CREATE TABLE IF NOT EXISTS he_key_versions (
   key_id TEXT NOT NULL REFERENCES he_keys(key_id),
   version INTEGER NOT NULL,
@@ -65,6 +74,15 @@ CREATE TABLE IF NOT EXISTS he_keys (
   created_unix BIGINT NOT NULL,
   updated_unix BIGINT NOT NULL
 );
+ALTER TABLE he_keys ADD COLUMN IF NOT EXISTS owner TEXT NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS he_keys_owner ON he_keys(owner);
+CREATE TABLE IF NOT EXISTS owner_nonces (
+  signer TEXT NOT NULL,
+  nonce BYTEA NOT NULL,
+  expires_unix BIGINT NOT NULL,
+  PRIMARY KEY (signer, nonce)
+);
+CREATE INDEX IF NOT EXISTS owner_nonces_expiry ON owner_nonces(expires_unix);
 CREATE TABLE IF NOT EXISTS he_key_versions (
   key_id TEXT NOT NULL REFERENCES he_keys(key_id),
   version INTEGER NOT NULL,
@@ -102,6 +120,12 @@ CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
 """
 
 
+class NonceStoreFull(ResourceExhausted):
+    """More unexpired signatures than the store keeps: refuse rather than forget one."""
+
+    reason = Reason.COUNT_LIMIT
+
+
 @dataclass(frozen=True)
 class VersionRow:
     version: int
@@ -119,6 +143,7 @@ class KeyRow:
     created_unix: int
     updated_unix: int
     versions: tuple[VersionRow, ...]
+    owner: str = ""  # checksummed Ethereum address; "" for keys registered before owners existed
 
 
 @dataclass(frozen=True)
@@ -151,6 +176,12 @@ class KeyStore:
         else:
             path = sqlite_path(dsn, "CIPHERFEED_KEYSERVICE_DSN")
             self.db = DurableDatabase(path, SQLITE_SCHEMA, ("secure_delete=ON",))
+            # Databases made before keys had owners (SQLite has no ADD COLUMN IF NOT EXISTS).
+            if "owner" not in {r[1] for r in self.db.query("PRAGMA table_info(he_keys)")}:
+                with self.db.transaction() as db:
+                    db.execute("ALTER TABLE he_keys ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+            with self.db.transaction() as db:
+                db.execute("CREATE INDEX IF NOT EXISTS he_keys_owner ON he_keys(owner)")
         self.path = self.db.path
 
     def close(self) -> None:
@@ -174,7 +205,7 @@ class KeyStore:
     def key(self, key_id: str) -> KeyRow | None:
         with self.db.locked():
             rows = self.db.query(
-                "SELECT key_id, state, current_version, min_version, created_unix, updated_unix"
+                "SELECT key_id, state, current_version, min_version, created_unix, updated_unix, owner"
                 " FROM he_keys WHERE key_id = ?",
                 (key_id,),
             )
@@ -197,7 +228,31 @@ class KeyStore:
             created_unix=row[4],
             updated_unix=row[5],
             versions=tuple(VersionRow(*v) for v in versions),
+            owner=row[6],
         )
+
+    def owner_usage(self, owner: str) -> tuple[int, int]:
+        """(keys not destroyed, bytes of key material stored) of one owner."""
+        rows = self.db.query(
+            "SELECT COUNT(DISTINCT k.key_id), COALESCE(SUM(CASE WHEN v.public_key IS NULL THEN 0"
+            " ELSE v.material_bytes END), 0) FROM he_keys k LEFT JOIN he_key_versions v ON v.key_id = k.key_id"
+            " WHERE k.owner = ? AND k.state <> 'DESTROYED'",
+            (owner,),
+        )
+        return int(rows[0][0]), int(rows[0][1])
+
+    def claim_nonce(self, signer: str, nonce: bytes, expires_unix: int, max_rows: int) -> bool:
+        """Records a signature's nonce until it expires; False if it is recorded (a replay)."""
+        with self.db.transaction() as db:
+            db.execute("DELETE FROM owner_nonces WHERE expires_unix < ?", (int(time.time()),))
+            count = db.execute("SELECT COUNT(*) FROM owner_nonces").fetchone()[0]
+            inserted = db.execute(
+                "INSERT INTO owner_nonces (signer, nonce, expires_unix) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                (signer, nonce, expires_unix),
+            ).rowcount
+            if inserted and count >= max_rows:
+                raise NonceStoreFull("too many signed requests in flight; retry shortly")
+        return inserted == 1
 
     def material(self, key_id: str, version: int) -> KeyMaterial | None:
         rows = self.db.query(
@@ -238,9 +293,10 @@ class KeyStore:
 
     # --- audit ----------------------------------------------------------------------------
 
-    def audit_entries(self, after_seq: int, limit: int) -> list[AuditRow]:
-        rows = self.db.query(
-            "SELECT seq, unix_millis, action, subject, version, detail FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after_seq, limit),
-        )
+    def audit_entries(self, after_seq: int, limit: int, subject: str | None = None) -> list[AuditRow]:
+        query = "SELECT seq, unix_millis, action, subject, version, detail FROM audit WHERE seq > ?"
+        if subject is None:
+            rows = self.db.query(query + " ORDER BY seq LIMIT ?", (after_seq, limit))
+        else:
+            rows = self.db.query(query + " AND subject = ? ORDER BY seq LIMIT ?", (after_seq, subject, limit))
         return [AuditRow(*r) for r in rows]

@@ -12,10 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import openfhe
+from google.protobuf.message import Message
 
 from cipherfeed import heap, manifest
 from cipherfeed.cache import Cache, Keys, WriteBehind
-from cipherfeed.config import GrpcLimits, RedisConfig
+from cipherfeed.config import GrpcLimits, OwnerAuthConfig, RedisConfig, ScoreRateLimit
 from cipherfeed.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -28,7 +29,7 @@ from cipherfeed.errors import (
 from cipherfeed.he import rnsmac, wire
 from cipherfeed.he.codec import MaterialCodec, MaterialError, OrderedDigest, ciphertext_sha256
 from cipherfeed.he.params import HEParams
-from cipherfeed.keystate import KeyStatus
+from cipherfeed.keystate import KeyStatus, check_key_id
 from cipherfeed.receipts import ModelRecord, Receipt
 from cipherfeed.v1 import common_pb2, keyservice_pb2_grpc
 from services.recommender.artifact import ModelArtifact
@@ -41,6 +42,7 @@ from services.recommender.history import (
     frame_history,
     unframe_history,
 )
+from services.recommender.owners import OwnerChecks
 from services.recommender.receipts import ReceiptSpool
 from services.recommender.scoring import EncryptedScorer, SelfCheckError
 
@@ -125,6 +127,8 @@ class RecommenderCore:
         redis_config: RedisConfig | None = None,
         keyservice_deadline: float = 10.0,
         receipts: ReceiptSpool | None = None,
+        owner_auth: OwnerAuthConfig | None = None,
+        score_rate: ScoreRateLimit | None = None,
     ) -> None:
         heap.limit_arenas(1)  # before the pools start: key sets come and go on many threads
         self.model = model
@@ -178,6 +182,9 @@ class RecommenderCore:
         self.keys = KeyResolver(
             self.codec, self.installed, self.cache, self.redis_config, keyservice, keyservice_deadline
         )
+        self.owners = OwnerChecks(
+            keyservice, owner_auth or OwnerAuthConfig(), score_rate or ScoreRateLimit(), keyservice_deadline
+        )
         self._index = {item_id: i for i, item_id in enumerate(model.item_ids)}
         self._manifest: EncodedManifest | None = None
         self._manifest_lock = threading.Lock()
@@ -200,10 +207,18 @@ class RecommenderCore:
                 metadata={"field": "query_ciphertext", "size": len(query), "limit": limit},
             )
 
-    def upload_profile(self, ref: common_pb2.KeyRef, query: bytes) -> tuple[str, int]:
+    def authorize(self, method: str, request: Message, key_id: str) -> KeyStatus:
+        """The key's status, if ``request`` carries its owner's authorization for ``method``
+        (``cipherfeed.v1.Recommender/<Method>``); Unauthenticated / PermissionDenied otherwise.
+        Checked before the key's state, so others learn nothing about it."""
+        status = self.keys.status(check_key_id(key_id, "key.key_id"))
+        self.owners.authorize(method, request, status)
+        return status
+
+    def upload_profile(self, ref: common_pb2.KeyRef, query: bytes, status: KeyStatus | None = None) -> tuple[str, int]:
         """Stores a validated encrypted interest vector in the cache; returns (reference, expiry)."""
         self._check_query_size(query)
-        _, version = self.keys.usable_version(ref)
+        _, version = self.keys.usable_version(ref, status)
         self.codec.load_query(query)
         if not self.cache.enabled:
             raise Unavailable(
@@ -236,7 +251,11 @@ class RecommenderCore:
         return query, version
 
     def upload_history(
-        self, ref: common_pb2.KeyRef, ciphertexts: list[bytes], pinned_model: str = ""
+        self,
+        ref: common_pb2.KeyRef,
+        ciphertexts: list[bytes],
+        pinned_model: str = "",
+        status: KeyStatus | None = None,
     ) -> tuple[str, int, float]:
         """Validates an encrypted history, projects it to E(u) and stores both in the cache;
         returns (reference, expiry, projection milliseconds)."""
@@ -248,7 +267,7 @@ class RecommenderCore:
             )
         for blob in ciphertexts:
             self._check_query_size(blob)
-        checked = self.keys.usable_version(ref)
+        checked = self.keys.usable_version(ref, status)
         loaded = [self._load_history(i, blob) for i, blob in enumerate(ciphertexts)]
         if not self.cache.enabled:
             raise Unavailable("histories are kept in the cache, and none is configured")
@@ -309,7 +328,12 @@ class RecommenderCore:
             )
 
     def score(
-        self, ref: common_pb2.KeyRef, query: bytes | None, profile_ref: str = "", pinned_model: str = ""
+        self,
+        ref: common_pb2.KeyRef,
+        query: bytes | None,
+        profile_ref: str = "",
+        pinned_model: str = "",
+        status: KeyStatus | None = None,
     ) -> ScoreResult:
         self._check_model(pinned_model)
         started = time.perf_counter()
@@ -321,7 +345,7 @@ class RecommenderCore:
             ref = common_pb2.KeyRef(key_id=ref.key_id, version=profile_version)
         self._check_query_size(query)
         query_sha256 = hashlib.sha256(query).digest()
-        checked = self.keys.usable_version(ref)  # a disabled key is refused, even from the cache
+        checked = self.keys.usable_version(ref, status)  # a disabled key is refused, even from the cache
         version = checked[1]
         result_key = Keys.result(self.model_version, ref.key_id, version, query_sha256.hex())
         cached = self.results.get(result_key)

@@ -176,11 +176,14 @@ class KeyResolver:
             current_version=record.key.version,
             min_version=record.min_version,
             material_sha256={v.version: v.material_sha256.hex() for v in record.versions if v.material_sha256},
+            owner=record.owner,
         )
 
-    def usable_version(self, ref: common_pb2.KeyRef) -> tuple[KeyStatus, int]:
+    def usable_version(self, ref: common_pb2.KeyRef, status: KeyStatus | None = None) -> tuple[KeyStatus, int]:
+        """The key's status and the version to use; ``status`` if this request already read it."""
         check_key_id(ref.key_id, "key.key_id")
-        status = self.status(ref.key_id)
+        if status is None or status.key_id != ref.key_id:
+            status = self.status(ref.key_id)
         if status.state is KeyState.DESTROYED:
             self.installed.remove_key(ref.key_id)
         return status, status.check_usable(ref.version)

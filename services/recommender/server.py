@@ -53,6 +53,8 @@ def build_core(config: RecommenderConfig, model: ModelArtifact, params: HEParams
         redis_config=config.redis,
         keyservice_deadline=config.keyservice_deadline_seconds,
         receipts=receipts,
+        owner_auth=config.owner_auth,
+        score_rate=config.score_rate,
     )
 
 

@@ -8,6 +8,13 @@ from cipherfeed.grpcutil import grpc_errors
 from cipherfeed.v1 import common_pb2, recommender_pb2, recommender_pb2_grpc
 from services.recommender.core import RecommenderCore
 
+SERVICE = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
+
+
+def method(name: str) -> str:
+    """What owner signatures name: ``cipherfeed.v1.Recommender/<name>``."""
+    return f"{SERVICE}/{name}"
+
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def __init__(self, core: RecommenderCore) -> None:
@@ -53,15 +60,17 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def UploadProfile(
         self, request: recommender_pb2.UploadProfileRequest, context: grpc.ServicerContext
     ) -> recommender_pb2.ProfileRef:
-        ref, expires = self.core.upload_profile(request.key, request.query_ciphertext)
+        status = self.core.authorize(method("UploadProfile"), request, request.key.key_id)
+        ref, expires = self.core.upload_profile(request.key, request.query_ciphertext, status)
         return recommender_pb2.ProfileRef(profile_ref=ref, expires_unix=expires)
 
     @grpc_errors
     def UploadHistory(
         self, request: recommender_pb2.UploadHistoryRequest, context: grpc.ServicerContext
     ) -> recommender_pb2.ProfileRef:
+        status = self.core.authorize(method("UploadHistory"), request, request.key.key_id)
         ref, expires, _ = self.core.upload_history(
-            request.key, list(request.history_ciphertexts), pinned_model=request.model_version
+            request.key, list(request.history_ciphertexts), pinned_model=request.model_version, status=status
         )
         return recommender_pb2.ProfileRef(profile_ref=ref, expires_unix=expires)
 
@@ -69,12 +78,15 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def Score(
         self, request: recommender_pb2.ScoreRequest, context: grpc.ServicerContext
     ) -> recommender_pb2.ScoreResponse:
+        status = self.core.authorize(method("Score"), request, request.key.key_id)
+        self.core.owners.admit_score(status)
         which = request.WhichOneof("query")
         result = self.core.score(
             request.key,
             request.query_ciphertext if which != "profile_ref" else None,
             profile_ref=request.profile_ref,
             pinned_model=request.model_version,
+            status=status,
         )
         return recommender_pb2.ScoreResponse(
             model_version=result.model_version,
