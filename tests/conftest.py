@@ -23,6 +23,7 @@ from cipherfeed.config import (
     KeyServiceConfig,
     RecommenderConfig,
     RedisConfig,
+    ScoreRateLimit,
     TlsConfig,
     default_dataset_path,
 )
@@ -141,6 +142,7 @@ def recommender_config(
         limits=TEST_LIMITS,
         redis=redis or RedisConfig(),
         tls=mesh_pki().tls("recommender"),
+        score_rate=ScoreRateLimit(per_second=100, burst=1000),  # tests of the limit set their own
     )
 
 

@@ -1,6 +1,7 @@
 """Errors as data: every refusal carries a google.rpc.ErrorInfo with a stable reason, over real gRPC;
 messages never echo unbounded input; refusals are logged once each, rate-limited."""
 
+import hashlib
 import logging
 import os
 from concurrent import futures
@@ -8,8 +9,10 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
+from eth_account import Account
 
-from cipherfeed import errors, grpcutil
+from cipherfeed import errors, grpcutil, ownerauth
+from cipherfeed.client.sdk import KEYSERVICE, RECOMMENDER
 from cipherfeed.errors import Reason
 from cipherfeed.grpcutil import error_info_of, reason_of, retry_delay_of
 from cipherfeed.v1 import (
@@ -52,6 +55,15 @@ KIND = {
     Reason.BACKLOG_FULL: errors.Unavailable,
     Reason.RETRY: errors.Unavailable,
     Reason.INTERNAL: errors.CipherfeedError,
+    Reason.OWNER_AUTH_REQUIRED: errors.Unauthenticated,
+    Reason.OWNER_AUTH_INVALID: errors.Unauthenticated,
+    Reason.OWNER_AUTH_EXPIRED: errors.Unauthenticated,
+    Reason.OWNER_AUTH_REPLAYED: errors.Unauthenticated,
+    Reason.OPERATOR_REQUIRED: errors.Unauthenticated,
+    Reason.NOT_KEY_OWNER: errors.PermissionDenied,
+    Reason.NOT_OPERATOR: errors.PermissionDenied,
+    Reason.RESERVED_SIGNING_KEY: errors.PermissionDenied,
+    Reason.OWNER_QUOTA: errors.ResourceExhausted,
 }
 CODE_OF = {
     errors.InvalidArgument: CODE.INVALID_ARGUMENT,
@@ -63,6 +75,8 @@ CODE_OF = {
     errors.Unauthenticated: CODE.UNAUTHENTICATED,
     errors.PermissionDenied: CODE.PERMISSION_DENIED,
     errors.CipherfeedError: CODE.INTERNAL,
+    errors.Unauthenticated: CODE.UNAUTHENTICATED,
+    errors.PermissionDenied: CODE.PERMISSION_DENIED,
 }
 
 
@@ -217,11 +231,11 @@ def test_key_service_refusals_carry_their_reasons(ks, ks_as):
         field="message",
         limit=64 * 1024,
     )
-    expect_reason(
-        refused(ks.RegisterKey, keyservice_pb2.RegisterKeyRequest(public_key=os.urandom(100))),
-        CODE.INVALID_ARGUMENT,
-        Reason.HE_MATERIAL_INVALID,
-    )
+    owner = Account.create()
+    junk = keyservice_pb2.RegisterKeyRequest(public_key=os.urandom(100), owner=owner.address)
+    key_id = hashlib.sha256(junk.public_key).hexdigest()
+    ownerauth.sign_request(owner, 31337, f"{KEYSERVICE}/RegisterKey", key_id, junk)
+    expect_reason(refused(ks.RegisterKey, junk), CODE.INVALID_ARGUMENT, Reason.HE_MATERIAL_INVALID)
     expect_reason(
         refused(ks_as["operator"].RotateSigningKey, keyservice_pb2.RotateSigningKeyRequest(key_name="bad name!")),
         CODE.INVALID_ARGUMENT,
@@ -254,8 +268,11 @@ def test_recommender_refusals_carry_their_reasons(rec, client, recommender):
     key = common_pb2.KeyRef(key_id=client.key_id, version=client.key_version)
     query = client.encrypt_query(np.eye(64)[0])
 
+    def signed(request):
+        return client._authorize(RECOMMENDER, "Score", request.key.key_id, request)
+
     def score(**kw):
-        return refused(rec.Score, recommender_pb2.ScoreRequest(**{"key": key, **kw}))
+        return refused(rec.Score, signed(recommender_pb2.ScoreRequest(**{"key": key, **kw})))
 
     expect_reason(
         score(query_ciphertext=query, model_version="0" * 64),
@@ -299,7 +316,7 @@ def test_recommender_refusals_carry_their_reasons(rec, client, recommender):
         limit=1000,
     )
     # ... and it keeps serving.
-    ok = rec.Score(recommender_pb2.ScoreRequest(key=key, query_ciphertext=query), timeout=60)
+    ok = rec.Score(signed(recommender_pb2.ScoreRequest(key=key, query_ciphertext=query)), timeout=60)
     assert len(ok.score_ciphertexts) == core.scorer.block_count
 
 
