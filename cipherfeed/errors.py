@@ -24,10 +24,8 @@ class Reason(str, Enum):
     OWNER_AUTH_INVALID = "OWNER_AUTH_INVALID"  # malformed, or not over this request, method, key or domain
     OWNER_AUTH_EXPIRED = "OWNER_AUTH_EXPIRED"  # sign again / sign in again
     OWNER_AUTH_REPLAYED = "OWNER_AUTH_REPLAYED"  # the nonce was used: sign again
-    OPERATOR_REQUIRED = "OPERATOR_REQUIRED"  # only an operator identity may do this
     # PERMISSION_DENIED
     NOT_KEY_OWNER = "NOT_KEY_OWNER"  # a valid signer who does not own the key
-    NOT_OPERATOR = "NOT_OPERATOR"  # a mesh identity that is not an operator's
     RESERVED_SIGNING_KEY = "RESERVED_SIGNING_KEY"  # the session key signs only the key service's tokens
     # INVALID_ARGUMENT
     FIELD_REQUIRED = "FIELD_REQUIRED"  # metadata: field

@@ -59,9 +59,7 @@ KIND = {
     Reason.OWNER_AUTH_INVALID: errors.Unauthenticated,
     Reason.OWNER_AUTH_EXPIRED: errors.Unauthenticated,
     Reason.OWNER_AUTH_REPLAYED: errors.Unauthenticated,
-    Reason.OPERATOR_REQUIRED: errors.Unauthenticated,
     Reason.NOT_KEY_OWNER: errors.PermissionDenied,
-    Reason.NOT_OPERATOR: errors.PermissionDenied,
     Reason.RESERVED_SIGNING_KEY: errors.PermissionDenied,
     Reason.OWNER_QUOTA: errors.ResourceExhausted,
 }

@@ -91,7 +91,7 @@ def test_anonymous_caller_with_only_a_key_id_cannot_touch_the_key(owner, attacke
         forged.CopyFrom(request)
         signed(attacker, KEYSERVICE, method, key_id, forged)  # a valid signature, by someone else
         expect(STATUS.PERMISSION_DENIED, getattr(ks, method), forged, timeout=30, match="does not own")
-    expect(STATUS.PERMISSION_DENIED, ks.ListAudit, keyservice_pb2.ListAuditRequest(), timeout=5, match="operators")
+    expect(STATUS.INVALID_ARGUMENT, ks.ListAudit, keyservice_pb2.ListAuditRequest(), timeout=5, match="operators")
     audit = signed(attacker, KEYSERVICE, "ListAudit", key_id, keyservice_pb2.ListAuditRequest(key_id=key_id))
     expect(STATUS.PERMISSION_DENIED, ks.ListAudit, audit, timeout=5)
     expect(STATUS.UNAUTHENTICATED, owner.stub.Score, score_request(owner), timeout=30)

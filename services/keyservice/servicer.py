@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from cipherfeed.errors import PermissionDenied, Reason, Unauthenticated, required
+from cipherfeed.errors import InvalidArgument, Reason, required
 from cipherfeed.grpcutil import grpc_errors
 from cipherfeed.he.keymap import KeyMaterial
 from cipherfeed.identity import peer_identity
@@ -127,6 +127,10 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
 
     @grpc_errors
     def SignIn(self, request: keyservice_pb2.SignInRequest, context: Ctx) -> keyservice_pb2.SessionToken:
+        if not request.message:
+            raise required("message")
+        if not request.signature:
+            raise required("signature")
         token, claims = self.core.sign_in(request.message, request.signature)
         return keyservice_pb2.SessionToken(
             token=token, address=claims.address, expires_unix=claims.expires_unix, audience=claims.audience
@@ -161,15 +165,11 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
             rows = self.core.store.audit_entries(after, limit, subject=key_id)
         elif operator:
             rows = self.core.store.audit_entries(after, limit)
-        elif peer_identity(context) is None:
-            raise Unauthenticated(
-                "the whole audit log is for operators; owners read their key's (set key_id)",
-                reason=Reason.OPERATOR_REQUIRED,
-            )
-        else:
-            raise PermissionDenied(
-                "the whole audit log is for operators; owners read their key's (set key_id)",
-                reason=Reason.NOT_OPERATOR,
+        else:  # the whole log links every key id: operators only
+            raise InvalidArgument(
+                "key_id is required: owners read their key's entries; the whole audit log is for operators",
+                reason=Reason.FIELD_REQUIRED,
+                metadata={"field": "key_id"},
             )
         return keyservice_pb2.ListAuditResponse(
             entries=[
