@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -46,6 +47,7 @@ class ClientError(RuntimeError):
 
 KEYSERVICE = keyservice_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
 RECOMMENDER = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
+SignedRequest = TypeVar("SignedRequest", bound=Message)
 SESSION_MARGIN = 30  # seconds before a session token's expiry that the SDK stops using it
 
 
@@ -177,7 +179,7 @@ class RecommenderClient:
             raise ClientError("no owner account loaded; call use_keys() first")
         return self.account
 
-    def _authorize(self, service: str, method: str, key_id: str, request: Message) -> Message:
+    def _authorize(self, service: str, method: str, key_id: str, request: SignedRequest) -> SignedRequest:
         """Sets the owner's authorization on ``request``: the session token while it is fresh,
         else an EIP-712 signature over this very request."""
         if self.session is not None and self.session.expires_unix > time.time() + SESSION_MARGIN:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+from google.protobuf.message import Message
 
 from cipherfeed.errors import InvalidArgument, Reason, required
 from cipherfeed.grpcutil import grpc_errors
@@ -58,7 +59,7 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
         self.core = core
         self.operators = frozenset(core.owner_auth.operator_identities)
 
-    def _owner(self, method: str, request: Any, key_id: str) -> str:
+    def _owner(self, method: str, request: Message, key_id: str) -> str:
         """The owner's address if ``request`` carries their valid authorization for ``method``."""
         owner = self.core.get(key_id).owner
         return self.core.owners.authorize(method_name(SERVICE, method), key_id, request, owner).address
