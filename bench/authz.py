@@ -22,7 +22,7 @@ import numpy as np
 from bench.common import log, machine, mesh_identities, percentiles, timed_ms, write_json
 from cipherfeed import tls as mtls
 from cipherfeed.client.sdk import RecommenderClient
-from cipherfeed.config import ClientConfig, GrpcLimits, KeyServiceConfig, MiB, RecommenderConfig
+from cipherfeed.config import ClientConfig, GrpcLimits, KeyServiceConfig, MiB, RecommenderConfig, ScoreRateLimit
 from cipherfeed.devredis import LocalRedis
 from cipherfeed.grpcutil import start_server
 from cipherfeed.v1 import recommender_pb2, recommender_pb2_grpc
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         limits=LIMITS,
         redis=redis,
         tls=identity("recommender"),
+        score_rate=ScoreRateLimit(per_second=1e6, burst=10**6),  # measures speed, not the per-owner limit
     )
     core = build_core(config, synthetic_catalogue(args.items, seed=1))
     servicer = RecommenderServicer(core)
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         on, off = clients["on"], clients["off"]
         on.use_keys()
         on.register()
-        off.keys, off.key_id, off.key_version = on.keys, on.key_id, on.key_version
+        off.keys, off.key_id, off.key_version, off.account = on.keys, on.key_id, on.key_version, on.account
         u = np.eye(64)[3]
         for c in (on, off):
             c.score(u)  # warm: key set installed, channels connected

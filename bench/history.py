@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from eth_account import Account
 
 from bench.common import log, machine, mesh_identities, percentiles, timed_ms, write_json
 from cipherfeed.client import keystore
@@ -83,7 +84,8 @@ def run_size(
     core, encode_ms = timed_ms(RecommenderCore, model, MESH_PARAMS, 2, LIMITS, stub, KeyLimits(4, 1 << 40), redis)
     log(f"   plaintexts encoded in {encode_ms / 1e3:.1f} s")
     keys = keystore.generate(MESH_PARAMS)
-    record = ks_core.register(KeyMaterial(keys.public_key_bytes, keys.rotation_key_bytes))
+    owner = Account.create().address
+    record = ks_core.register(KeyMaterial(keys.public_key_bytes, keys.rotation_key_bytes), owner)
     ref = common_pb2.KeyRef(key_id=record.key_id, version=1)
     rng = np.random.default_rng(n)
     weights = np.zeros(n)

@@ -25,7 +25,7 @@ from cipherfeed import heap, ownerauth
 from cipherfeed.cache import Keys
 from cipherfeed.client import keystore
 from cipherfeed.client.sdk import RecommenderClient
-from cipherfeed.config import ClientConfig, GrpcLimits, MiB, RecommenderConfig
+from cipherfeed.config import ClientConfig, GrpcLimits, MiB, RecommenderConfig, ScoreRateLimit
 from cipherfeed.devprocess import start_service
 from cipherfeed.devredis import LocalRedis, free_port
 from cipherfeed.he.params import MESH_PARAMS
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         limits=LIMITS,
         redis=redis_config,
         tls=identity("recommender"),
+        score_rate=ScoreRateLimit(per_second=1e6, burst=10**6),  # measures speed, not the per-owner limit
     )
     rec_running, core = serve_recommender(rec_config, model)
     results: dict[str, Any] = {}

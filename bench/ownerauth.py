@@ -31,10 +31,11 @@ SCORE = "cipherfeed.v1.Recommender/Score"
 QUERY_BYTES = 263_000
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=500)
-    args = parser.parse_args()
+    parser.add_argument("--out", default="ownerauth", help="results file name under bench/results")
+    args = parser.parse_args(argv)
     config = OwnerAuthConfig()
     account = Account.create()
     key_id = "ab" * 32
@@ -80,7 +81,7 @@ def main() -> int:
     added = rows["recommender: check an EIP-712 Score (digest + recovery + nonce)"]["p50_ms"] + bucket_p50(rows)
     print(f"\nadded to a signed Score's server time, p50: {added:.3f} ms (target <= 1 ms)")
     path = write_json(
-        "ownerauth",
+        args.out,
         {"machine": machine(), "n": args.n, "query_bytes": QUERY_BYTES, "rows": rows, "score_added_p50_ms": added},
     )
     log(f"wrote {path}")

@@ -24,7 +24,7 @@ from eth_account import Account
 from bench.common import log, machine, mesh_identities, percentiles, timed_ms, write_json
 from cipherfeed.client import keystore
 from cipherfeed.client.sdk import RecommenderClient, encrypt_query
-from cipherfeed.config import ClientConfig, GrpcLimits, KeyServiceConfig, MiB, RedisConfig, TlsConfig
+from cipherfeed.config import ClientConfig, GrpcLimits, KeyServiceConfig, MiB, RedisConfig, ScoreRateLimit, TlsConfig
 from cipherfeed.devredis import LocalRedis
 from cipherfeed.grpcutil import channel, start_server
 from cipherfeed.he import packing, wire
@@ -85,7 +85,11 @@ def run_size(
     stub = keyservice_pb2_grpc.KeyServiceStub(
         channel(f"127.0.0.1:{keyservice_port}", LIMITS, identity("recommender"), "keyservice")
     )
-    core, encode_ms = timed_ms(RecommenderCore, model, MESH_PARAMS, 2, LIMITS, stub, KeyLimits(4, 1 << 40), redis)
+    core, encode_ms = timed_ms(
+        lambda: RecommenderCore(
+            model, MESH_PARAMS, 2, LIMITS, stub, KeyLimits(4, 1 << 40), redis, score_rate=ScoreRateLimit(1e6, 10**6)
+        )
+    )
     log(f"   plaintexts encoded in {encode_ms / 1e3:.1f} s")
     keys = keystore.generate(MESH_PARAMS)
     owner = Account.create()

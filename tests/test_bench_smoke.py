@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench import authz, history, keys, ledger, scoring
+from bench import authz, history, keys, ledger, ownerauth, scoring
 from bench.common import RESULTS
 
 
@@ -16,6 +16,7 @@ from bench.common import RESULTS
         (authz, ["--items", "100", "--reps", "1", "--cheap-reps", "2"]),
         (keys, ["--users", "3", "--cache-size", "2", "--reps", "1"]),
         (ledger, ["--appends", "400", "--batch", "100", "--leaves", "300", "--anchors", "2"]),
+        (ownerauth, ["--n", "3"]),
     ],
 )
 def test_benchmark_runs_and_writes_json(module, args, capsys):
