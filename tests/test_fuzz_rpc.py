@@ -12,6 +12,7 @@ import os
 import numpy as np
 import psutil
 import pytest
+from eth_account import Account
 from hypothesis import HealthCheck, Phase, given, settings
 
 from cipherfeed import policy
@@ -54,7 +55,7 @@ def mesh(tiktok_model, redis_server, master_key_file, tmp_path_factory):
     health.use_keys()
     health.register()
     victim = client_for(rec.port, ks.port, tmp / "victim")  # the fuzzer may disable or destroy this one
-    victim.keys = keystore.generate(MESH_PARAMS)
+    victim.keys, victim.account = keystore.generate(MESH_PARAMS), Account.create()
     victim.register()
     query = health.encrypt_query(np.eye(64)[0])
     channels = {}

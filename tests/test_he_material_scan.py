@@ -9,6 +9,7 @@ what it is instead of taking the test run down. A refused probe must raise ``Mat
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -25,6 +26,7 @@ import pytest
 
 from cipherfeed import grpcutil
 from cipherfeed.client import keystore
+from cipherfeed.client.sdk import KEYSERVICE, RECOMMENDER
 from cipherfeed.config import GrpcLimits
 from cipherfeed.he import keymap
 from cipherfeed.he.codec import Kind, MaterialCodec, MaterialError, StructureTemplate, serialize
@@ -343,23 +345,33 @@ def test_live_services_refuse_formerly_fatal_material_and_keep_serving(recommend
     with _wide(recommender[0], "recommender") as rch, _wide(keyservice[0], "keyservice") as kch:
         rec = recommender_pb2_grpc.RecommenderStub(rch)
         ks = keyservice_pb2_grpc.KeyServiceStub(kch)
+
+        def signed(method, key_id, r):
+            return client._authorize(KEYSERVICE if method == "RegisterKey" else RECOMMENDER, method, key_id, r)
+
+        def register(pk, rk):
+            r = keyservice_pb2.RegisterKeyRequest(public_key=pk, rotation_key_map=rk, owner=client.account.address)
+            return signed("RegisterKey", hashlib.sha256(pk).hexdigest(), r)
+
         calls = [
-            (rec.Score, lambda q: recommender_pb2.ScoreRequest(key=ref, query_ciphertext=q), Kind.QUERY, query),
             (
-                rec.UploadProfile,
-                lambda q: recommender_pb2.UploadProfileRequest(key=ref, query_ciphertext=q),
+                rec.Score,
+                lambda q: signed("Score", ref.key_id, recommender_pb2.ScoreRequest(key=ref, query_ciphertext=q)),
                 Kind.QUERY,
                 query,
             ),
             (
-                ks.RegisterKey,
-                lambda pk: keyservice_pb2.RegisterKeyRequest(public_key=pk, rotation_key_map=keys.rotation_key_bytes),
-                Kind.PUBLIC_KEY,
-                keys.public_key_bytes,
+                rec.UploadProfile,
+                lambda q: signed(
+                    "UploadProfile", ref.key_id, recommender_pb2.UploadProfileRequest(key=ref, query_ciphertext=q)
+                ),
+                Kind.QUERY,
+                query,
             ),
+            (ks.RegisterKey, lambda pk: register(pk, keys.rotation_key_bytes), Kind.PUBLIC_KEY, keys.public_key_bytes),
             (
                 ks.RegisterKey,
-                lambda rk: keyservice_pb2.RegisterKeyRequest(public_key=keys.public_key_bytes, rotation_key_map=rk),
+                lambda rk: register(keys.public_key_bytes, rk),
                 Kind.ROTATION_KEYS,
                 keys.rotation_key_bytes,
             ),
@@ -369,7 +381,9 @@ def test_live_services_refuse_formerly_fatal_material_and_keep_serving(recommend
                 with pytest.raises(grpc.RpcError) as info:
                     method(request(bad), timeout=60)
                 assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
-        reply = rec.Score(recommender_pb2.ScoreRequest(key=ref, query_ciphertext=query), timeout=60)
+        reply = rec.Score(
+            signed("Score", ref.key_id, recommender_pb2.ScoreRequest(key=ref, query_ciphertext=query)), timeout=60
+        )
         assert len(reply.score_ciphertexts) == core.scorer.block_count
         key = ks.GetKey(keyservice_pb2.GetKeyRequest(key_id=client.key_id), timeout=10)
         assert key.key.key_id == client.key_id
