@@ -33,7 +33,7 @@ def shared_keys(client):
 def small_keyservice(redis_server, master_key_file, tmp_path_factory, shared_keys):
     size = len(shared_keys.public_key_bytes) + len(shared_keys.rotation_key_bytes)
     config = replace(
-        keyservice_config(tmp_path_factory.mktemp("quota-ks"), master_key_file, redis_server.url),
+        keyservice_config(tmp_path_factory.mktemp("quota-ks"), master_key_file, redis_server.config_for("keyservice")),
         owner_quotas=OwnerQuotas(max_keys=3, max_bytes=int(4.5 * size)),
     )
     running, core = serve_keyservice(config)
@@ -99,7 +99,9 @@ def test_stored_bytes_per_owner_are_bounded_across_rotations(small_keyservice, s
 @pytest.fixture(scope="module")
 def limited_recommender(tiktok_model, keyservice, redis_server, tmp_path_factory):
     config = replace(
-        recommender_config(tmp_path_factory.mktemp("limited"), keyservice[0], redis_server.url, max_keys=2),
+        recommender_config(
+            tmp_path_factory.mktemp("limited"), keyservice[0], redis_server.config_for("recommender"), max_keys=2
+        ),
         score_rate=ScoreRateLimit(per_second=0.05, burst=2),
     )
     running, core = serve_recommender(config, tiktok_model)
