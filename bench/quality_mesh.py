@@ -70,7 +70,7 @@ class Mesh:
 @contextmanager
 def running_mesh(work: Path) -> Iterator[Mesh]:
     redis_server = LocalRedis.start()
-    redis = RedisConfig(url=redis_server.url)
+    redis = redis_server.config_for("recommender")
     identity = mesh_identities(work)
     ks_running, ks_core = serve_keyservice(
         KeyServiceConfig(
@@ -78,7 +78,7 @@ def running_mesh(work: Path) -> Iterator[Mesh]:
             dsn=f"sqlite:///{work / 'ks.db'}",
             state_dir=work,
             limits=LIMITS,
-            redis=redis,
+            redis=redis_server.config_for("keyservice"),
             tls=identity("keyservice"),
         )
     )
