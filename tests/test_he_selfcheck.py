@@ -57,7 +57,7 @@ def test_a_kernel_that_disagrees_is_caught(model, monkeypatch):
 
 def test_the_recommender_refuses_to_start_with_a_clear_message(model, monkeypatch, tmp_path, capsys, caplog):
     off_by_one(monkeypatch)
-    config = recommender_config(tmp_path, keyservice_port=1, redis_url=None)
+    config = recommender_config(tmp_path, keyservice_port=1, redis=None)
     assert run_service("recommender", lambda: serve(config, model)) == 2
     err = capsys.readouterr().err
     assert "recommender: scoring self-check failed" in err and "refusing to serve" in err
