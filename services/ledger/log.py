@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from cipherfeed.checkpoint import Checkpoint, sign_note
 from cipherfeed.errors import FailedPrecondition, NotFound, Reason, invalid
 from cipherfeed.merkle import CompactTree, leaf_hash, verify_consistency
+from services.ledger.known import KnownLeaves
 from services.ledger.store import CheckpointRow, LedgerStore
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,10 @@ class TransparencyLog:
         self.checkpoint_interval = checkpoint_interval
         self.on_checkpoint = on_checkpoint
         t0 = time.perf_counter()
-        self.tree = CompactTree(store.leaf_hashes())
+        hashes = store.leaf_hashes()
+        self.tree = CompactTree(hashes)
+        self._known = KnownLeaves(hashes)
+        del hashes
         latest = store.latest_checkpoint()
         if latest is not None and (latest.size > self.tree.size or self.tree.root(latest.size) != latest.root):
             raise RuntimeError("the stored checkpoint does not match the stored leaves: refusing to serve")
@@ -132,7 +136,8 @@ class TransparencyLog:
             out: list[list[Appended]] = []
             new: list[tuple[bytes, bytes]] = []
             with self.store.transaction() as db:
-                known = self.store.indices_of([h for group in hashed for h, _ in group], db)
+                maybe = self._known.candidates([h for group in hashed for h, _ in group])
+                known = self.store.indices_of(maybe, db) if maybe else {}
                 for group in hashed:
                     appended = []
                     for h, d in group:
@@ -146,6 +151,7 @@ class TransparencyLog:
                     self.store.append(db, first, new)
             for h, _ in new:
                 self.tree.append_hash(h)
+            self._known.add(h for h, _ in new)
             return out
 
     # --- checkpoints ----------------------------------------------------------------------
