@@ -19,14 +19,13 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.common import log, machine, mesh_identities, percentiles, timed_ms, write_json
+from bench.common import log, machine, mesh_identities, percentiles, serve_bench_keyservice, timed_ms, write_json
 from cipherfeed import tls as mtls
 from cipherfeed.client.sdk import RecommenderClient
-from cipherfeed.config import ClientConfig, GrpcLimits, KeyServiceConfig, MiB, RecommenderConfig, ScoreRateLimit
+from cipherfeed.config import ClientConfig, GrpcLimits, MiB, RecommenderConfig, ScoreRateLimit
 from cipherfeed.devredis import LocalRedis
 from cipherfeed.grpcutil import start_server
 from cipherfeed.v1 import recommender_pb2, recommender_pb2_grpc
-from services.keyservice.server import serve as serve_keyservice
 from services.recommender.server import build_core
 from services.recommender.servicer import RecommenderServicer
 from services.recommender.synthetic import synthetic_catalogue
@@ -56,16 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     identity = mesh_identities(work)
     redis_server = LocalRedis.start()
     redis = redis_server.config_for("recommender")
-    ks_running, ks_core = serve_keyservice(
-        KeyServiceConfig(
-            listen="127.0.0.1:0",
-            dsn=f"sqlite:///{work / 'ks.db'}",
-            state_dir=work,
-            limits=LIMITS,
-            redis=redis_server.config_for("keyservice"),
-            tls=identity("keyservice"),
-        )
-    )
+    ks_running, ks_core = serve_bench_keyservice(work, redis_server, identity, LIMITS)
     config = RecommenderConfig(
         listen="127.0.0.1:0",
         keyservice_target=f"127.0.0.1:{ks_running.port}",

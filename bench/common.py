@@ -14,7 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from cipherfeed.config import TlsConfig
+from cipherfeed.config import GrpcLimits, KeyServiceConfig, TlsConfig
+from cipherfeed.devredis import LocalRedis
+from cipherfeed.grpcutil import RunningServer
+from services.keyservice.core import KeyServiceCore
+from services.keyservice.server import serve as serve_keyservice
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -103,3 +107,20 @@ def mesh_identities(directory: Path) -> Callable[[str], TlsConfig]:
         return issued[name]
 
     return identity
+
+
+def serve_bench_keyservice(
+    work: Path, redis_server: LocalRedis, identity: Callable[[str], TlsConfig], limits: GrpcLimits
+) -> tuple[RunningServer, KeyServiceCore]:
+    """The key service every benchmark runs beside its recommender: SQLite in ``work``, the
+    benchmark's Redis as the key service's ACL user, its own mesh certificate."""
+    return serve_keyservice(
+        KeyServiceConfig(
+            listen="127.0.0.1:0",
+            dsn=f"sqlite:///{work / 'ks.db'}",
+            state_dir=work,
+            limits=limits,
+            redis=redis_server.config_for("keyservice"),
+            tls=identity("keyservice"),
+        )
+    )

@@ -12,12 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import log, mesh_identities
+from bench.common import log, mesh_identities, serve_bench_keyservice
 from bench.quality_metrics import Split, top_k, user_items, user_metrics
 from cipherfeed.client.sdk import RecommenderClient
-from cipherfeed.config import ClientConfig, GrpcLimits, KeyServiceConfig, MiB, RecommenderConfig, RedisConfig
+from cipherfeed.config import ClientConfig, GrpcLimits, MiB, RecommenderConfig, RedisConfig
 from cipherfeed.devredis import LocalRedis
-from services.keyservice.server import serve as serve_keyservice
 from services.recommender.artifact import ModelArtifact
 from services.recommender.server import serve as serve_recommender
 
@@ -72,16 +71,7 @@ def running_mesh(work: Path) -> Iterator[Mesh]:
     redis_server = LocalRedis.start()
     redis = redis_server.config_for("recommender")
     identity = mesh_identities(work)
-    ks_running, ks_core = serve_keyservice(
-        KeyServiceConfig(
-            listen="127.0.0.1:0",
-            dsn=f"sqlite:///{work / 'ks.db'}",
-            state_dir=work,
-            limits=LIMITS,
-            redis=redis_server.config_for("keyservice"),
-            tls=identity("keyservice"),
-        )
-    )
+    ks_running, ks_core = serve_bench_keyservice(work, redis_server, identity, LIMITS)
     try:
         yield Mesh(work, redis, ks_running.port, identity)
     finally:

@@ -21,17 +21,16 @@ from typing import Any
 import numpy as np
 from eth_account import Account
 
-from bench.common import log, machine, mesh_identities, percentiles, timed_ms, write_json
+from bench.common import log, machine, mesh_identities, percentiles, serve_bench_keyservice, timed_ms, write_json
 from cipherfeed.client import keystore
 from cipherfeed.client.sdk import RecommenderClient, encrypt_query
-from cipherfeed.config import ClientConfig, GrpcLimits, KeyServiceConfig, MiB, RedisConfig, ScoreRateLimit, TlsConfig
+from cipherfeed.config import ClientConfig, GrpcLimits, MiB, RedisConfig, ScoreRateLimit, TlsConfig
 from cipherfeed.devredis import LocalRedis
 from cipherfeed.grpcutil import channel, start_server
 from cipherfeed.he import packing, wire
 from cipherfeed.he.keymap import KeyMaterial
 from cipherfeed.he.params import MESH_PARAMS
 from cipherfeed.v1 import common_pb2, keyservice_pb2_grpc, recommender_pb2_grpc
-from services.keyservice.server import serve as serve_keyservice
 from services.recommender.core import KeyLimits, RecommenderCore
 from services.recommender.servicer import RecommenderServicer
 from services.recommender.synthetic import synthetic_catalogue
@@ -222,16 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     redis_server = LocalRedis.start()  # as in production: key state is a Redis GET per request
     redis = redis_server.config_for("recommender")
     identity = mesh_identities(work)
-    ks_running, ks_core = serve_keyservice(
-        KeyServiceConfig(
-            listen="127.0.0.1:0",
-            dsn=f"sqlite:///{work / 'ks.db'}",
-            state_dir=work,
-            limits=LIMITS,
-            redis=redis_server.config_for("keyservice"),
-            tls=identity("keyservice"),
-        )
-    )
+    ks_running, ks_core = serve_bench_keyservice(work, redis_server, identity, LIMITS)
     rows = []
     try:
         for n in sizes:
