@@ -308,7 +308,7 @@ class RecommenderCore:
                     profile, timing = self.history.project(loaded)
                     break
         else:
-            raise Unavailable("rotation keys were evicted repeatedly under load; retry")
+            raise Unavailable("rotation keys were evicted repeatedly under load; retry", reason=Reason.RETRY)
         log.info(
             "projected a %d-block history for key %s v%d: inputs %.1f ms, products %.1f ms, rotations %.1f ms",
             len(loaded),
@@ -416,7 +416,7 @@ class RecommenderCore:
                     )
                     break
         else:
-            raise Unavailable("rotation keys were evicted repeatedly under load; retry")
+            raise Unavailable("rotation keys were evicted repeatedly under load; retry", reason=Reason.RETRY)
         self.results.set(result_key, _frame_blobs(blobs), self.redis_config.result_ttl)
         result = self._result(blobs, query_sha256, started, ref.key_id, version, False, digest.digest())
         log.info(
