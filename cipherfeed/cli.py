@@ -359,6 +359,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from services.ledger import server as ledger_server
 
         return ledger_server.main()
+    if args.service == "gateway":
+        from gateway import server as gateway_server
+
+        return gateway_server.main()
     from services.recommender import server as recommender_server
 
     return recommender_server.main()
@@ -574,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_keys_init)
 
     serve = sub.add_parser("serve", help="run a service (configured by CIPHERFEED_* variables)")
-    serve.add_argument("service", choices=["recommender", "keyservice", "ledger"])
+    serve.add_argument("service", choices=["recommender", "keyservice", "ledger", "gateway"])
     serve.set_defaults(func=cmd_serve)
 
     ver = sub.add_parser("verify", help="check a receipt: inclusion, checkpoint signature, on-chain anchor")

@@ -413,3 +413,80 @@ class ClientConfig:
             limits=GrpcLimits.from_env(),
             tls=TlsConfig.from_env(),
         )
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The HTTP gateway (gateway/): where it listens, the mesh services behind it, its limits.
+
+    It calls the mesh as its own identity (``gateway``) over mutual TLS; owners' signatures and
+    session tokens travel inside the requests, so it holds no power of its own over anyone's keys.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080  # 0: an ephemeral port (printed in the "gateway listening on port N" line)
+    recommender_target: str = "127.0.0.1:50051"
+    keyservice_target: str = "127.0.0.1:50052"
+    ledger_target: str = "127.0.0.1:50053"
+    deadline_seconds: float = 30.0  # on every upstream call
+    max_body_bytes: int = 48 * MiB  # a rotation key set (~11 MB, at most 32 MiB) as base64 JSON fits
+    body_timeout_seconds: float = 60.0  # to receive a whole request body
+    max_concurrency: int = 64  # requests in progress; beyond it: 503
+    cors_origins: tuple[str, ...] = ()  # origins allowed to call from a browser; none by default
+    readiness_timeout_seconds: float = 2.0  # each upstream's health check behind /readyz
+    http_cert_file: Path | None = None  # HTTPS on the listener (else plain HTTP, e.g. behind an ingress)
+    http_key_file: Path | None = None
+    limits: GrpcLimits = field(default_factory=GrpcLimits)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+    @classmethod
+    def from_env(cls) -> GatewayConfig:
+        origins = os.environ.get("CIPHERFEED_GATEWAY_CORS_ORIGINS", "")
+        config = cls(
+            host=_env_str("CIPHERFEED_GATEWAY_HOST", cls.host),
+            port=_env_int("CIPHERFEED_GATEWAY_PORT", cls.port, 0),
+            recommender_target=_env_str("CIPHERFEED_TARGET", cls.recommender_target),
+            keyservice_target=_env_str("CIPHERFEED_KEYSERVICE_TARGET", cls.keyservice_target),
+            ledger_target=_env_str("CIPHERFEED_LEDGER_TARGET", cls.ledger_target),
+            deadline_seconds=_env_float("CIPHERFEED_GATEWAY_DEADLINE_SECONDS", cls.deadline_seconds),
+            max_body_bytes=_env_int("CIPHERFEED_GATEWAY_MAX_BODY_BYTES", cls.max_body_bytes, 1),
+            body_timeout_seconds=_env_float("CIPHERFEED_GATEWAY_BODY_TIMEOUT_SECONDS", cls.body_timeout_seconds),
+            max_concurrency=_env_int("CIPHERFEED_GATEWAY_MAX_CONCURRENCY", cls.max_concurrency, 1),
+            cors_origins=tuple(o.strip() for o in origins.split(",") if o.strip()),
+            readiness_timeout_seconds=_env_float(
+                "CIPHERFEED_GATEWAY_READINESS_TIMEOUT_SECONDS", cls.readiness_timeout_seconds
+            ),
+            http_cert_file=_env_path("CIPHERFEED_GATEWAY_HTTP_CERT_FILE"),
+            http_key_file=_env_path("CIPHERFEED_GATEWAY_HTTP_KEY_FILE"),
+            limits=GrpcLimits.from_env(),
+            tls=TlsConfig.from_env(),
+        )
+        if "*" in config.cors_origins:
+            raise ConfigError("CIPHERFEED_GATEWAY_CORS_ORIGINS: list the origins; '*' is not allowed")
+        if (config.http_cert_file is None) != (config.http_key_file is None):
+            raise ConfigError("CIPHERFEED_GATEWAY_HTTP_CERT_FILE and _HTTP_KEY_FILE go together")
+        if config.deadline_seconds <= 0 or config.body_timeout_seconds <= 0:
+            raise ConfigError("gateway deadlines must be positive")
+        return config
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that gives a child gateway process these settings."""
+        env = {
+            "CIPHERFEED_GATEWAY_HOST": self.host,
+            "CIPHERFEED_GATEWAY_PORT": str(self.port),
+            "CIPHERFEED_TARGET": self.recommender_target,
+            "CIPHERFEED_KEYSERVICE_TARGET": self.keyservice_target,
+            "CIPHERFEED_LEDGER_TARGET": self.ledger_target,
+            "CIPHERFEED_GATEWAY_DEADLINE_SECONDS": str(self.deadline_seconds),
+            "CIPHERFEED_GATEWAY_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "CIPHERFEED_GATEWAY_BODY_TIMEOUT_SECONDS": str(self.body_timeout_seconds),
+            "CIPHERFEED_GATEWAY_MAX_CONCURRENCY": str(self.max_concurrency),
+            "CIPHERFEED_GATEWAY_CORS_ORIGINS": ",".join(self.cors_origins),
+            "CIPHERFEED_GATEWAY_READINESS_TIMEOUT_SECONDS": str(self.readiness_timeout_seconds),
+            "CIPHERFEED_GRPC_MAX_MESSAGE_BYTES": str(self.limits.max_message_bytes),
+            **self.tls.to_env(),
+        }
+        if self.http_cert_file is not None and self.http_key_file is not None:
+            env["CIPHERFEED_GATEWAY_HTTP_CERT_FILE"] = str(self.http_cert_file)
+            env["CIPHERFEED_GATEWAY_HTTP_KEY_FILE"] = str(self.http_key_file)
+        return env

@@ -43,6 +43,7 @@ class Reason(str, Enum):
     ITEM_NOT_FOUND = "ITEM_NOT_FOUND"
     PROFILE_NOT_FOUND = "PROFILE_NOT_FOUND"  # expired or unknown: upload the profile again
     RECEIPT_NOT_FOUND = "RECEIPT_NOT_FOUND"
+    ROUTE_NOT_FOUND = "ROUTE_NOT_FOUND"  # the HTTP gateway has no route for this path (404) or method (405)
     # ALREADY_EXISTS
     KEY_MATERIAL_CONFLICT = "KEY_MATERIAL_CONFLICT"  # same public key, other rotation keys
     # FAILED_PRECONDITION

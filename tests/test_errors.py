@@ -40,6 +40,7 @@ KIND = {
     Reason.ITEM_NOT_FOUND: errors.NotFound,
     Reason.PROFILE_NOT_FOUND: errors.NotFound,
     Reason.RECEIPT_NOT_FOUND: errors.NotFound,
+    Reason.ROUTE_NOT_FOUND: errors.NotFound,
     Reason.KEY_MATERIAL_CONFLICT: errors.AlreadyExists,
     Reason.KEY_NOT_ENABLED: errors.FailedPrecondition,
     Reason.KEY_VERSION_UNAVAILABLE: errors.FailedPrecondition,

@@ -1,0 +1,58 @@
+"""Runs the gateway on uvicorn: ``cipherfeed serve gateway`` or ``python -m gateway``."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from typing import Any
+
+import uvicorn
+
+from cipherfeed.config import ConfigError, GatewayConfig
+from gateway.app import create_app
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """Says "gateway listening on port N" once it accepts connections (supervisors and tests
+    read that line, cipherfeed/devprocess.py)."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            port = next(s.getsockname()[1] for server in self.servers for s in server.sockets)
+            print(f"gateway listening on port {port}", flush=True)
+
+
+def uvicorn_config(config: GatewayConfig) -> uvicorn.Config:
+    ssl: dict[str, Any] = {}
+    if config.http_cert_file is not None and config.http_key_file is not None:
+        ssl = {"ssl_certfile": str(config.http_cert_file), "ssl_keyfile": str(config.http_key_file)}
+    return uvicorn.Config(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        loop="asyncio",  # grpc.aio runs on the standard event loop
+        lifespan="on",
+        access_log=False,  # query strings may carry owner proofs: never logged
+        server_header=False,
+        limit_concurrency=config.max_concurrency,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=10,
+        log_config=None,
+        **ssl,
+    )
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = GatewayConfig.from_env()
+        server = _Server(uvicorn_config(config))
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    server.run()
+    return 0 if server.started else 2
