@@ -2,7 +2,7 @@
 export OMP_NUM_THREADS ?= 1
 PY := .venv/bin/python
 
-.PHONY: run test lint bench bootstrap fuzz fuzz-rpc quality
+.PHONY: run test lint bench bootstrap fuzz fuzz-rpc quality gateway-fuzz
 
 bootstrap:
 	@bash scripts/bootstrap.sh dev
@@ -40,3 +40,8 @@ fuzz: bootstrap
 FUZZ_RPC_EXAMPLES ?= 10000
 fuzz-rpc: bootstrap
 	CIPHERFEED_FUZZ_RPC_EXAMPLES=$(FUZZ_RPC_EXAMPLES) $(PY) -m pytest -s -q -p no:cacheprovider tests/test_fuzz_rpc.py
+
+# schemathesis against the gateway's served OpenAPI document: GATEWAY_FUZZ_EXAMPLES per operation and mode.
+GATEWAY_FUZZ_EXAMPLES ?= 30
+gateway-fuzz: bootstrap
+	CIPHERFEED_GATEWAY_FUZZ_EXAMPLES=$(GATEWAY_FUZZ_EXAMPLES) $(PY) -m pytest -s -q -p no:cacheprovider tests/test_gateway_schemathesis.py
