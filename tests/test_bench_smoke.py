@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench import authz, history, keys, ledger, ownerauth, scoring
+from bench import authz, gateway, history, keys, ledger, ownerauth, scoring
 from bench.common import RESULTS
 
 
@@ -17,6 +17,7 @@ from bench.common import RESULTS
         (keys, ["--users", "3", "--cache-size", "2", "--reps", "1"]),
         (ledger, ["--appends", "400", "--batch", "100", "--leaves", "300", "--anchors", "2"]),
         (ownerauth, ["--n", "3"]),
+        (gateway, ["--items", "100", "--reps", "2"]),
     ],
 )
 def test_benchmark_runs_and_writes_json(module, args, capsys):
