@@ -20,7 +20,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Mount, Route, request_response
 from starlette.staticfiles import StaticFiles
 
 from cipherfeed import errors
@@ -283,7 +283,6 @@ def create_app(config: GatewayConfig, routes: Sequence[ApiRoute] | None = None) 
         Route("/metrics", metrics, methods=["GET"]),
         Route(OPENAPI_PATH, openapi_json, methods=["GET"]),
         Mount("/explorer", app=StaticFiles(directory=STATIC_DIR / "explorer", html=True, check_dir=False)),
-        Route("/{path:path}", gateway.handle, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
     ]
     middleware = []
     if config.cors_origins:
@@ -299,5 +298,8 @@ def create_app(config: GatewayConfig, routes: Sequence[ApiRoute] | None = None) 
             )
         )
     app = Starlette(routes=table, middleware=middleware, lifespan=lifespan)
+    # Everything else is the API's: the router's default, so that every path and method (a path
+    # with an encoded newline included) is answered by the gateway, never by Starlette's text 404.
+    app.router.default = request_response(gateway.handle)
     app.state.gateway = gateway
     return app
