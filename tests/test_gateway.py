@@ -428,6 +428,7 @@ def test_each_error_class_has_its_http_status(mesh, client, token, query, tiktok
     assert assert_status(r, 504, "DEPENDENCY_UNAVAILABLE")["code"] == 4
     # the gateway's own refusals, in the same shape
     assert_status(http.get("/v1/nowhere"), 404, "ROUTE_NOT_FOUND")
+    assert_status(http.get("/v1/no%0Awhere"), 404, "ROUTE_NOT_FOUND")  # not Starlette's text 404 (schemathesis)
     r = http.get("/v1/score")
     assert assert_status(r, 405, "ROUTE_NOT_FOUND")["code"] == 12 and r.headers["allow"] == "POST"
     assert_status(http.post("/v1/score", content=b"a=b", headers={"Content-Type": "application/x-www-form-urlencoded"}),
