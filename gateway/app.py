@@ -25,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 
 from cipherfeed import errors
 from cipherfeed.config import GatewayConfig
+from cipherfeed.grpcutil import rich_status
 from cipherfeed.ownerauth import MAX_SESSION_TOKEN_CHARS
 from gateway import openapi, transcode
 from gateway.metrics import UNMATCHED, GatewayMetrics
@@ -79,6 +80,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.upstreams = Upstreams.from_config(config)
         self.openapi = openapi.document(self.table.routes)
+        self._in_flight = 0  # API requests in progress (one event loop: no lock needed)
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes
@@ -111,6 +113,21 @@ class Gateway:
             ) from None
         return b"".join(chunks)
 
+    def _overloaded(self) -> Response:
+        """At the concurrency limit: 503 with a Status and Retry-After, before reading anything."""
+        status = rich_status(
+            grpc.StatusCode.UNAVAILABLE,
+            errors.Reason.RETRY.value,
+            f"the gateway is handling {self.config.max_concurrency} requests; retry shortly",
+            {"limit": str(self.config.max_concurrency)},
+            retry_after=1.0,
+        )
+        response = self._status_response(status, False, None, {})
+        self.metrics.observe(
+            UNMATCHED, response.status_code, grpc.StatusCode.UNAVAILABLE.name, 0.0, 0, len(response.body)
+        )
+        return response
+
     def _too_large(self, size: int) -> GatewayError:
         limit = self.config.max_body_bytes
         return GatewayError(
@@ -141,6 +158,9 @@ class Gateway:
         started = time.perf_counter()
         label, grpc_code, request_bytes = UNMATCHED, "", 0
         binary = False
+        if self._in_flight >= self.config.max_concurrency:
+            return self._overloaded()
+        self._in_flight += 1
         self.metrics.in_flight.inc()
         try:
             try:
@@ -189,11 +209,10 @@ class Gateway:
         except Exception:  # a bug here must not take the gateway down or leak its details
             log.exception("unexpected error handling %s", label)
             grpc_code = grpc.StatusCode.INTERNAL.name
-            from cipherfeed.grpcutil import rich_status
-
             status = rich_status(grpc.StatusCode.INTERNAL, errors.Reason.INTERNAL.value, "internal error")
             response = self._status_response(status, binary, 500, {})
         finally:
+            self._in_flight -= 1
             self.metrics.in_flight.dec()
         self.metrics.observe(
             label,

@@ -38,7 +38,8 @@ def uvicorn_config(config: GatewayConfig) -> uvicorn.Config:
         lifespan="on",
         access_log=False,  # query strings may carry owner proofs: never logged
         server_header=False,
-        limit_concurrency=config.max_concurrency,
+        # a backstop only: the gateway refuses API requests past max_concurrency itself, with a Status
+        limit_concurrency=config.max_concurrency + 32,
         timeout_keep_alive=5,
         timeout_graceful_shutdown=10,
         log_config=None,

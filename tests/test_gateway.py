@@ -533,6 +533,31 @@ def test_the_served_openapi_document_is_valid_and_lists_every_route(mesh):
     assert doc["components"]["schemas"]["cipherfeed.v1.KeyRecord"]["properties"]["createdUnix"]["type"] == "string"
 
 
+def test_requests_past_the_concurrency_limit_get_503_and_retry_after(mesh, recommender, keyservice):
+    proc, port = start_gateway(recommender[0], keyservice[0], mesh.ledger_port, max_concurrency=1)
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as held:
+            # one request in progress: its body has not arrived yet
+            held.sendall(b"POST /v1/signin:nonce HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n")
+            gauge = "cipherfeed_gateway_requests_in_flight 1.0"
+            probes = 0
+            while gauge not in http.get("/metrics").text:  # the gauge is the condition, not a timer
+                probes += 1
+                assert probes < 10_000, "the held request never reached the gateway"
+            r = http.get("/v1/params")
+            assert assert_status(r, 503, "RETRY")["code"] == 14 and r.headers["retry-after"] == "1"
+            held.sendall(b"{}      ")
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                reply += held.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 200 ")
+        assert http.get("/v1/params").status_code == 200
+    finally:
+        http.close()
+        stop(proc)
+
+
 # --- an upstream that goes away -----------------------------------------------------------
 
 
