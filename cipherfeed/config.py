@@ -403,10 +403,12 @@ class ClientConfig:
 
     @classmethod
     def from_env(cls) -> ClientConfig:
+        target = _env_str("CIPHERFEED_TARGET", cls.target)
+        gateway = target if target.startswith(("http://", "https://")) else None  # one URL for all three
         return cls(
-            target=_env_str("CIPHERFEED_TARGET", cls.target),
-            keyservice_target=_env_str("CIPHERFEED_KEYSERVICE_TARGET", cls.keyservice_target),
-            ledger_target=_env_str("CIPHERFEED_LEDGER_TARGET", cls.ledger_target),
+            target=target,
+            keyservice_target=_env_str("CIPHERFEED_KEYSERVICE_TARGET", gateway or cls.keyservice_target),
+            ledger_target=_env_str("CIPHERFEED_LEDGER_TARGET", gateway or cls.ledger_target),
             deadline_seconds=_env_float("CIPHERFEED_DEADLINE_SECONDS", cls.deadline_seconds),
             chain_id=_env_int("CIPHERFEED_OWNER_CHAIN_ID", cls.chain_id, 1),
             home=Path(_env_str("CIPHERFEED_CLIENT_HOME", str(default_state_dir() / "client"))),

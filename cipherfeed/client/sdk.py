@@ -22,9 +22,10 @@ from cipherfeed.client.catalogue import ManifestCache
 from cipherfeed.client.interest import Engagement, history_weights
 from cipherfeed.client.keystore import ClientKeys
 from cipherfeed.client.ranking import rank_feed
+from cipherfeed.client.transport import open_channel
 from cipherfeed.config import ClientConfig
 from cipherfeed.errors import Reason
-from cipherfeed.grpcutil import channel, reason_of
+from cipherfeed.grpcutil import reason_of
 from cipherfeed.he import packing, wire
 from cipherfeed.he.codec import MaterialCodec, ciphertext_sha256, serialize
 from cipherfeed.he.keymap import KeyMaterial
@@ -110,10 +111,15 @@ def params_from_proto(p: common_pb2.HEParameters) -> HEParams:
 
 
 class RecommenderClient:
-    def __init__(self, config: ClientConfig) -> None:
+    """The device's side of the mesh. Each target is reached through the HTTP gateway when it is an
+    ``http(s)://`` URL (``http_encoding``: binary protobuf bodies, or proto3 JSON), over gRPC
+    otherwise (``cipherfeed.client.transport``); every method below works the same on either."""
+
+    def __init__(self, config: ClientConfig, http_encoding: str = "binary") -> None:
         self.config = config
-        self._channel = channel(config.target, config.limits, config.tls, "recommender")
-        self._keyservice_channel = channel(config.keyservice_target, config.limits, config.tls, "keyservice")
+        self.http_encoding = http_encoding
+        self._channel = self._open(config.target, "recommender")
+        self._keyservice_channel = self._open(config.keyservice_target, "keyservice")
         self._ledger_channel: grpc.Channel | None = None
         self.stub = recommender_pb2_grpc.RecommenderStub(self._channel)
         self.keyservice = keyservice_pb2_grpc.KeyServiceStub(self._keyservice_channel)
@@ -131,9 +137,12 @@ class RecommenderClient:
         self.manifests = ManifestCache(config.home / "manifests")
         self.manifest_downloads = 0  # how many manifests this client fetched (the rest came from disk)
 
+    def _open(self, target: str, server: str) -> grpc.Channel:
+        return open_channel(target, self.config.limits, self.config.tls, server, self.http_encoding)
+
     def ledger_channel(self) -> grpc.Channel:
         if self._ledger_channel is None:
-            self._ledger_channel = channel(self.config.ledger_target, self.config.limits, self.config.tls, "ledger")
+            self._ledger_channel = self._open(self.config.ledger_target, "ledger")
         return self._ledger_channel
 
     def close(self) -> None:
@@ -179,10 +188,13 @@ class RecommenderClient:
             raise ClientError("no owner account loaded; call use_keys() first")
         return self.account
 
-    def _authorize(self, service: str, method: str, key_id: str, request: SignedRequest) -> SignedRequest:
-        """Sets the owner's authorization on ``request``: the session token while it is fresh,
-        else an EIP-712 signature over this very request."""
-        if self.session is not None and self.session.expires_unix > time.time() + SESSION_MARGIN:
+    def _authorize(
+        self, service: str, method: str, key_id: str, request: SignedRequest, bearer: bool = True
+    ) -> SignedRequest:
+        """Sets the owner's authorization on ``request``: the session token while it is fresh
+        (unless ``bearer`` is False), else an EIP-712 signature over this very request."""
+        fresh = self.session is not None and self.session.expires_unix > time.time() + SESSION_MARGIN
+        if bearer and fresh and self.session is not None:
             request.auth.session_token = self.session.token  # type: ignore[attr-defined]
         else:
             account = self._require_account()
@@ -277,8 +289,10 @@ class RecommenderClient:
         if self.key_id is None:
             raise ClientError("register first")
         request = keyservice_pb2.ListAuditRequest(key_id=self.key_id, after_seq=after_seq, limit=limit)
+        # ListAudit is a GET through the gateway: its proof travels in the URL, which proxies
+        # log. A single-use signature that expires in minutes, never the bearer session token.
         reply = self.keyservice.ListAudit(
-            self._authorize(KEYSERVICE, "ListAudit", self.key_id, request), timeout=self._deadline
+            self._authorize(KEYSERVICE, "ListAudit", self.key_id, request, bearer=False), timeout=self._deadline
         )
         return list(reply.entries)
 
