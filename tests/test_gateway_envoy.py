@@ -241,6 +241,10 @@ def cases(w: World) -> list[Case]:
         Case("malformed JSON", "POST", "/v1/items:batchGet", b"{not json", status=400),
         Case("a string where a number goes", "POST", "/v1/items:batchGet", {"indices": ["one"]}, status=400),
         Case("bytes that are not base64", "POST", "/v1/keys", {"publicKey": "!!!"}, status=400),
+        Case("an unknown field in the body", "POST", "/v1/items:batchGet", {"indices": [1], "colour": "red"}),
+        Case("a query parameter on a body-* route", "POST", "/v1/items:batchGet?indices=2", {"indices": [1]}),
+        Case("path and body name different keys", "POST", f"/v1/keys/{k}:enable", {"keyId": ZERO_ID, "auth": owner}),
+        Case("POST with no body and no content type", "POST", "/v1/signin:nonce"),
     ]
 
 
