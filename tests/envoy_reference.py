@@ -325,3 +325,44 @@ def start_mesh(directory: Path, master_key_file: Path, model: Any, redis: Any = 
     servers.append(rec)
     ports = {"keyservice": ks.port, "ledger": ledger.port, "recommender": rec.port}
     return LoopbackMesh(ports=ports, servers=servers, cores=cores)
+
+
+def gateway_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gateway.__main__") is not None
+
+
+@dataclass
+class RunningGateway:
+    process: subprocess.Popen[bytes]
+    url: str
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_gateway(mesh: LoopbackMesh) -> RunningGateway:
+    """Our gateway (``python -m gateway``) in front of ``mesh`` as the ``gateway`` identity, on a
+    loopback port; returns once it says it listens."""
+    from cipherfeed.devprocess import start_service
+    from cipherfeed.devredis import free_port
+    from tests.conftest import mesh_pki
+
+    port = free_port()
+    p = mesh.ports
+    env = {
+        **mesh_pki().env("gateway"),
+        "CIPHERFEED_GATEWAY_HOST": "127.0.0.1",
+        "CIPHERFEED_GATEWAY_PORT": str(port),
+        "CIPHERFEED_TARGET": f"127.0.0.1:{p['recommender']}",
+        "CIPHERFEED_KEYSERVICE_TARGET": f"127.0.0.1:{p['keyservice']}",
+        "CIPHERFEED_LEDGER_TARGET": f"127.0.0.1:{p['ledger']}",
+        "CIPHERFEED_TRUST_DOMAIN": mesh_pki().ca.trust_domain,
+    }
+    return RunningGateway(start_service("gateway", env), f"http://127.0.0.1:{port}")

@@ -24,7 +24,6 @@ Deliberate differences, each asserted below rather than skipped:
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
@@ -37,11 +36,9 @@ from eth_account import Account
 from cipherfeed.client.interest import Engagement
 from cipherfeed.client.sdk import RecommenderClient
 from cipherfeed.config import ClientConfig
-from cipherfeed.devprocess import start_service
-from cipherfeed.devredis import free_port
 from services.recommender.synthetic import synthetic_catalogue
 from tests.conftest import TEST_LIMITS, mesh_pki
-from tests.envoy_reference import start_envoy, start_mesh
+from tests.envoy_reference import gateway_available, start_envoy, start_gateway, start_mesh
 
 ITEMS = 1000
 ZERO_ID = "0" * 64
@@ -80,23 +77,11 @@ def envoy(mesh, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gateway(mesh):
-    if importlib.util.find_spec("gateway.__main__") is None:
+    if not gateway_available():
         pytest.skip("gateway/ is still the placeholder: nothing to hold to the reference yet")
-    port = free_port()
-    p = mesh.ports
-    env = {
-        **mesh_pki().env("gateway"),
-        "CIPHERFEED_GATEWAY_HOST": "127.0.0.1",
-        "CIPHERFEED_GATEWAY_PORT": str(port),
-        "CIPHERFEED_TARGET": f"127.0.0.1:{p['recommender']}",
-        "CIPHERFEED_KEYSERVICE_TARGET": f"127.0.0.1:{p['keyservice']}",
-        "CIPHERFEED_LEDGER_TARGET": f"127.0.0.1:{p['ledger']}",
-        "CIPHERFEED_TRUST_DOMAIN": mesh_pki().ca.trust_domain,
-    }
-    process = start_service("gateway", env)
-    yield f"http://127.0.0.1:{port}"
-    process.terminate()
-    process.wait(timeout=10)
+    running = start_gateway(mesh)
+    yield running.url
+    running.stop()
 
 
 @dataclass

@@ -21,6 +21,8 @@ the gateway holds no power of its own over keys.
 from __future__ import annotations
 
 import base64
+import ipaddress
+import logging
 import re
 import ssl
 import threading
@@ -40,6 +42,7 @@ from cipherfeed.config import ConfigError, GrpcLimits, TlsConfig
 from cipherfeed.grpcutil import channel as grpc_channel
 from cipherfeed.v1 import keyservice_pb2, ledger_pb2, recommender_pb2
 
+log = logging.getLogger(__name__)
 _SERVICES = (keyservice_pb2, ledger_pb2, recommender_pb2)  # imported so their descriptors are in the pool
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
@@ -127,6 +130,15 @@ class HttpRpcError(grpc.RpcError, grpc.Call):
 
     def __str__(self) -> str:
         return f"<HttpRpcError {self.code().name} (HTTP {self.http_status}): {self.details()}>"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _status(code: grpc.StatusCode, message: str) -> Status:
@@ -262,6 +274,9 @@ class HttpChannel(grpc.Channel):
             raise ValueError(f"encoding {encoding!r}: binary or json")
         self.base_url = base_url.rstrip("/")
         self.encoding = encoding
+        host = urllib.parse.urlsplit(self.base_url).hostname or ""
+        if self.base_url.startswith("http://") and not _is_loopback(host):
+            log.warning("gateway %s is plain HTTP: owner proofs and session tokens cross the network in clear", host)
         self._max_bytes = limits.max_message_bytes
         verify: ssl.SSLContext | bool = True
         if self.base_url.startswith("https://") and tls.ca_file is not None:
