@@ -138,6 +138,7 @@ def world(mesh, tmp_path_factory) -> World:
         key_id = client.key_id
     mesh.cores["recommender"].receipts.flush(timeout=30)
     checkpoint = mesh.cores["ledger"].log.checkpoint()
+    assert checkpoint is not None
     mesh.cores["ledger"].anchorer.anchor_pending()
     return World(
         key_id=key_id or "",
@@ -145,7 +146,7 @@ def world(mesh, tmp_path_factory) -> World:
         stranger_session=stranger_session,
         profile_ref=profile_ref,
         receipt_id=scored.receipt_id,
-        tree_size=int(getattr(checkpoint, "size", 0) or 2),
+        tree_size=checkpoint.size,
         public_key=base64.b64encode(keys.public_key_bytes).decode(),
         rotation_keys=base64.b64encode(keys.rotation_key_bytes).decode(),
         owner=owner,

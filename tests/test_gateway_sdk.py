@@ -5,6 +5,7 @@ down to the on-chain anchor on either path."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 
 import grpc
@@ -19,7 +20,7 @@ from cipherfeed.client.verify import fetch_and_verify
 from cipherfeed.config import ClientConfig, ConfigError
 from cipherfeed.errors import Reason
 from cipherfeed.grpcutil import reason_of
-from cipherfeed.v1 import ledger_pb2_grpc
+from cipherfeed.v1 import keyservice_pb2, ledger_pb2_grpc, recommender_pb2
 from services.recommender.synthetic import synthetic_catalogue
 from tests.conftest import TEST_LIMITS, mesh_pki
 from tests.envoy_reference import gateway_available, start_envoy, start_gateway, start_mesh
@@ -112,6 +113,37 @@ def test_the_scheme_picks_the_transport():
         open_channel("ftp://127.0.0.1:1", TEST_LIMITS, tls, "recommender")
 
 
+def test_requests_follow_their_http_rules():
+    """Path variables from the request and not repeated in the body; a GET's fields as query
+    parameters (nested, repeated, bytes as base64); a session token in a header, never in the URL."""
+    channel = HttpChannel("http://127.0.0.1:1", TEST_LIMITS, mesh_pki().tls("device"))
+    ks = "/cipherfeed.v1.KeyService/"
+    rotate = keyservice_pb2.RotateKeyRequest(key_id="ab/c", public_key=b"\xff", min_version=2)
+    path, headers, params, body = channel._encode(channel._route(ks + "RotateKey"), rotate)
+    assert path == "/v1/keys/ab%2Fc:rotate" and params == []
+    assert headers["content-type"] == "application/x-protobuf"
+    assert keyservice_pb2.RotateKeyRequest.FromString(body) == keyservice_pb2.RotateKeyRequest(
+        public_key=b"\xff", min_version=2
+    )
+    audit = keyservice_pb2.ListAuditRequest(key_id="k", limit=5)
+    audit.auth.signature.nonce = b"\xfb\xff"
+    path, headers, params, body = channel._encode(channel._route(ks + "ListAudit"), audit)
+    assert (path, body) == ("/v1/audit", b"")
+    assert sorted(params) == [("auth.signature.nonce", "+/8="), ("key_id", "k"), ("limit", "5")]
+    audit.auth.session_token = "cfs1.secret"
+    _, headers, params, _ = channel._encode(channel._route(ks + "ListAudit"), audit)
+    assert headers["authorization"] == "Bearer cfs1.secret"
+    assert all("cfs1" not in value for _, value in params)
+    items = recommender_pb2.GetItemsRequest(indices=[3, 4])
+    json_channel = HttpChannel("http://127.0.0.1:1", TEST_LIMITS, mesh_pki().tls("device"), encoding="json")
+    _, headers, _, body = json_channel._encode(json_channel._route("/cipherfeed.v1.Recommender/GetItems"), items)
+    assert headers["content-type"] == "application/json" and json.loads(body) == {"indices": [3, 4]}
+    with pytest.raises(ValueError, match="no HTTP mapping"):
+        channel._route("/cipherfeed.v1.Ledger/Append")
+    channel.close()
+    json_channel.close()
+
+
 def test_one_gateway_url_serves_all_three_services(monkeypatch):
     monkeypatch.setenv("CIPHERFEED_TARGET", "https://gw.example:8443")
     monkeypatch.delenv("CIPHERFEED_KEYSERVICE_TARGET", raising=False)
@@ -175,11 +207,10 @@ def test_refusals_over_http_read_like_grpc_ones(mesh, envoy, tmp_path):
         http.use_keys()
         with pytest.raises(grpc.RpcError) as refused:
             http.score_profile("cfp-nonexistent", query_sha256=b"\0" * 32)
-        assert isinstance(refused.value, HttpRpcError)
-        assert refused.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
-        assert reason_of(refused.value) is not None  # the ErrorInfo crossed the HTTP hop
+        assert isinstance(refused.value, HttpRpcError) and refused.value.http_status == 404
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        assert reason_of(refused.value) == Reason.PROFILE_NOT_FOUND  # the ErrorInfo crossed the HTTP hop
     dead = dataclasses.replace(http_config("http://127.0.0.1:9", tmp_path / "d2"), deadline_seconds=5)
     with RecommenderClient(dead) as unreachable, pytest.raises(grpc.RpcError) as down:
         unreachable.model_info()
     assert down.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert Reason  # the reasons are the mesh's own (cipherfeed.errors)
