@@ -341,6 +341,48 @@ class LedgerConfig:
 
 
 @dataclass(frozen=True)
+class ShardConfig:
+    """Sharding of the catalogue's blocks. A shard serves the contiguous block range ``index`` of
+    ``count``; a coordinator fans every Score out to ``targets`` (host:port, shard 0 first). With
+    neither, one recommender serves every block."""
+
+    index: int | None = None
+    count: int | None = None
+    targets: tuple[str, ...] = ()
+    deadline_seconds: float = 30.0  # per shard call; a request's own deadline, if sooner, wins
+
+    def __post_init__(self) -> None:
+        if (self.index is None) != (self.count is None):
+            raise ConfigError("CIPHERFEED_SHARD_INDEX and CIPHERFEED_SHARD_COUNT are set together")
+        if self.count is not None and self.index is not None and not 0 <= self.index < self.count:
+            raise ConfigError(f"CIPHERFEED_SHARD_INDEX={self.index} is outside 0..{self.count - 1}")
+        if self.count is not None and self.targets:
+            raise ConfigError("a shard (CIPHERFEED_SHARD_INDEX) cannot also coordinate (CIPHERFEED_SHARD_TARGETS)")
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError("CIPHERFEED_SHARD_TARGETS names a shard twice")
+
+    @property
+    def is_shard(self) -> bool:
+        return self.count is not None
+
+    @property
+    def is_coordinator(self) -> bool:
+        return bool(self.targets)
+
+    @classmethod
+    def from_env(cls) -> ShardConfig:
+        index = os.environ.get("CIPHERFEED_SHARD_INDEX") or None
+        count = os.environ.get("CIPHERFEED_SHARD_COUNT") or None
+        targets = tuple(t.strip() for t in _env_str("CIPHERFEED_SHARD_TARGETS", "").split(",") if t.strip())
+        return cls(
+            index=None if index is None else _env_int("CIPHERFEED_SHARD_INDEX", 0, 0),
+            count=None if count is None else _env_int("CIPHERFEED_SHARD_COUNT", 1, 1),
+            targets=targets,
+            deadline_seconds=_env_float("CIPHERFEED_SHARD_DEADLINE_SECONDS", cls.deadline_seconds),
+        )
+
+
+@dataclass(frozen=True)
 class RecommenderConfig:
     listen: str = "127.0.0.1:50051"
     grpc_workers: int = 8
@@ -361,6 +403,7 @@ class RecommenderConfig:
     redis: RedisConfig = field(default_factory=RedisConfig)
     owner_auth: OwnerAuthConfig = field(default_factory=OwnerAuthConfig)
     score_rate: ScoreRateLimit = field(default_factory=ScoreRateLimit)
+    shard: ShardConfig = field(default_factory=ShardConfig)
 
     @classmethod
     def from_env(cls) -> RecommenderConfig:
@@ -387,6 +430,7 @@ class RecommenderConfig:
             redis=RedisConfig.from_env(),
             owner_auth=OwnerAuthConfig.from_env(),
             score_rate=ScoreRateLimit.from_env(),
+            shard=ShardConfig.from_env(),
         )
 
 

@@ -40,6 +40,7 @@ USERS: frozenset[str] = frozenset({DEVICE, GATEWAY})  # a user's own device, or 
 KS = "/cipherfeed.v1.KeyService/"
 LG = "/cipherfeed.v1.Ledger/"
 RC = "/cipherfeed.v1.Recommender/"
+SH = "/cipherfeed.v1.RecommenderShard/"
 
 # (service, method) -> identities allowed to call it.
 POLICY: dict[str, frozenset[str]] = {
@@ -74,6 +75,11 @@ POLICY: dict[str, frozenset[str]] = {
     RC + "UploadProfile": USERS,
     RC + "UploadHistory": USERS,
     RC + "Score": USERS,
+    # Recommender shards: parts of an answer, only for the coordinator recommender that merges them
+    # (and that checked the owner, the rate and the key first).
+    SH + "GetShardInfo": frozenset({RECOMMENDER}),
+    SH + "ScoreBlocks": frozenset({RECOMMENDER}),
+    SH + "ProjectHistoryBlocks": frozenset({RECOMMENDER}),
     # Every server: health and reflection for every authenticated caller.
     "/grpc.health.v1.Health/Check": EVERYONE,
     "/grpc.health.v1.Health/List": EVERYONE,

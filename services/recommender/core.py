@@ -26,7 +26,7 @@ from cipherfeed.errors import (
     Unavailable,
     echo,
 )
-from cipherfeed.he import rnsmac, wire
+from cipherfeed.he import packing, rnsmac, wire
 from cipherfeed.he.codec import MaterialCodec, MaterialError, OrderedDigest, ciphertext_sha256
 from cipherfeed.he.params import HEParams
 from cipherfeed.keystate import KeyStatus, check_key_id
@@ -44,7 +44,16 @@ from services.recommender.history import (
 )
 from services.recommender.owners import OwnerChecks
 from services.recommender.receipts import ReceiptSpool
-from services.recommender.scoring import EncryptedScorer, SelfCheckError
+from services.recommender.scoring import EncryptedScorer, ScoreTiming, SelfCheckError
+from services.recommender.sharding import (
+    BlockRange,
+    block_range,
+    catalogue_blocks,
+    history_input_rotations,
+    kernel_name,
+    model_slice,
+    scoring_strategy,
+)
 
 log = logging.getLogger(__name__)
 MAX_ITEMS_PER_REQUEST = 1000
@@ -116,6 +125,13 @@ class KeyLimits:
 
 
 class RecommenderCore:
+    """Serves the catalogue's blocks ``blocks`` (all of them unless it is a shard: ``shard`` =
+    (index, count)). Only a recommender with every block answers clients' Scores itself; a
+    shard's blocks are asked for by a coordinator (``services.recommender.coordinator``)."""
+
+    scorer: EncryptedScorer
+    blocks: BlockRange
+
     def __init__(
         self,
         model: ModelArtifact,
@@ -129,6 +145,7 @@ class RecommenderCore:
         receipts: ReceiptSpool | None = None,
         owner_auth: OwnerAuthConfig | None = None,
         score_rate: ScoreRateLimit | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         heap.limit_arenas(1)  # before the pools start: key sets come and go on many threads
         self.model = model
@@ -140,12 +157,43 @@ class RecommenderCore:
         self.results = WriteBehind(self.cache)  # a response never waits for its result to be cached
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckks")
         self.codec = MaterialCodec(params)
+        self.block_count = catalogue_blocks(model, params.items_per_ciphertext)
+        self.tail_fold = packing.tail_fold(model.item_count, params.slots, params.padded_dim, params.giant_steps)
+        self.catalogue_sha256 = catalogue_sha256(model.item_ids)
+        self._build_engines(model, shard)
         t0 = time.perf_counter()
-        self.scorer = EncryptedScorer(model, params, self.pool)
+        self.codec.warm_up()
+        log.info("learned the byte templates of queries and keys in %.1f s", time.perf_counter() - t0)
+        self.installed = InstalledKeys(self.codec, key_limits.max_count, key_limits.max_bytes)
+        self.keys = KeyResolver(
+            self.codec, self.installed, self.cache, self.redis_config, keyservice, keyservice_deadline
+        )
+        self.owners = OwnerChecks(
+            keyservice, owner_auth or OwnerAuthConfig(), score_rate or ScoreRateLimit(), keyservice_deadline
+        )
+        self._index = {item_id: i for i, item_id in enumerate(model.item_ids)}
+        self._manifest: EncodedManifest | None = None
+        self._manifest_lock = threading.Lock()
+        self.receipts = receipts
+        if receipts is not None:  # the log records which model served from when
+            receipts.put(ModelRecord(self.model_version, model.created_by, model.item_count, _now_ms()))
+
+    def _build_engines(self, model: ModelArtifact, shard: tuple[int, int] | None) -> None:
+        """The scorer and history projector of this recommender's blocks (a shard's: its slice
+        of the catalogue, with the whole catalogue's strategies, so that its bytes are the ones
+        one recommender would make for those blocks)."""
+        self.blocks = block_range(self.block_count, *(shard or (0, 1)))
+        kernel = kernel_name()
+        sliced = model_slice(model, self.blocks, self.params.items_per_ciphertext)
+        strategy = scoring_strategy(self.block_count, kernel)
+        rotations = history_input_rotations(self.block_count)
+        params = self.params
+        t0 = time.perf_counter()
+        self.scorer = EncryptedScorer(sliced, params, self.pool, strategy=strategy, kernel=kernel)
         log.info(
             "model %s: %d items encoded into %d blocks in %.1f s (%s strategy, %s kernel%s)",
             self.model_version[:16],
-            model.item_count,
+            sliced.item_count,
             self.scorer.block_count,
             time.perf_counter() - t0,
             self.scorer.strategy,
@@ -166,8 +214,7 @@ class RecommenderCore:
                 time.perf_counter() - t0,
             )
         t0 = time.perf_counter()
-        self.history = HistoryProjector(model, params, self.pool)
-        self.catalogue_sha256 = catalogue_sha256(model.item_ids)
+        self.history = HistoryProjector(sliced, params, self.pool, kernel=kernel, input_rotations=rotations)
         log.info(
             "history projection: %d blocks, %d input rotations, %s kernel, encoded in %.1f s",
             self.history.block_count,
@@ -175,22 +222,6 @@ class RecommenderCore:
             self.history.kernel,
             time.perf_counter() - t0,
         )
-        t0 = time.perf_counter()
-        self.codec.warm_up()
-        log.info("learned the byte templates of queries and keys in %.1f s", time.perf_counter() - t0)
-        self.installed = InstalledKeys(self.codec, key_limits.max_count, key_limits.max_bytes)
-        self.keys = KeyResolver(
-            self.codec, self.installed, self.cache, self.redis_config, keyservice, keyservice_deadline
-        )
-        self.owners = OwnerChecks(
-            keyservice, owner_auth or OwnerAuthConfig(), score_rate or ScoreRateLimit(), keyservice_deadline
-        )
-        self._index = {item_id: i for i, item_id in enumerate(model.item_ids)}
-        self._manifest: EncodedManifest | None = None
-        self._manifest_lock = threading.Lock()
-        self.receipts = receipts
-        if receipts is not None:  # the log records which model served from when
-            receipts.put(ModelRecord(self.model_version, model.created_by, model.item_count, _now_ms()))
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -256,14 +287,16 @@ class RecommenderCore:
         ciphertexts: list[bytes],
         pinned_model: str = "",
         status: KeyStatus | None = None,
+        deadline: float | None = None,
     ) -> tuple[str, int, float]:
         """Validates an encrypted history, projects it to E(u) and stores both in the cache;
-        returns (reference, expiry, projection milliseconds)."""
+        returns (reference, expiry, projection milliseconds). ``deadline``: the caller's, as
+        ``time.monotonic()`` (a coordinator's calls to its shards end by then)."""
         self._check_model(pinned_model)
-        if len(ciphertexts) != self.history.block_count:
+        if len(ciphertexts) != self.block_count:
             raise InvalidArgument(
                 f"{len(ciphertexts)} history ciphertexts; this catalogue of {self.model.item_count} items"
-                f" takes {self.history.block_count}"
+                f" takes {self.block_count}"
             )
         for blob in ciphertexts:
             self._check_query_size(blob)
@@ -273,7 +306,7 @@ class RecommenderCore:
             raise Unavailable("histories are kept in the cache, and none is configured")
         record = HistoryRecord(ref.key_id, checked[1], self.catalogue_sha256, ciphertext_sha256(ciphertexts))
         started = time.perf_counter()
-        record, _ = self._project(record, loaded, checked)
+        record, _ = self._project(record, ciphertexts, loaded, checked, deadline)
         millis = 1e3 * (time.perf_counter() - started)
         profile_ref = secrets.token_urlsafe(24)
         if not self._store_history(profile_ref, record, ciphertexts):
@@ -295,9 +328,15 @@ class RecommenderCore:
             raise MaterialError(f"history ciphertext {i}: {exc}") from None
 
     def _project(
-        self, record: HistoryRecord, loaded: list[openfhe.Ciphertext], checked: tuple[KeyStatus, int]
+        self,
+        record: HistoryRecord,
+        blobs: list[bytes],
+        loaded: list[openfhe.Ciphertext],
+        checked: tuple[KeyStatus, int],
+        deadline: float | None = None,
     ) -> tuple[HistoryRecord, openfhe.Ciphertext]:
-        """E(u) for the serving model, with the client's keys installed."""
+        """E(u) for the serving model, with the client's keys installed (``blobs``: the
+        validated ciphertexts ``loaded`` came from)."""
         version = checked[1]
         for _ in range(3):  # the keys may be evicted between resolve and use: resolve again
             tag, version = self.keys.resolve(common_pb2.KeyRef(key_id=record.key_id, version=version), checked)
@@ -334,13 +373,15 @@ class RecommenderCore:
         profile_ref: str = "",
         pinned_model: str = "",
         status: KeyStatus | None = None,
+        deadline: float | None = None,
     ) -> ScoreResult:
+        """``deadline``: the caller's, as ``time.monotonic()`` (see ``upload_history``)."""
         self._check_model(pinned_model)
         started = time.perf_counter()
         if query is None:
             stored = self._profile(profile_ref, ref)
             if isinstance(stored, HistoryRecord):
-                return self._score_history(profile_ref, stored, started)
+                return self._score_history(profile_ref, stored, started, deadline)
             query, profile_version = stored
             ref = common_pb2.KeyRef(key_id=ref.key_id, version=profile_version)
         self._check_query_size(query)
@@ -352,19 +393,10 @@ class RecommenderCore:
         if cached is not None:
             blobs = _unframe_blobs(cached)
             return self._result(blobs, query_sha256, started, ref.key_id, version, from_cache=True)
-        ct = self.codec.load_query(query)
-        for _ in range(3):  # the keys may be evicted between resolve and use: resolve again
-            tag, version = self.keys.resolve(common_pb2.KeyRef(key_id=ref.key_id, version=version), checked)
-            with self.installed.use(tag) as present:
-                if present:
-                    ct.SetKeyTag(tag)
-                    digest = OrderedDigest(self.scorer.block_count)  # hashed as the blocks come in
-                    blobs, timing = self.scorer.score(ct, finish=functools.partial(self._encode_scores, digest=digest))
-                    break
-        else:
-            raise Unavailable("rotation keys were evicted repeatedly under load; retry", reason=Reason.RETRY)
+        key = common_pb2.KeyRef(key_id=ref.key_id, version=version)
+        blobs, response_sha256, timing, version = self._score_encrypted(key, checked, query, None, deadline)
         self.results.set(result_key, _frame_blobs(blobs), self.redis_config.result_ttl)
-        result = self._result(blobs, query_sha256, started, ref.key_id, version, False, digest.digest())
+        result = self._result(blobs, query_sha256, started, ref.key_id, version, False, response_sha256)
         log.info(
             "scored %d items for key %s v%d: rotations %.1f ms, blocks %.1f ms, total %.1f ms",
             self.model.item_count,
@@ -376,7 +408,114 @@ class RecommenderCore:
         )
         return result
 
-    def _score_history(self, profile_ref: str, record: HistoryRecord, started: float) -> ScoreResult:
+    def _score_encrypted(
+        self,
+        ref: common_pb2.KeyRef,
+        checked: tuple[KeyStatus, int],
+        query: bytes | None,
+        profile: bytes | None,
+        deadline: float | None = None,
+    ) -> tuple[list[bytes], bytes, ScoreTiming, int]:
+        """Every block's packed scores of a validated inline ``query`` or a history's lifted
+        ``profile`` (``HistoryProjector.export`` words), their response digest, the timing and
+        the key version that served."""
+        if query is not None:
+            blobs, digest, timing, version = self._score_local(ref, checked, self.codec.load_query(query), False)
+        else:
+            assert profile is not None
+            blobs, digest, timing, version = self._score_local(ref, checked, self.history.restore(profile), True)
+        return blobs, digest.digest(), timing, version
+
+    def _score_local(
+        self, ref: common_pb2.KeyRef, checked: tuple[KeyStatus, int], ct: openfhe.Ciphertext, lifted: bool
+    ) -> tuple[list[bytes], OrderedDigest, ScoreTiming, int]:
+        """This recommender's blocks scored, with the client's keys installed."""
+        version = checked[1]
+        for _ in range(3):  # the keys may be evicted between resolve and use: resolve again
+            tag, version = self.keys.resolve(common_pb2.KeyRef(key_id=ref.key_id, version=version), checked)
+            with self.installed.use(tag) as present:
+                if present:
+                    ct.SetKeyTag(tag)
+                    digest = OrderedDigest(self.scorer.block_count)  # hashed as the blocks come in
+                    blobs, timing = self.scorer.score(
+                        ct, finish=functools.partial(self._encode_scores, digest=digest), lifted=lifted
+                    )
+                    return blobs, digest, timing, version
+        raise Unavailable("rotation keys were evicted repeatedly under load; retry", reason=Reason.RETRY)
+
+    # -- a shard's blocks, for a coordinator (RecommenderShard) ---------------------------------
+
+    def _check_shard_request(self, ref: common_pb2.KeyRef, pinned_model: str) -> tuple[KeyStatus, int]:
+        if pinned_model != self.model_version:  # required: a shard never guesses which model is meant
+            raise ModelMismatchError(
+                f"model {echo(pinned_model[:16])} asked of a shard serving {self.model_version[:16]}",
+                metadata={"serving_model": self.model_version},
+            )
+        if ref.version == 0:
+            raise InvalidArgument("a shard is asked for a concrete key version", reason=Reason.FIELD_INVALID)
+        # The coordinator checked the owner and the rate; the key's state is checked again here,
+        # so a key disabled meanwhile is refused by every shard, not only by the coordinator.
+        return self.keys.usable_version(ref)
+
+    def score_blocks(
+        self, ref: common_pb2.KeyRef, pinned_model: str, query: bytes | None, profile: bytes | None
+    ) -> tuple[list[bytes], float]:
+        """This recommender's blocks' packed scores of an inline query or a lifted profile, and
+        the milliseconds they took."""
+        checked = self._check_shard_request(ref, pinned_model)
+        started = time.perf_counter()
+        if query is not None:
+            self._check_query_size(query)
+            ct = self.codec.load_query(query)
+        elif profile is not None:
+            try:
+                ct = self.history.restore(profile)
+            except HistoryError as exc:
+                raise InvalidArgument(f"lifted profile: {exc}", reason=Reason.HE_MATERIAL_INVALID) from None
+        else:
+            raise InvalidArgument("a query ciphertext or a lifted profile is required", reason=Reason.FIELD_REQUIRED)
+        blobs, _, timing, version = self._score_local(ref, checked, ct, profile is not None)
+        millis = 1e3 * (time.perf_counter() - started)
+        log.info(
+            "scored blocks %d..%d for key %s v%d: rotations %.1f ms, blocks %.1f ms, total %.1f ms",
+            self.blocks.first,
+            self.blocks.stop - 1,
+            ref.key_id[:16],
+            version,
+            timing.rotations_ms,
+            timing.blocks_ms,
+            millis,
+        )
+        return blobs, millis
+
+    def project_blocks(
+        self, ref: common_pb2.KeyRef, pinned_model: str, first_block: int, ciphertexts: list[bytes]
+    ) -> tuple[bytes, float]:
+        """This recommender's share of a history's t_q (``HistoryProjector.partial_sums``)."""
+        checked = self._check_shard_request(ref, pinned_model)
+        if first_block != self.blocks.first or len(ciphertexts) != self.blocks.blocks:
+            raise InvalidArgument(
+                f"history blocks {first_block}..+{len(ciphertexts)} asked of the shard of blocks"
+                f" {self.blocks.first}..+{self.blocks.blocks}"
+            )
+        for blob in ciphertexts:
+            self._check_query_size(blob)
+        loaded = [self._load_history(self.blocks.first + i, blob) for i, blob in enumerate(ciphertexts)]
+        started = time.perf_counter()
+        version = checked[1]
+        for _ in range(3):  # input rotations use the client's keys
+            tag, version = self.keys.resolve(common_pb2.KeyRef(key_id=ref.key_id, version=version), checked)
+            with self.installed.use(tag) as present:
+                if present:
+                    for ct in loaded:
+                        ct.SetKeyTag(tag)
+                    shares = self.history.partial_sums(loaded)
+                    return shares, 1e3 * (time.perf_counter() - started)
+        raise Unavailable("rotation keys were evicted repeatedly under load; retry", reason=Reason.RETRY)
+
+    def _score_history(
+        self, profile_ref: str, record: HistoryRecord, started: float, deadline: float | None = None
+    ) -> ScoreResult:
         """Scores a history profile: its E(u) under the serving model, projected again from the
         stored E(w) first if another model made it (a model update needs no new upload)."""
         ref = common_pb2.KeyRef(key_id=record.key_id, version=record.key_version)
@@ -388,13 +527,14 @@ class RecommenderCore:
         if cached is not None:
             blobs = _unframe_blobs(cached)
             return self._result(blobs, query_sha256, started, ref.key_id, version, from_cache=True)
-        profile = None
-        if record.model_version == self.model_version:
+        profile = record.profile if record.model_version == self.model_version else b""
+        if profile:
             try:
-                profile = self.history.restore(record.profile)
+                self.history.check_words(profile, 1, "a stored profile")
             except HistoryError:
                 log.warning("stored history profile %s does not load; projecting it again", profile_ref[:8])
-        if profile is None:  # another model projected it (or nothing did): project it again
+                profile = b""
+        if not profile:  # another model projected it (or nothing did): project it again
             stored = self.cache.get(Keys.history(profile_ref))
             if stored is None:
                 raise UnknownProfileError("the history expired; upload it again")
@@ -403,22 +543,12 @@ class RecommenderCore:
             except HistoryError:
                 raise UnknownProfileError("stored history is unreadable; upload it again") from None
             loaded = [self._load_history(i, blob) for i, blob in enumerate(blobs)]
-            record, profile = self._project(record, loaded, checked)
+            record, _ = self._project(record, blobs, loaded, checked, deadline)
             self._store_history(profile_ref, record, blobs)
-        for _ in range(3):
-            tag, version = self.keys.resolve(ref, checked)
-            with self.installed.use(tag) as present:
-                if present:
-                    profile.SetKeyTag(tag)
-                    digest = OrderedDigest(self.scorer.block_count)
-                    blobs, timing = self.scorer.score(
-                        profile, finish=functools.partial(self._encode_scores, digest=digest), lifted=True
-                    )
-                    break
-        else:
-            raise Unavailable("rotation keys were evicted repeatedly under load; retry", reason=Reason.RETRY)
+            profile = record.profile
+        blobs, response_sha256, timing, version = self._score_encrypted(ref, checked, None, profile, deadline)
         self.results.set(result_key, _frame_blobs(blobs), self.redis_config.result_ttl)
-        result = self._result(blobs, query_sha256, started, ref.key_id, version, False, digest.digest())
+        result = self._result(blobs, query_sha256, started, ref.key_id, version, False, response_sha256)
         log.info(
             "scored %d items by history for key %s v%d: rotations %.1f ms, blocks %.1f ms, total %.1f ms",
             self.model.item_count,
@@ -457,7 +587,7 @@ class RecommenderCore:
             model_version=self.model_version,
             item_count=self.model.item_count,
             items_per_ciphertext=self.params.items_per_ciphertext,
-            tail_fold=self.scorer.tail_fold,
+            tail_fold=self.tail_fold,
             slots=self.params.slots,
             ciphertexts=blobs,
             query_sha256=query_sha256,

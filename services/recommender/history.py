@@ -84,7 +84,10 @@ class HistoryProjector:
         input_rotations: int = 0,
         lift_bits: int = QUERY_LIFT_BITS,
         input_lift_bits: int = -1,
+        diagonals: bool = True,
     ) -> None:
+        """``diagonals=False``: no plaintexts of the model, only what adds shares of other
+        projectors (``from_partials``) and restores profiles: a sharding coordinator's."""
         if model.dim > params.padded_dim:
             raise ValueError(f"model dimension {model.dim} exceeds the parameter set's {params.padded_dim}")
         if params.baby_steps * params.giant_steps != params.padded_dim:
@@ -120,7 +123,11 @@ class HistoryProjector:
         self._layout, self._unit, self._fresh, self._fresh_zero = self._two_limb_reference()
         columns = self.block_count * input_rotations
         self._chunks = [(c, min(c + KERNEL_CHUNK, columns)) for c in range(0, columns, KERNEL_CHUNK)]
-        if kernel == "native":
+        self._words: list[list[rnsmac.Words]] = [[], []]
+        self._plaintexts: list[list[list[openfhe.Plaintext]]] = []
+        if not diagonals:
+            self._chunks = []
+        elif kernel == "native":
             # Per limb and chunk of (block, input rotation) columns: (sums, n, columns) in Montgomery form.
             self._words = [
                 [np.empty((self.sums, n, hi - lo), dtype=np.uint64) for lo, hi in self._chunks] for _ in range(2)
@@ -130,9 +137,7 @@ class HistoryProjector:
                 for words in chunks:
                     rnsmac.to_montgomery(words, self._moduli[limb])
         else:
-            self._plaintexts: list[list[list[openfhe.Plaintext]]] = list(
-                pool.map(self._encode, range(self.block_count))
-            )
+            self._plaintexts = list(pool.map(self._encode, range(self.block_count)))
 
     # -- the model's plaintexts --------------------------------------------------------------
 
@@ -177,15 +182,21 @@ class HistoryProjector:
     def restore(self, data: bytes) -> openfhe.Ciphertext:
         """The ciphertext of ``export`` (level 0, scale degree 1, like a lifted query); raises
         ``HistoryError`` unless ``data`` is exactly four vectors of words below their moduli."""
-        n = self.params.ring_dimension
-        if len(data) != 4 * 8 * n:
-            raise HistoryError(f"a stored profile is {len(data)} bytes, not {4 * 8 * n}")
-        polys = np.frombuffer(data, dtype="<u8").reshape(4, n).astype(np.uint64)
-        for vector, limb in enumerate((0, 1, 0, 1)):
-            if int(polys[vector].max()) >= self._moduli[limb]:
-                raise HistoryError("a stored profile's coefficients exceed the modulus")
+        polys = self.check_words(data, 1, "a stored profile")[0]
         ct = openfhe.DeserializeCiphertextString(self._layout.write(self._fresh, polys), openfhe.BINARY)
         return self.cc.EvalAdd(self._fresh_zero, ct)  # evaluates at full speed (see codec.vessel)
+
+    def check_words(self, data: bytes, count: int, what: str) -> rnsmac.Words:
+        """``count`` two-limb ciphertexts as words (count, 4, n), the layout of ``export``;
+        raises ``HistoryError`` unless ``data`` is exactly that, every word below its modulus."""
+        n = self.params.ring_dimension
+        if len(data) != count * 4 * 8 * n:
+            raise HistoryError(f"{what} is {len(data)} bytes, not {count * 4 * 8 * n}")
+        polys = np.frombuffer(data, dtype="<u8").reshape(count, 4, n).astype(np.uint64)
+        for vector, limb in enumerate((0, 1, 0, 1)):
+            if count and int(polys[:, vector].max()) >= self._moduli[limb]:
+                raise HistoryError(f"{what}'s coefficients exceed the modulus")
+        return polys
 
     def _native_block(self, b: int) -> None:
         n = self.params.ring_dimension
@@ -219,9 +230,21 @@ class HistoryProjector:
         return list(self._pool.map(block, history))
 
     def _sums_native(self, inputs: list[list[openfhe.Ciphertext]], tag: str) -> list[openfhe.Ciphertext]:
-        n = self.params.ring_dimension
         template = serialize(inputs[0][0])
         zero = self.cc.EvalSub(inputs[0][0], inputs[0][0])  # made by this context, under the tag
+        sums = self._sum_words(inputs)
+
+        def load(q: int) -> openfhe.Ciphertext:
+            polys = np.stack([sums[0, q, 0], sums[1, q, 0], sums[0, q, 1], sums[1, q, 1]])
+            ct = openfhe.DeserializeCiphertextString(self._layout.write(template, polys), openfhe.BINARY)
+            ct.SetKeyTag(tag)
+            return self.cc.EvalAdd(zero, ct)  # evaluates at full speed (see codec.vessel)
+
+        return list(self._pool.map(load, range(self.sums)))
+
+    def _sum_words(self, inputs: list[list[openfhe.Ciphertext]]) -> rnsmac.Words:
+        """The t_q as words (limb, t_q, c0/c1, coefficient), summed by the kernel."""
+        n = self.params.ring_dimension
         columns = [ct for row in inputs for ct in row]
         words = [[np.empty((2, n, hi - lo), dtype=np.uint64) for lo, hi in self._chunks] for _ in range(2)]
 
@@ -243,14 +266,7 @@ class HistoryProjector:
                 rnsmac.multiply_accumulate(out, ct_words, pt_words, self._moduli[limb], out if chunk else None)
 
         list(self._pool.map(limb_sums, (0, 1)))
-
-        def load(q: int) -> openfhe.Ciphertext:
-            polys = np.stack([sums[0, q, 0], sums[1, q, 0], sums[0, q, 1], sums[1, q, 1]])
-            ct = openfhe.DeserializeCiphertextString(self._layout.write(template, polys), openfhe.BINARY)
-            ct.SetKeyTag(tag)
-            return self.cc.EvalAdd(zero, ct)  # evaluates at full speed (see codec.vessel)
-
-        return list(self._pool.map(load, range(self.sums)))
+        return sums
 
     def _sums_openfhe(self, inputs: list[list[openfhe.Ciphertext]], tag: str) -> list[openfhe.Ciphertext]:
         scale = inputs[0][0].GetScalingFactor()
@@ -307,6 +323,47 @@ class HistoryProjector:
             ct = total
         keys = self.cc.GetEvalAutomorphismKeyMap(tag)
         return self.cc.EvalAdd(ct, self.cc.EvalAutomorphism(ct, self.params.conjugation_index, keys))
+
+    def partial_sums(self, history: list[openfhe.Ciphertext]) -> bytes:
+        """This projector's share of the t_q: the products over its blocks only, as words
+        (t_q, 4, n) in ``export``'s vector order. The shares of a catalogue's block ranges add
+        (mod each limb's modulus) to exactly the t_q of the whole catalogue: products are summed
+        before any rotation or rescale, so ``from_partials`` makes the one-projector E(u)."""
+        if len(history) != self.block_count:
+            raise HistoryError(f"{len(history)} history ciphertexts for {self.block_count} blocks")
+        inputs = self._inputs(history)
+        n = self.params.ring_dimension
+        if self.kernel == "native":
+            words = self._sum_words(inputs)  # (limb, q, c, n) -> (q, c, limb, n): c0 l0, c0 l1, c1 l0, c1 l1
+            shares = np.ascontiguousarray(words.transpose(1, 2, 0, 3)).reshape(self.sums, 4, n)
+        else:
+            shares = np.empty((self.sums, 4, n), dtype=np.uint64)
+            for q, ct in enumerate(self._sums_openfhe(inputs, history[0].GetKeyTag())):
+                self._layout.read(serialize(ct), shares[q])
+        return shares.astype("<u8").tobytes()
+
+    def from_partials(self, partials: list[bytes], tag: str) -> tuple[openfhe.Ciphertext, ProjectionTiming]:
+        """E(u) from the shares of ``partial_sums`` over every block range: added mod q, then
+        the rotations of ``project`` with the client's keys filed under ``tag`` (the caller holds
+        the key registry's read lock). Raises ``HistoryError`` on a malformed share."""
+        t0 = time.perf_counter()
+        total = np.zeros((self.sums, 4, self.params.ring_dimension), dtype=np.uint64)
+        moduli = np.array([self._moduli[limb] for limb in (0, 1, 0, 1)], dtype=np.uint64)[None, :, None]
+        for i, data in enumerate(partials):
+            total += self.check_words(data, self.sums, f"share {i} of the history sums")
+            np.subtract(total, moduli, out=total, where=total >= moduli)  # both below q < 2^58: one subtraction
+        loaded = [
+            openfhe.DeserializeCiphertextString(self._layout.write(self._fresh, total[q]), openfhe.BINARY)
+            for q in range(self.sums)
+        ]
+        for ct in loaded:
+            ct.SetKeyTag(tag)
+        zero = self.cc.EvalSub(loaded[0], loaded[0])  # made by this context, under the tag
+        sums = [self.cc.EvalAdd(zero, ct) for ct in loaded]  # evaluates at full speed (see codec.vessel)
+        t1 = time.perf_counter()
+        profile = self._fold_real(self._combine(sums), tag)
+        t2 = time.perf_counter()
+        return profile, ProjectionTiming(0.0, 1e3 * (t1 - t0), 1e3 * (t2 - t1))
 
     def project(self, history: list[openfhe.Ciphertext]) -> tuple[openfhe.Ciphertext, ProjectionTiming]:
         """E(u) (the lifted query: two limbs, level 0, scale degree 1, at 2^(55+L)) from the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from cipherfeed.grpcutil import grpc_errors
@@ -70,7 +72,11 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     ) -> recommender_pb2.ProfileRef:
         status = self.core.authorize(method("UploadHistory"), request, request.key.key_id)
         ref, expires, _ = self.core.upload_history(
-            request.key, list(request.history_ciphertexts), pinned_model=request.model_version, status=status
+            request.key,
+            list(request.history_ciphertexts),
+            pinned_model=request.model_version,
+            status=status,
+            deadline=_deadline(context),
         )
         return recommender_pb2.ProfileRef(profile_ref=ref, expires_unix=expires)
 
@@ -87,6 +93,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             profile_ref=request.profile_ref,
             pinned_model=request.model_version,
             status=status,
+            deadline=_deadline(context),
         )
         return recommender_pb2.ScoreResponse(
             model_version=result.model_version,
@@ -135,3 +142,9 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         return recommender_pb2.CatalogueManifest(
             model_version=manifest.model_version, encoded=manifest.encoded, sha256=manifest.sha256
         )
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    """The caller's deadline as ``time.monotonic()``: a coordinator's shard calls end by then."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
