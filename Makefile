@@ -2,7 +2,7 @@
 export OMP_NUM_THREADS ?= 1
 PY := .venv/bin/python
 
-.PHONY: run test lint bench bootstrap fuzz fuzz-rpc quality gateway-fuzz
+.PHONY: run test lint bench bootstrap fuzz fuzz-rpc quality gateway-fuzz load
 
 bootstrap:
 	@bash scripts/bootstrap.sh dev
@@ -24,6 +24,11 @@ lint: bootstrap
 bench:
 	@bash scripts/bootstrap.sh bench
 	$(PY) -m bench.scoring $(BENCH_ARGS)
+
+# Load on the mesh as separate processes (issue 13): 100k items, 8 devices, 60 s, 1/2/3 shards
+# (~12 min on 2 cores). LOAD_ARGS e.g. --seconds 10 --shards 1,2.
+load: bootstrap
+	$(PY) -m bench.load $(LOAD_ARGS)
 
 # Recommendation quality on MovieLens-100k (baselines, cipherfeed plaintext and through the real
 # mesh under encryption for every test user: ~1 h on 2 cores). QUALITY_ARGS e.g. --encrypted-users 0.

@@ -1,0 +1,334 @@
+"""Load benchmark (issue 13): N concurrent devices scoring by profile for T seconds against the
+mesh run as separate processes on loopback, with 1, 2 and 3 recommender shards.
+
+Each device has its own key and owner account (signed in: session tokens), and each Score is of a
+fresh profile (``UploadProfile`` of a new encrypted interest vector, then ``Score`` by reference),
+so no answer comes from the result cache. Devices do not decrypt during the run (their CPU would
+be taken from the services on the same cores); every response's digest is checked, and after
+the run one answer per device is decrypted and compared with plaintext scoring.
+
+Reported per configuration: Scores/s over the window, Score latency p50/p99 (client side, the
+profile upload apart), errors by status, resident memory of every service process before the
+window (after a warm-up) and after it, and the load average next to them.
+
+    python -m bench.load [--items 100000] [--clients 8] [--seconds 60] [--shards 1,2,3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from bench.common import log, machine, mesh_identities, write_json
+from cipherfeed.client.sdk import RECOMMENDER, RecommenderClient
+from cipherfeed.config import ClientConfig, GrpcLimits
+from cipherfeed.devprocess import start_service
+from cipherfeed.devredis import LocalRedis, free_port
+from cipherfeed.he.codec import ciphertext_sha256
+from cipherfeed.he.packing import plaintext_scores
+from cipherfeed.v1 import recommender_pb2
+from services.recommender.synthetic import synthetic_catalogue
+
+LIMITS = GrpcLimits()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+
+
+@dataclass
+class Mesh:
+    work: Path
+    identity: Any
+    redis: LocalRedis
+    services: list[Service] = field(default_factory=list)
+
+    def start(self, name: str, module: str, identity: str, port: int, env: dict[str, str]) -> Service:
+        state = self.work / name
+        state.mkdir(parents=True, exist_ok=True)
+        full = {
+            **self.identity(identity).to_env(),
+            "CIPHERFEED_STATE_DIR": str(state),
+            "CIPHERFEED_SCORE_RATE_PER_SECOND": "10000",  # speed, not the per-owner limit, is measured
+            "CIPHERFEED_SCORE_BURST": "10000",
+            **env,
+        }
+        proc = start_service(module, full, log_path=self.work / f"{name}.log")
+        service = Service(name, proc, port)
+        self.services.append(service)
+        return service
+
+    def stop(self) -> None:
+        for s in reversed(self.services):
+            s.proc.terminate()
+        for s in reversed(self.services):
+            try:
+                s.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                s.proc.kill()
+                s.proc.wait()
+        self.services.clear()
+
+
+def start_mesh(mesh: Mesh, model_path: Path, shards: int) -> int:
+    """Key service, ledger, shards and the coordinator (or one recommender); the client port."""
+    ks_port = free_port()
+    ks = {"CIPHERFEED_KEYSERVICE_LISTEN": f"127.0.0.1:{ks_port}", **mesh.redis.env_for("keyservice")}
+    mesh.start("keyservice", "services.keyservice.server", "keyservice", ks_port, ks)
+    ks_target = f"127.0.0.1:{ks_port}"
+    ledger_port = free_port()
+    mesh.start(
+        "ledger",
+        "services.ledger.server",
+        "ledger",
+        ledger_port,
+        {"CIPHERFEED_LEDGER_LISTEN": f"127.0.0.1:{ledger_port}", "CIPHERFEED_KEYSERVICE_TARGET": ks_target},
+    )
+    common = {
+        "CIPHERFEED_MODEL_PATH": str(model_path),
+        "CIPHERFEED_KEYSERVICE_TARGET": ks_target,
+        **mesh.redis.env_for("recommender"),
+    }
+    targets = []
+    if shards > 1:
+        for i in range(shards):
+            port = free_port()
+            env = {**common, "CIPHERFEED_RECOMMENDER_LISTEN": f"127.0.0.1:{port}"}
+            env |= {"CIPHERFEED_SHARD_INDEX": str(i), "CIPHERFEED_SHARD_COUNT": str(shards)}
+            mesh.start(f"shard-{i}", "services.recommender.server", "recommender", port, env)
+            targets.append(f"127.0.0.1:{port}")
+    port = free_port()
+    env = {**common, "CIPHERFEED_RECOMMENDER_LISTEN": f"127.0.0.1:{port}"}
+    env["CIPHERFEED_LEDGER_TARGET"] = f"127.0.0.1:{ledger_port}"
+    if targets:
+        env["CIPHERFEED_SHARD_TARGETS"] = ",".join(targets)
+    name = "coordinator" if targets else "recommender"
+    mesh.start(name, "services.recommender.server", "recommender", port, env)
+    return port
+
+
+@dataclass
+class Device:
+    client: RecommenderClient
+    queries: list[tuple[np.ndarray, bytes]]
+    latencies_ms: list[float] = field(default_factory=list)
+    upload_ms: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    sample: tuple[np.ndarray, recommender_pb2.ScoreResponse] | None = None
+
+    def fresh_query(self, rng: np.random.Generator) -> tuple[np.ndarray, bytes]:
+        if self.queries:
+            return self.queries.pop()
+        u = rng.standard_normal(64)
+        u /= np.linalg.norm(u)
+        return u, self.client.encrypt_query(u)
+
+    def score_once(self, rng: np.random.Generator, timed: bool) -> None:
+        u, query = self.fresh_query(rng)
+        c = self.client
+        key = c._key_ref()
+        t0 = time.perf_counter()
+        try:
+            upload = recommender_pb2.UploadProfileRequest(key=key, query_ciphertext=query)
+            ref = c.stub.UploadProfile(c._authorize(RECOMMENDER, "UploadProfile", key.key_id, upload), timeout=120)
+            t1 = time.perf_counter()
+            request = recommender_pb2.ScoreRequest(key=key, profile_ref=ref.profile_ref)
+            response = c.stub.Score(c._authorize(RECOMMENDER, "Score", key.key_id, request), timeout=120)
+            t2 = time.perf_counter()
+        except grpc.RpcError as exc:
+            if timed:
+                self.errors[exc.code().name] += 1
+            return
+        if response.response_sha256 != ciphertext_sha256(list(response.score_ciphertexts)) or response.from_cache:
+            self.errors["BAD_RESPONSE"] += 1
+            return
+        if timed:
+            self.upload_ms.append(1e3 * (t1 - t0))
+            self.latencies_ms.append(1e3 * (t2 - t1))
+        if self.sample is None:
+            self.sample = (u, response)
+
+
+def run_configuration(
+    work: Path, identity: Any, redis: LocalRedis, model: Any, model_path: Path, shards: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    mesh = Mesh(work / f"shards-{shards}", identity, redis)
+    t0 = time.perf_counter()
+    try:
+        port = start_mesh(mesh, model_path, shards)
+        started_s = time.perf_counter() - t0
+        log(f"{shards} shard(s): mesh up in {started_s:.0f} s ({', '.join(s.name for s in mesh.services)})")
+        ks = next(s for s in mesh.services if s.name == "keyservice")
+        devices = []
+        rng = np.random.default_rng(shards)
+        for i in range(args.clients):
+            config = ClientConfig(
+                target=f"127.0.0.1:{port}",
+                keyservice_target=f"127.0.0.1:{ks.port}",
+                deadline_seconds=120,
+                home=mesh.work / f"device-{i}",
+                limits=LIMITS,
+                tls=identity("device"),
+            )
+            c = RecommenderClient(config)
+            c.wait_ready(timeout=60)
+            c.use_keys()
+            c.register()
+            c.sign_in()
+            d = Device(c, [])
+            for _ in range(args.queries_per_client):
+                d.queries.append(d.fresh_query(rng))
+            devices.append(d)
+        for d in devices:  # warm-up: keys fetched and installed in every recommender process
+            d.score_once(rng, timed=False)
+        sequential = []
+        for d in devices[:3]:  # unloaded latency: one request at a time
+            before = len(d.latencies_ms)
+            d.score_once(rng, timed=True)
+            sequential.extend(d.latencies_ms[before:])
+            del d.latencies_ms[before:], d.upload_ms[before:]
+        rss_before = {s.name: rss_mb(s.proc.pid) for s in mesh.services}
+        load_before = load_average()
+        stop_at = time.monotonic() + args.seconds
+
+        def drive(d: Device, seed: int) -> None:
+            local = np.random.default_rng(seed)
+            while time.monotonic() < stop_at:
+                d.score_once(local, timed=True)
+
+        threads = [threading.Thread(target=drive, args=(d, 1000 + i)) for i, d in enumerate(devices)]
+        window0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        window = time.monotonic() - window0
+        load_after = load_average()
+        rss_after = {s.name: rss_mb(s.proc.pid) for s in mesh.services}
+        latencies = [x for d in devices for x in d.latencies_ms]
+        uploads = [x for d in devices for x in d.upload_ms]
+        errors: Counter[str] = Counter()
+        for d in devices:
+            errors.update(d.errors)
+        wrong = 0
+        for d in devices:  # after the window: decrypt one answer per device against plaintext scoring
+            if d.sample is None:
+                continue
+            u, response = d.sample
+            got = d.client._decrypt(response, response.query_sha256, 0).scores
+            want = plaintext_scores(model.embeddings, u, model.popularity, model.popularity_weight)
+            wrong += int(np.max(np.abs(got - want)) >= 1e-4)
+        for d in devices:
+            d.client.close()
+        p50 = float(np.percentile(latencies, 50)) if latencies else float("nan")
+        p99 = float(np.percentile(latencies, 99)) if latencies else float("nan")
+        return {
+            "shards": shards,
+            "path": "direct",
+            "clients": args.clients,
+            "seconds": round(window, 1),
+            "scores": len(latencies),
+            "scores_per_s": len(latencies) / window,
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "p99_over_p50": p99 / p50 if latencies else float("nan"),
+            "sequential_p50_ms": float(np.median(sequential)) if sequential else float("nan"),
+            "upload_profile_p50_ms": float(np.percentile(uploads, 50)) if uploads else float("nan"),
+            "errors": dict(errors),
+            "wrong_answers": wrong,
+            "rss_mb_before": rss_before,
+            "rss_mb_after": rss_after,
+            "rss_growth_pct": {k: 100 * (rss_after[k] - v) / v for k, v in rss_before.items() if v},
+            "load_before": load_before,
+            "load_after": load_after,
+            "startup_s": round(started_s, 1),
+        }
+    finally:
+        mesh.stop()
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(
+        f"{'shards':>6} {'path':>7} {'clients':>7} {'s':>4} {'Scores/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'p99/p50':>7} {'seq ms':>7} {'errors':>6} {'wrong':>5} {'max RSS +%':>10}  load before/after"
+    )
+    for r in rows:
+        growth = max(r["rss_growth_pct"].values()) if r["rss_growth_pct"] else float("nan")
+        print(
+            f"{r['shards']:>6} {r['path']:>7} {r['clients']:>7} {r['seconds']:>4.0f} {r['scores_per_s']:>9.2f} "
+            f"{r['p50_ms']:>8.0f} {r['p99_ms']:>8.0f} {r['p99_over_p50']:>7.2f} {r['sequential_p50_ms']:>7.0f} "
+            f"{sum(r['errors'].values()):>6} {r['wrong_answers']:>5} {growth:>10.1f}  "
+            f"{r['load_before']} / {r['load_after']}"
+        )
+        for name in r["rss_mb_before"]:
+            print(f"{'':>8}{name:<12} RSS {r['rss_mb_before'][name]:8.1f} -> {r['rss_mb_after'][name]:8.1f} MB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--shards", default="1,2,3")
+    parser.add_argument("--queries-per-client", type=int, default=16, help="encrypted before the window")
+    parser.add_argument("--out", default="load")
+    parser.add_argument("--keep", action="store_true", help="keep the services' logs (printed path)")
+    args = parser.parse_args(argv)
+    shard_counts = [int(s) for s in args.shards.split(",") if s]
+    work = Path(tempfile.mkdtemp(prefix="cipherfeed-load-"))
+    redis = LocalRedis.start()
+    try:
+        identity = mesh_identities(work)
+        model = synthetic_catalogue(args.items, seed=1)
+        model_path = work / "model.cfmodel"
+        model.save(model_path)
+        rows = []
+        for shards in shard_counts:
+            rows.append(run_configuration(work, identity, redis, model, model_path, shards, args))
+            log(f"{shards} shard(s): {rows[-1]['scores_per_s']:.2f} Scores/s, p50 {rows[-1]['p50_ms']:.0f} ms")
+        print_table(rows)
+        payload = {
+            "machine": machine(),
+            "items": args.items,
+            "clients": args.clients,
+            "seconds": args.seconds,
+            "rows": rows,
+        }
+        path = write_json(args.out, payload)
+        log(f"wrote {path}")
+    finally:
+        redis.stop()
+        if args.keep:
+            log(f"logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
