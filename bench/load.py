@@ -1,5 +1,6 @@
 """Load benchmark (issue 13): N concurrent devices scoring by profile for T seconds against the
-mesh run as separate processes on loopback, with 1, 2 and 3 recommender shards.
+mesh run as separate processes on loopback, with 1, 2 and 3 recommender shards, directly (gRPC)
+and through the HTTP gateway (``application/x-protobuf`` bodies, the same session token).
 
 Each device has its own key and owner account (signed in: session tokens), and each Score is of a
 fresh profile (``UploadProfile`` of a new encrypted interest vector, then ``Score`` by reference),
@@ -11,7 +12,7 @@ Reported per configuration: Scores/s over the window, Score latency p50/p99 (cli
 profile upload apart), errors by status, resident memory of every service process before the
 window (after a warm-up) and after it, and the load average next to them.
 
-    python -m bench.load [--items 100000] [--clients 8] [--seconds 60] [--shards 1,2,3]
+    python -m bench.load [--items 100000] [--clients 8] [--seconds 60] [--shards 1,2,3] [--paths direct,gateway]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import numpy as np
 
 from bench.common import log, machine, mesh_identities, write_json
@@ -41,6 +43,11 @@ from cipherfeed.v1 import recommender_pb2
 from services.recommender.synthetic import synthetic_catalogue
 
 LIMITS = GrpcLimits()
+PROTOBUF_HEADERS = {"Content-Type": "application/x-protobuf", "Accept": "application/x-protobuf"}
+
+
+class HttpError(Exception):
+    """The gateway answered with a status other than 200."""
 
 
 def rss_mb(pid: int) -> float:
@@ -140,6 +147,21 @@ class Device:
     upload_ms: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     sample: tuple[np.ndarray, recommender_pb2.ScoreResponse] | None = None
+    http: httpx.Client | None = None  # to the gateway, if one runs
+
+    def reset(self) -> None:
+        self.latencies_ms.clear()
+        self.upload_ms.clear()
+        self.errors.clear()
+        self.sample = None
+
+    def _post(self, path: str, request: Any, reply: Any) -> Any:
+        """``request`` through the gateway as application/x-protobuf; the parsed answer."""
+        assert self.http is not None
+        r = self.http.post(path, content=request.SerializeToString(), headers=PROTOBUF_HEADERS)
+        if r.status_code != 200:
+            raise HttpError(f"HTTP_{r.status_code}")
+        return reply.FromString(r.content)
 
     def fresh_query(self, rng: np.random.Generator) -> tuple[np.ndarray, bytes]:
         if self.queries:
@@ -148,21 +170,38 @@ class Device:
         u /= np.linalg.norm(u)
         return u, self.client.encrypt_query(u)
 
-    def score_once(self, rng: np.random.Generator, timed: bool) -> None:
+    def score_once(self, rng: np.random.Generator, timed: bool, path: str = "direct") -> None:
         u, query = self.fresh_query(rng)
         c = self.client
         key = c._key_ref()
         t0 = time.perf_counter()
         try:
-            upload = recommender_pb2.UploadProfileRequest(key=key, query_ciphertext=query)
-            ref = c.stub.UploadProfile(c._authorize(RECOMMENDER, "UploadProfile", key.key_id, upload), timeout=120)
+            upload = c._authorize(
+                RECOMMENDER,
+                "UploadProfile",
+                key.key_id,
+                recommender_pb2.UploadProfileRequest(key=key, query_ciphertext=query),
+            )
+            if path == "gateway":
+                ref = self._post("/v1/profiles", upload, recommender_pb2.ProfileRef)
+            else:
+                ref = c.stub.UploadProfile(upload, timeout=120)
             t1 = time.perf_counter()
-            request = recommender_pb2.ScoreRequest(key=key, profile_ref=ref.profile_ref)
-            response = c.stub.Score(c._authorize(RECOMMENDER, "Score", key.key_id, request), timeout=120)
+            request = c._authorize(
+                RECOMMENDER, "Score", key.key_id, recommender_pb2.ScoreRequest(key=key, profile_ref=ref.profile_ref)
+            )
+            if path == "gateway":
+                response = self._post("/v1/score", request, recommender_pb2.ScoreResponse)
+            else:
+                response = c.stub.Score(request, timeout=120)
             t2 = time.perf_counter()
         except grpc.RpcError as exc:
             if timed:
                 self.errors[exc.code().name] += 1
+            return
+        except (HttpError, httpx.HTTPError) as exc:
+            if timed:
+                self.errors[str(exc) if isinstance(exc, HttpError) else type(exc).__name__] += 1
             return
         if response.response_sha256 != ciphertext_sha256(list(response.score_ciphertexts)) or response.from_cache:
             self.errors["BAD_RESPONSE"] += 1
@@ -174,17 +213,103 @@ class Device:
             self.sample = (u, response)
 
 
+def start_gateway(mesh: Mesh, recommender_port: int) -> int:
+    ks = next(s for s in mesh.services if s.name == "keyservice")
+    ledger = next(s for s in mesh.services if s.name == "ledger")
+    port = free_port()
+    env = {
+        "CIPHERFEED_GATEWAY_PORT": str(port),
+        "CIPHERFEED_TARGET": f"127.0.0.1:{recommender_port}",
+        "CIPHERFEED_KEYSERVICE_TARGET": f"127.0.0.1:{ks.port}",
+        "CIPHERFEED_LEDGER_TARGET": f"127.0.0.1:{ledger.port}",
+        "CIPHERFEED_GATEWAY_MAX_CONCURRENCY": "256",
+    }
+    mesh.start("gateway", "gateway", "gateway", port, env)
+    return port
+
+
+def run_window(
+    mesh: Mesh, devices: list[Device], model: Any, path: str, shards: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Warm-up, a few requests one at a time, then every device at once for ``args.seconds``."""
+    rng = np.random.default_rng(shards)
+    for d in devices:
+        d.reset()
+    for d in devices:  # warm-up: keys fetched and installed in every recommender process
+        d.score_once(rng, timed=False, path=path)
+    sequential = []
+    for d in devices[:3]:  # unloaded latency: one request at a time
+        d.score_once(rng, timed=True, path=path)
+        sequential.extend(d.latencies_ms)
+        d.latencies_ms.clear()
+        d.upload_ms.clear()
+    rss_before = {s.name: rss_mb(s.proc.pid) for s in mesh.services}
+    load_before = load_average()
+    stop_at = time.monotonic() + args.seconds
+
+    def drive(d: Device, seed: int) -> None:
+        local = np.random.default_rng(seed)
+        while time.monotonic() < stop_at:
+            d.score_once(local, timed=True, path=path)
+
+    threads = [threading.Thread(target=drive, args=(d, 1000 * shards + i)) for i, d in enumerate(devices)]
+    window0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    window = time.monotonic() - window0
+    load_after = load_average()
+    rss_after = {s.name: rss_mb(s.proc.pid) for s in mesh.services}
+    latencies = [x for d in devices for x in d.latencies_ms]
+    uploads = [x for d in devices for x in d.upload_ms]
+    errors: Counter[str] = Counter()
+    for d in devices:
+        errors.update(d.errors)
+    wrong = 0
+    for d in devices:  # after the window: decrypt one answer per device against plaintext scoring
+        if d.sample is None:
+            continue
+        u, response = d.sample
+        got = d.client._decrypt(response, response.query_sha256, 0).scores
+        want = plaintext_scores(model.embeddings, u, model.popularity, model.popularity_weight)
+        wrong += int(np.max(np.abs(got - want)) >= 1e-4)
+    p50 = float(np.percentile(latencies, 50)) if latencies else float("nan")
+    p99 = float(np.percentile(latencies, 99)) if latencies else float("nan")
+    return {
+        "shards": shards,
+        "path": path,
+        "clients": args.clients,
+        "seconds": round(window, 1),
+        "scores": len(latencies),
+        "scores_per_s": len(latencies) / window,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "p99_over_p50": p99 / p50 if latencies else float("nan"),
+        "sequential_p50_ms": float(np.median(sequential)) if sequential else float("nan"),
+        "upload_profile_p50_ms": float(np.percentile(uploads, 50)) if uploads else float("nan"),
+        "errors": dict(errors),
+        "wrong_answers": wrong,
+        "rss_mb_before": rss_before,
+        "rss_mb_after": rss_after,
+        "rss_growth_pct": {k: 100 * (rss_after[k] - v) / v for k, v in rss_before.items() if v},
+        "load_before": load_before,
+        "load_after": load_after,
+    }
+
+
 def run_configuration(
     work: Path, identity: Any, redis: LocalRedis, model: Any, model_path: Path, shards: int, args: argparse.Namespace
-) -> dict[str, Any]:
+) -> list[dict[str, Any]]:
     mesh = Mesh(work / f"shards-{shards}", identity, redis)
     t0 = time.perf_counter()
+    devices: list[Device] = []
     try:
         port = start_mesh(mesh, model_path, shards)
+        gateway_port = start_gateway(mesh, port) if "gateway" in args.paths else None
         started_s = time.perf_counter() - t0
         log(f"{shards} shard(s): mesh up in {started_s:.0f} s ({', '.join(s.name for s in mesh.services)})")
         ks = next(s for s in mesh.services if s.name == "keyservice")
-        devices = []
         rng = np.random.default_rng(shards)
         for i in range(args.clients):
             config = ClientConfig(
@@ -199,76 +324,25 @@ def run_configuration(
             c.wait_ready(timeout=60)
             c.use_keys()
             c.register()
-            c.sign_in()
+            c.sign_in()  # session tokens: the same proof on both paths
             d = Device(c, [])
+            if gateway_port is not None:
+                d.http = httpx.Client(base_url=f"http://127.0.0.1:{gateway_port}", timeout=120)
             for _ in range(args.queries_per_client):
                 d.queries.append(d.fresh_query(rng))
             devices.append(d)
-        for d in devices:  # warm-up: keys fetched and installed in every recommender process
-            d.score_once(rng, timed=False)
-        sequential = []
-        for d in devices[:3]:  # unloaded latency: one request at a time
-            before = len(d.latencies_ms)
-            d.score_once(rng, timed=True)
-            sequential.extend(d.latencies_ms[before:])
-            del d.latencies_ms[before:], d.upload_ms[before:]
-        rss_before = {s.name: rss_mb(s.proc.pid) for s in mesh.services}
-        load_before = load_average()
-        stop_at = time.monotonic() + args.seconds
-
-        def drive(d: Device, seed: int) -> None:
-            local = np.random.default_rng(seed)
-            while time.monotonic() < stop_at:
-                d.score_once(local, timed=True)
-
-        threads = [threading.Thread(target=drive, args=(d, 1000 + i)) for i, d in enumerate(devices)]
-        window0 = time.monotonic()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        window = time.monotonic() - window0
-        load_after = load_average()
-        rss_after = {s.name: rss_mb(s.proc.pid) for s in mesh.services}
-        latencies = [x for d in devices for x in d.latencies_ms]
-        uploads = [x for d in devices for x in d.upload_ms]
-        errors: Counter[str] = Counter()
-        for d in devices:
-            errors.update(d.errors)
-        wrong = 0
-        for d in devices:  # after the window: decrypt one answer per device against plaintext scoring
-            if d.sample is None:
-                continue
-            u, response = d.sample
-            got = d.client._decrypt(response, response.query_sha256, 0).scores
-            want = plaintext_scores(model.embeddings, u, model.popularity, model.popularity_weight)
-            wrong += int(np.max(np.abs(got - want)) >= 1e-4)
+        rows = []
+        for path in args.paths:
+            row = run_window(mesh, devices, model, path, shards, args)
+            row["startup_s"] = round(started_s, 1)
+            rows.append(row)
+            log(f"{shards} shard(s), {path}: {row['scores_per_s']:.2f} Scores/s, p50 {row['p50_ms']:.0f} ms")
+        return rows
+    finally:
         for d in devices:
             d.client.close()
-        p50 = float(np.percentile(latencies, 50)) if latencies else float("nan")
-        p99 = float(np.percentile(latencies, 99)) if latencies else float("nan")
-        return {
-            "shards": shards,
-            "path": "direct",
-            "clients": args.clients,
-            "seconds": round(window, 1),
-            "scores": len(latencies),
-            "scores_per_s": len(latencies) / window,
-            "p50_ms": p50,
-            "p99_ms": p99,
-            "p99_over_p50": p99 / p50 if latencies else float("nan"),
-            "sequential_p50_ms": float(np.median(sequential)) if sequential else float("nan"),
-            "upload_profile_p50_ms": float(np.percentile(uploads, 50)) if uploads else float("nan"),
-            "errors": dict(errors),
-            "wrong_answers": wrong,
-            "rss_mb_before": rss_before,
-            "rss_mb_after": rss_after,
-            "rss_growth_pct": {k: 100 * (rss_after[k] - v) / v for k, v in rss_before.items() if v},
-            "load_before": load_before,
-            "load_after": load_after,
-            "startup_s": round(started_s, 1),
-        }
-    finally:
+            if d.http is not None:
+                d.http.close()
         mesh.stop()
 
 
@@ -295,10 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--shards", default="1,2,3")
+    parser.add_argument("--paths", default="direct,gateway", help="direct (gRPC) and/or gateway (HTTP, binary)")
     parser.add_argument("--queries-per-client", type=int, default=16, help="encrypted before the window")
     parser.add_argument("--out", default="load")
     parser.add_argument("--keep", action="store_true", help="keep the services' logs (printed path)")
     args = parser.parse_args(argv)
+    args.paths = [p for p in args.paths.split(",") if p]
+    if not set(args.paths) <= {"direct", "gateway"}:
+        parser.error("--paths: direct and/or gateway")
     shard_counts = [int(s) for s in args.shards.split(",") if s]
     work = Path(tempfile.mkdtemp(prefix="cipherfeed-load-"))
     redis = LocalRedis.start()
@@ -309,8 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         model.save(model_path)
         rows = []
         for shards in shard_counts:
-            rows.append(run_configuration(work, identity, redis, model, model_path, shards, args))
-            log(f"{shards} shard(s): {rows[-1]['scores_per_s']:.2f} Scores/s, p50 {rows[-1]['p50_ms']:.0f} ms")
+            rows.extend(run_configuration(work, identity, redis, model, model_path, shards, args))
         print_table(rows)
         payload = {
             "machine": machine(),

@@ -33,14 +33,17 @@ def test_benchmark_runs_and_writes_json(module, args, capsys):
 
 def test_load_benchmark_drives_a_sharded_mesh_of_processes(capsys):
     """Two shards and their coordinator configured only by CIPHERFEED_SHARD_* in separate
-    processes: every Score answered, digest-checked, and the sampled answer decrypts right."""
+    processes, directly and through the gateway: every Score answered, digest-checked, and the
+    sampled answers decrypt right."""
     out = "smoke-load"
     args = ["--items", "9000", "--clients", "1", "--seconds", "1", "--shards", "2", "--queries-per-client", "1"]
     try:
-        assert load.main([*args, "--out", out]) == 0
-        (row,) = json.loads((RESULTS / f"{out}.json").read_text())["rows"]
+        assert load.main([*args, "--paths", "direct,gateway", "--out", out]) == 0
+        rows = json.loads((RESULTS / f"{out}.json").read_text())["rows"]
     finally:
         (RESULTS / f"{out}.json").unlink(missing_ok=True)
-    assert row["shards"] == 2 and row["scores"] >= 1 and not row["errors"] and row["wrong_answers"] == 0
-    assert set(row["rss_mb_after"]) == {"keyservice", "ledger", "shard-0", "shard-1", "coordinator"}
+    assert [r["path"] for r in rows] == ["direct", "gateway"]
+    for row in rows:
+        assert row["shards"] == 2 and row["scores"] >= 1 and not row["errors"] and row["wrong_answers"] == 0
+        assert set(row["rss_mb_after"]) == {"keyservice", "ledger", "shard-0", "shard-1", "coordinator", "gateway"}
     assert "coordinator" in capsys.readouterr().out
