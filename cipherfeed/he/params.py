@@ -25,6 +25,7 @@ Chosen by measurement on a 2-core machine (README, "Parameter choice"):
 from __future__ import annotations
 
 import hashlib
+import struct
 import threading
 from dataclasses import dataclass
 
@@ -179,3 +180,18 @@ def build_context(params: HEParams = MESH_PARAMS) -> openfhe.CryptoContext:
 def context_fingerprint(cc: openfhe.CryptoContext) -> bytes:
     """SHA-256 of the serialized context: equal exactly when every parameter and modulus is."""
     return hashlib.sha256(openfhe.Serialize(cc, openfhe.BINARY)).digest()
+
+
+def limb_moduli(cc: openfhe.CryptoContext) -> tuple[int, int]:
+    """(q0, q1) of a depth-1 context. The binding gives q0 exactly but Q = q0 q1 only as a float;
+    q1 is the one number = 1 mod 2N within the float's error (a few units, far below 2N) of
+    Q / q0, and it must appear as a word in the serialized context."""
+    q0 = int(cc.GetModulusCKKS())
+    order = 2 * cc.GetRingDimension()
+    estimate = round(float(cc.GetModulus()) / q0)
+    q1 = estimate - (estimate - 1) % order
+    if estimate - q1 > order // 2:
+        q1 += order
+    if struct.pack("<Q", q1) not in openfhe.Serialize(cc, openfhe.BINARY):
+        raise RuntimeError("could not identify the context's second modulus; OpenFHE's API changed")
+    return q0, q1

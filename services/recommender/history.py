@@ -30,7 +30,6 @@ The server holds no key of its own: every rotation uses the client's registered 
 from __future__ import annotations
 
 import hashlib
-import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -41,7 +40,7 @@ import openfhe
 from cipherfeed.he import packing, rnsmac
 from cipherfeed.he.codec import ciphertext_sha256, serialize
 from cipherfeed.he.onelimb import OneLimbLayout
-from cipherfeed.he.params import HEParams, build_context
+from cipherfeed.he.params import HEParams, build_context, limb_moduli
 from services.recommender.artifact import ModelArtifact
 from services.recommender.scoring import QUERY_LIFT_BITS
 
@@ -118,7 +117,7 @@ class HistoryProjector:
         # The inputs sit at 2^(55 + l) after their lift; the diagonals at 2^(L - l): products at 2^(55 + L).
         self._diagonal_scale = 2.0 ** (lift_bits - input_lift_bits - params.scaling_mod_bits)
         self.sums = params.padded_dim // input_rotations  # the t_q
-        self._moduli = _limb_moduli(self.cc)
+        self._moduli = limb_moduli(self.cc)
         n = params.ring_dimension
         self._layout, self._unit, self._fresh, self._fresh_zero = self._two_limb_reference()
         columns = self.block_count * input_rotations
@@ -164,7 +163,7 @@ class HistoryProjector:
         zeros = np.zeros(self.params.slots, dtype=np.complex128)
         fresh = self.cc.Encrypt(kp.publicKey, self.cc.MakeCKKSPackedPlaintext(zeros))
         reference = serialize(fresh)
-        layout = OneLimbLayout.learn(reference, self.params.ring_dimension, vectors=4)
+        layout = OneLimbLayout.learn(reference, self.params.ring_dimension, self._moduli)
         polys = np.zeros((4, self.params.ring_dimension), dtype=np.uint64)
         polys[:2] = 1  # c0 on limbs 0 and 1
         loaded = openfhe.DeserializeCiphertextString(layout.write(reference, polys), openfhe.BINARY)
@@ -380,21 +379,6 @@ class HistoryProjector:
         profile = self._fold_real(self._combine(sums), tag)
         t3 = time.perf_counter()
         return profile, ProjectionTiming(1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (t3 - t2))
-
-
-def _limb_moduli(cc: openfhe.CryptoContext) -> tuple[int, int]:
-    """(q0, q1). The binding gives q0 exactly but Q = q0 q1 only as a float; q1 is the one
-    number = 1 mod 2N within the float's error (a few units, far below 2N) of Q / q0, and it
-    must appear as a word in the serialized context."""
-    q0 = int(cc.GetModulusCKKS())
-    order = 2 * cc.GetRingDimension()
-    estimate = round(float(cc.GetModulus()) / q0)
-    q1 = estimate - (estimate - 1) % order
-    if estimate - q1 > order // 2:
-        q1 += order
-    if struct.pack("<Q", q1) not in serialize(cc):
-        raise RuntimeError("could not identify the context's second modulus; OpenFHE's API changed")
-    return q0, q1
 
 
 HISTORY_MAGIC = b"CFHIST1"

@@ -35,7 +35,6 @@ run on one limb (q0), at half the cost and half the plaintext memory of two:
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 import secrets
 import threading
 import time
@@ -57,8 +56,6 @@ from services.recommender.artifact import ModelArtifact
 # (measured on 2 cores): the native kernel makes blocks cheap, so it crosses over sooner.
 BSGS_MAX_BLOCKS = {"native": 30, "openfhe": 60}
 QUERY_LIFT_BITS = 31
-REFERENCE_ATTEMPTS = 3  # fresh one-limb references tried before giving up (see _one_limb_reference)
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -169,28 +166,13 @@ class EncryptedScorer:
     def _one_limb_reference(self) -> tuple[OneLimbLayout, openfhe.Ciphertext]:
         """The serialization layout of a one-limb ciphertext, and a one-limb ciphertext (1, 0):
         c0 = 1 at every evaluation point, so that its product with a plaintext *is* the
-        plaintext's polynomial as OpenFHE encoded it.
-
-        Made again from a fresh key pair if OpenFHE fails on it: about one construction in a few
-        hundred has died in DeserializeCiphertextString with std::bad_alloc on this process's
-        own reference (cause not found yet; the layout's offsets were stable over every probe).
-        Only self-made material is retried; untrusted bytes never reach this."""
-        for attempt in range(1, REFERENCE_ATTEMPTS + 1):
-            try:
-                return self._make_one_limb_reference()
-            except (MemoryError, RuntimeError) as exc:
-                if attempt == REFERENCE_ATTEMPTS:
-                    raise
-                log.warning("one-limb reference failed in OpenFHE (%s); making it again (%d)", exc, attempt)
-        raise AssertionError("unreachable")
-
-    def _make_one_limb_reference(self) -> tuple[OneLimbLayout, openfhe.Ciphertext]:
+        plaintext's polynomial as OpenFHE encoded it."""
         kp = self.cc.KeyGen()
         zeros = np.zeros(self.params.slots, dtype=np.complex128)
         fresh = self.cc.Encrypt(kp.publicKey, self.cc.MakeCKKSPackedPlaintext(zeros))
         one_limb = self.cc.Rescale(self.cc.EvalMultNoCheck(fresh, self._lift))
         reference = serialize(one_limb)
-        layout = OneLimbLayout.learn(reference, self.params.ring_dimension)
+        layout = OneLimbLayout.learn(reference, self.params.ring_dimension, (self._modulus,))
         polys = np.zeros((2, self.params.ring_dimension), dtype=np.uint64)
         polys[0] = 1
         loaded = openfhe.DeserializeCiphertextString(layout.write(reference, polys), openfhe.BINARY)
