@@ -74,3 +74,16 @@ if [ "$extras" != "prod" ] && [ ! -f .tools/datasets/recbole-1.2.1-py3-none-any.
   .venv/bin/python -m services.recommender.catalogues.movielens fetch >&2 \
     || echo "bootstrap: MovieLens-100k not fetched; the MovieLens tests will be skipped" >&2
 fi
+# Chromium for the pages' browser tests (tests/test_pages*.py): Debian's package, driven by
+# playwright with executable_path=/usr/bin/chromium (playwright's own browser downloads are never used).
+if [ "$extras" = "dev" ] && [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "bootstrap: installing Debian's chromium for the browser tests" >&2
+    { apt-get install -y --no-install-recommends chromium \
+      || { apt-get update && apt-get install -y --no-install-recommends chromium; }; } >&2 \
+      || echo "bootstrap: apt-get could not install chromium; tests/test_pages*.py will fail" >&2
+  else
+    echo "bootstrap: /usr/bin/chromium is missing; tests/test_pages*.py need it:" >&2
+    echo "  as root run 'apt-get install -y --no-install-recommends chromium' (Debian's package)" >&2
+  fi
+fi

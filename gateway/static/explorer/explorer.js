@@ -1,0 +1,285 @@
+// The transparency explorer: what the page shows it checked itself, against the trust file the
+// user pinned in this browser (localStorage) and a chain node the user picked. The gateway only
+// carries the ledger's answers; the chain is read directly over JSON-RPC.
+
+import { Gateway, list, str, u64 } from "./api.js";
+import { Chain } from "./chain.js";
+import { fromBase64, toHex } from "./codec.js";
+import { verifyConsistency } from "./merkle.js";
+import { verifyCheckpoint } from "./note.js";
+import { anchorEvidence, verifyReceipt } from "./receipt.js";
+import { parseTrust } from "./trust.js";
+
+const TRUST_KEY = "cipherfeed.explorer.trust";
+const SEEN_KEY = "cipherfeed.explorer.seen"; // the last checkpoint verified here, per log
+const CHAIN_KEY = "cipherfeed.explorer.chain";
+const MAX_ANCHORS_SHOWN = 20;
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const state = { trust: null, checkpoint: null };
+
+function setStatus(id, status, text) {
+  const el = $(id);
+  el.dataset.state = status;
+  el.textContent = text;
+}
+
+function cell(row, text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (cls) td.className = cls;
+  row.appendChild(td);
+  return td;
+}
+
+const short = (hex, n = 16) => (hex.length > n ? hex.slice(0, n) + "…" : hex);
+
+function gateway() {
+  return new Gateway($("gateway-url").value || location.origin);
+}
+
+function chain() {
+  return new Chain($("chain-url").value);
+}
+
+async function pinTrust(text, persist) {
+  try {
+    state.trust = await parseTrust(text);
+  } catch (e) {
+    state.trust = null;
+    setStatus("trust-status", "failed", `trust file refused: ${e.message}`);
+    return false;
+  }
+  if (persist) localStorage.setItem(TRUST_KEY, text);
+  const t = state.trust;
+  setStatus("trust-status", "pinned", `pinned: fingerprint sha256:${t.fingerprint}`);
+  $("trust-origin").textContent = t.logOrigin;
+  $("trust-chain").textContent = `chain ${t.chainId}, contract ${t.anchorContract}`;
+  $("trust-keys").textContent = t.checkpointVkeys.join("\n");
+  return true;
+}
+
+async function showCheckpoint() {
+  const t = state.trust;
+  setStatus("checkpoint-status", "working", "reading the latest checkpoint…");
+  let reply;
+  try {
+    reply = await gateway().checkpoint();
+  } catch (e) {
+    setStatus("checkpoint-status", "failed", `the ledger did not answer: ${e.message}`);
+    return null;
+  }
+  let cp;
+  try {
+    cp = await verifyCheckpoint(str(reply.signedNote), t.verifiers, t.logOrigin);
+  } catch (e) {
+    setStatus("checkpoint-status", "failed", `checkpoint refused: ${e.message}`);
+    return null;
+  }
+  state.checkpoint = cp;
+  $("checkpoint-origin").textContent = cp.origin;
+  $("checkpoint-size").textContent = String(cp.size);
+  $("checkpoint-root").textContent = toHex(cp.root);
+  $("checkpoint-signers").textContent = cp.signedBy.map((v) => v.split("+")[0] + "+" + v.split("+")[1]).join(", ");
+  setStatus("checkpoint-status", "verified", `size ${cp.size}: Ed25519 signature by a pinned key verified in this page`);
+  await checkSeen(cp);
+  return cp;
+}
+
+// Consistency with the checkpoint this browser verified last time: a log that forked or rewrote
+// its history since then cannot produce this proof.
+async function checkSeen(cp) {
+  const seenAll = JSON.parse(localStorage.getItem(SEEN_KEY) || "{}");
+  const seen = seenAll[state.trust.fingerprint];
+  const remember = () => {
+    seenAll[state.trust.fingerprint] = { size: String(cp.size), root: toHex(cp.root) };
+    localStorage.setItem(SEEN_KEY, JSON.stringify(seenAll));
+  };
+  if (!seen) {
+    setStatus("seen-status", "first", "first checkpoint seen by this browser for this trust file: remembered");
+    remember();
+    return;
+  }
+  const oldSize = BigInt(seen.size);
+  const oldRoot = Uint8Array.from(seen.root.match(/../g).map((h) => parseInt(h, 16)));
+  if (oldSize > cp.size) {
+    setStatus("seen-status", "failed", `the log shrank: this browser saw size ${oldSize} before, now ${cp.size}`);
+    return;
+  }
+  try {
+    const proof = oldSize === cp.size ? { hashes: [] } : await gateway().consistency(oldSize, cp.size);
+    await verifyConsistency(oldSize, cp.size, oldRoot, cp.root, list(proof.hashes).map((h) => fromBase64(h, "proof hash")));
+  } catch (e) {
+    setStatus("seen-status", "failed", `NOT consistent with the checkpoint of size ${oldSize} seen before: ${e.message}`);
+    return;
+  }
+  setStatus("seen-status", "verified", `consistent with the checkpoint of size ${oldSize} this browser saw before`);
+  remember();
+}
+
+async function showAnchors(cp) {
+  const t = state.trust;
+  const body = $("anchors-body");
+  body.replaceChildren();
+  setStatus("anchors-status", "working", `reading contract ${t.anchorContract} on ${$("chain-url").value}…`);
+  const c = chain();
+  let anchors;
+  try {
+    const chainId = await c.chainId();
+    if (chainId !== BigInt(t.chainId)) {
+      setStatus("anchors-status", "failed", `the node serves chain ${chainId}, not the pinned ${t.chainId}`);
+      return;
+    }
+    if (!(await c.hasCode(t.anchorContract))) {
+      setStatus("anchors-status", "failed", `no contract at the pinned address ${t.anchorContract} on chain ${chainId}`);
+      return;
+    }
+    anchors = (await c.anchors(t.anchorContract)).filter((a) => !a.removed);
+  } catch (e) {
+    setStatus("anchors-status", "failed", `reading the chain failed: ${e.message}`);
+    return;
+  }
+  const g = gateway();
+  const shown = anchors.slice(-MAX_ANCHORS_SHOWN);
+  let previous = anchors.length > shown.length ? anchors[anchors.length - shown.length - 1] : null;
+  let failures = 0;
+  for (const a of shown) {
+    const row = document.createElement("tr");
+    row.dataset.size = String(a.size);
+    cell(row, String(a.size));
+    cell(row, short(toHex(a.root), 24), "mono");
+    cell(row, short(a.transactionHash, 20), "mono").title = a.transactionHash;
+    cell(row, String(a.blockNumber));
+    cell(row, new Date(a.anchoredAt * 1000).toISOString().replace(".000", ""));
+    // Each anchored root must extend the one before it (one log, never rewritten), and the
+    // latest checkpoint must extend (or equal) every anchored root at or below its size.
+    let verdict = "ok";
+    try {
+      const receipt = await c.transactionReceipt(a.transactionHash);
+      if (!receipt || receipt.status !== "0x1") throw new Error("transaction not successful");
+      if (previous) {
+        const p = await g.consistency(previous.size, a.size);
+        await verifyConsistency(previous.size, a.size, previous.root, a.root, list(p.hashes).map((h) => fromBase64(h, "proof hash")));
+      }
+      if (cp && a.size <= cp.size) {
+        const p = a.size === cp.size ? { hashes: [] } : await g.consistency(a.size, cp.size);
+        await verifyConsistency(a.size, cp.size, a.root, cp.root, list(p.hashes).map((h) => fromBase64(h, "proof hash")));
+      }
+    } catch (e) {
+      verdict = `FAILED: ${e.message}`;
+      failures++;
+    }
+    const v = cell(row, verdict);
+    row.dataset.state = verdict === "ok" ? "verified" : "failed";
+    v.className = verdict === "ok" ? "ok" : "bad";
+    body.appendChild(row);
+    previous = a;
+  }
+  const anchoredCp = cp && shown.some((a) => a.size === cp.size);
+  if (failures) {
+    setStatus("anchors-status", "failed", `${failures} of ${shown.length} anchors failed their checks`);
+  } else if (!anchors.length) {
+    setStatus("anchors-status", "none", "no anchor in the pinned contract yet");
+  } else {
+    setStatus(
+      "anchors-status",
+      "verified",
+      `${anchors.length} anchors read from chain ${t.chainId}; each consistent with the one before` +
+        (cp ? (anchoredCp ? `; the latest checkpoint (size ${cp.size}) is anchored` : `; the latest checkpoint (size ${cp.size}) is not anchored yet`) : ""),
+    );
+  }
+  $("checkpoint-anchored").textContent = cp ? (anchoredCp ? "yes: its root is in the pinned contract" : "not yet") : "";
+  $("checkpoint-anchored").dataset.state = anchoredCp ? "anchored" : "pending";
+}
+
+async function showModel() {
+  try {
+    const m = await gateway().model();
+    $("model-version").textContent = str(m.version);
+    $("model-items").textContent = String(m.itemCount || 0);
+    $("model-by").textContent = str(m.createdBy);
+    $("model-manifest").textContent = m.manifestSha256 ? `${toHex(fromBase64(m.manifestSha256, "manifest digest"))} (${u64(m.manifestBytes)} bytes)` : "";
+    setStatus("model-status", "shown", "the serving model, as the recommender reports it; receipts below name the model that answered them");
+  } catch (e) {
+    setStatus("model-status", "failed", `model info unavailable: ${e.message}`);
+  }
+}
+
+async function onVerifyReceipt() {
+  const out = $("receipt-result");
+  const details = $("receipt-details");
+  details.replaceChildren();
+  if (!state.trust) {
+    setStatus("receipt-result", "failed", "pin a trust file first");
+    return;
+  }
+  setStatus("receipt-result", "working", "verifying…");
+  const g = gateway();
+  const c = chain();
+  try {
+    const v = await verifyReceipt($("receipt-input").value, {
+      gateway: g,
+      trust: state.trust,
+      anchorFor: (cp) => anchorEvidence(cp, { chain: c, trust: state.trust, gateway: g }),
+    });
+    const lines = [
+      ["receipt", `${v.id}${v.compared ? " — equals the copy pasted here" : " — NOT compared with a copy (only the id was given)"}`],
+      ["model", v.receipt.model_version],
+      ["key", `${v.receipt.key_id} v${v.receipt.key_version}`],
+      ["time", new Date(v.receipt.unix_millis).toISOString()],
+      ["signature", `checkpoint ${v.checkpoint.origin} size ${v.checkpoint.size}: signed by a pinned key`],
+      ["inclusion", `leaf ${v.leafIndex} of ${v.checkpoint.size}: ok (WebCrypto SHA-256)`],
+      ["anchor", `size ${v.anchor.size} in ${state.trust.anchorContract} on chain ${state.trust.chainId}: ${v.anchor.how}`],
+    ];
+    for (const [k, text] of lines) {
+      const dt = document.createElement("dt");
+      dt.textContent = k;
+      const dd = document.createElement("dd");
+      dd.textContent = text;
+      details.append(dt, dd);
+    }
+    out.dataset.step = "";
+    setStatus("receipt-result", "verified", "VERIFIED: in the signed log, anchored on chain");
+  } catch (e) {
+    out.dataset.step = e.step || "";
+    setStatus("receipt-result", "failed", `REJECTED at ${e.step ? e.message : "receipt: " + e.message}`);
+  }
+}
+
+async function refresh() {
+  if (!state.trust) return;
+  localStorage.setItem(CHAIN_KEY, $("chain-url").value);
+  const cp = await showCheckpoint();
+  await Promise.all([showAnchors(cp), showModel()]);
+  document.body.dataset.ready = "true";
+}
+
+async function main() {
+  $("gateway-url").value = params.get("api") || location.origin;
+  $("chain-url").value = params.get("chain") || localStorage.getItem(CHAIN_KEY) || "http://127.0.0.1:8545";
+  if (!window.isSecureContext || !crypto.subtle) {
+    setStatus("trust-status", "failed", "this page needs a secure context (https, or http on localhost) for WebCrypto; nothing can be verified here");
+    return;
+  }
+  $("trust-file").addEventListener("change", async (ev) => {
+    const f = ev.target.files[0];
+    if (f) $("trust-input").value = await f.text();
+  });
+  $("trust-pin").addEventListener("click", async () => {
+    if (await pinTrust($("trust-input").value, true)) await refresh();
+  });
+  $("trust-unpin").addEventListener("click", () => {
+    localStorage.removeItem(TRUST_KEY);
+    state.trust = null;
+    setStatus("trust-status", "none", "no trust file pinned");
+  });
+  $("refresh").addEventListener("click", refresh);
+  $("receipt-verify").addEventListener("click", onVerifyReceipt);
+  const saved = localStorage.getItem(TRUST_KEY);
+  if (saved && (await pinTrust(saved, false))) await refresh();
+  else setStatus("trust-status", "none", "no trust file pinned: load or paste the operator's trust file and compare its fingerprint with the one published out of band");
+  document.body.dataset.loaded = "true";
+}
+
+main();
