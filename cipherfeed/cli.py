@@ -543,6 +543,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from cipherfeed.client.feedpage import FeedPage
+    from cipherfeed.client.ui import FeedPageServer
+
+    with _client(args) as client:
+        server = FeedPageServer(FeedPage(client, chain_rpc=args.chain_rpc), args.listen_host, args.port)
+        print(f"feed page listening on port {server.port}: open {server.url}", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.httpd.server_close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cipherfeed", description=__doc__)
     parser.add_argument("--target", help="recommender address (default $CIPHERFEED_TARGET or 127.0.0.1:50051)")
@@ -596,6 +612,13 @@ def build_parser() -> argparse.ArgumentParser:
     tinit.add_argument("--force", action="store_true", help="replace an already pinned trust file")
     tinit.add_argument("--fingerprint", help="refuse unless the file has this fingerprint (sha256:<hex>)")
     tinit.set_defaults(func=cmd_trust_init)
+
+    ui = sub.add_parser("ui", help="the device's feed page in a browser (loopback only)")
+    ui.add_argument("--listen-host", default="127.0.0.1", help="a loopback address (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=8765, help="0 picks a free port (default 8765)")
+    ui.add_argument("--ledger", help="ledger address (default $CIPHERFEED_LEDGER_TARGET)")
+    ui.add_argument("--chain-rpc", help="JSON-RPC URL of the chain holding the anchors (receipts' checks)")
+    ui.set_defaults(func=cmd_ui)
 
     demo = sub.add_parser("demo", help="local mesh + one private recommendation, end to end")
     demo.add_argument("--user", help="dataset account_id (default: the first creator)")

@@ -1,0 +1,187 @@
+"""The device's feed page (`cipherfeed ui`) in real headless Chromium against a real mesh on
+loopback (key service, ledger anchoring on anvil, recommender, Redis; mutual TLS; real OpenFHE):
+it signs in as a dataset user, shows that user's history, shows the feed the SDK computes for the
+same history, and the receipt verified down to the anchor read from the chain. And the page's
+server keeps other local pages out: wrong Host (DNS rebinding), no token, another origin."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cipherfeed import cli, trust
+from cipherfeed.client import history as history_store
+from cipherfeed.client.feedpage import FeedPage
+from cipherfeed.client.sdk import encrypt_history, encrypt_query
+from cipherfeed.client.ui import FeedPageServer, require_loopback
+from services.ledger.server import serve as serve_ledger
+from services.recommender.server import serve as serve_recommender
+from tests.conftest import client_for, recommender_config
+from tests.pages_browser import PageErrors, chromium, screenshot
+from tests.test_ledger import Anvil, ledger_config
+
+SIGN_IN_TIMEOUT_MS = 180_000  # CKKS key generation on a loaded 2-core machine
+FEED_TIMEOUT_MS = 180_000
+
+
+@dataclasses.dataclass
+class Mesh:
+    rec_port: int
+    ks_port: int
+    ledger_port: int
+    chain_url: str
+    ledger_core: Any
+    trust: trust.TrustAnchors
+
+    def client(self, home):
+        c = client_for(self.rec_port, self.ks_port, home)
+        c.config = dataclasses.replace(c.config, ledger_target=f"127.0.0.1:{self.ledger_port}")
+        return c
+
+
+@pytest.fixture(scope="module")
+def mesh(tiktok_model, keyservice, redis_server, tmp_path_factory) -> Iterator[Mesh]:
+    tmp = tmp_path_factory.mktemp("pages-mesh")
+    anvil = Anvil(tmp / "anvil-state.json")
+    anvil.start()
+    stack: list[tuple[Any, Any]] = []
+    try:
+        ks_port = keyservice[0]
+        ledger, ledger_core = serve_ledger(
+            ledger_config(tmp / "ledger", keyservice_target=f"127.0.0.1:{ks_port}", chain_rpc_url=anvil.url,
+                          checkpoint_every=1, checkpoint_interval=0.2)  # fmt: skip
+        )
+        stack.append((ledger, ledger_core))
+        config = dataclasses.replace(
+            recommender_config(tmp / "rec", ks_port, redis_server.config_for("recommender")),
+            ledger_target=f"127.0.0.1:{ledger.port}",
+        )
+        rec, rec_core = serve_recommender(config, tiktok_model)
+        stack.append((rec, rec_core))
+        operator = client_for(rec.port, ks_port, tmp / "operator")
+        with operator:
+            anchors = cli.operator_trust(ledger_core, operator)
+        yield Mesh(rec.port, ks_port, ledger.port, anvil.url, ledger_core, anchors)
+    finally:
+        for running, core in reversed(stack):
+            running.stop(grace=1)
+            core.close()
+        anvil.stop()
+
+
+@pytest.fixture(scope="module")
+def dataset_user(tiktok_model) -> str:
+    """A creator with a few videos: the page seeds the empty history with them."""
+    counts = np.bincount(tiktok_model.creator_index, minlength=len(tiktok_model.creator_ids))
+    return str(tiktok_model.creator_ids[int(np.flatnonzero(counts >= 4)[3])])
+
+
+@pytest.fixture(scope="module")
+def feed_page(mesh, tmp_path_factory) -> Iterator[FeedPageServer]:
+    home = tmp_path_factory.mktemp("ui-device")
+    trust.pin_anchors(mesh.trust, home)
+    client = mesh.client(home)
+    server = FeedPageServer(FeedPage(client, chain_rpc=mesh.chain_url))
+    server.start()
+    yield server
+    server.stop()
+    client.close()
+
+
+def test_the_feed_page_signs_in_shows_history_and_the_sdks_feed_with_a_verified_receipt(
+    feed_page, mesh, dataset_user, tmp_path
+):
+    with chromium() as browser:
+        page = browser.new_page()
+        errors = PageErrors(page)
+        page.goto(feed_page.url)
+        page.wait_for_selector("body[data-loaded='true']")
+        assert "token=" not in page.url  # the token left the address bar
+        page.fill("#user", dataset_user)
+        page.click("#signin-device")
+        page.wait_for_selector("#status[data-state='signed-in']", timeout=SIGN_IN_TIMEOUT_MS)
+        stages = page.inner_text("#stages")
+        assert "making a CKKS key pair" in stages and "Sign-In with Ethereum" in stages
+        screenshot(page, "feed-signed-in")
+
+        device = feed_page.page
+        entries = device.history.entries(dataset_user)
+        manifest = device.client.manifest()
+        assert sorted(e.item_id for e in entries) == sorted(
+            manifest.item_ids[i] for i in manifest.items_of_creator(dataset_user)
+        )
+        shown_history = page.eval_on_selector_all("#history tr", "rows => rows.map(r => r.dataset.itemId)")
+        assert sorted(shown_history) == sorted(e.item_id for e in entries)
+
+        page.fill("#k", "10")
+        page.click("#feed-request")
+        page.wait_for_selector("body[data-feed='shown']", timeout=FEED_TIMEOUT_MS)
+        shown = page.eval_on_selector_all(
+            "#feed tr", "rows => rows.map(r => [r.dataset.itemId, Number(r.children[1].textContent)])"
+        )
+        stats = page.inner_text("#feed-stats")
+        assert "ciphertexts" in stats and "KiB of encrypted scores" in stats and "server time" in stats
+        page.wait_for_selector("#receipt-status[data-state='verified']", timeout=FEED_TIMEOUT_MS)
+        assert "anchored at size" in page.inner_text("#receipt-status")
+        screenshot(page, "feed-shown")
+        assert not errors.messages, errors.messages
+
+    # The SDK, with its own keys, for the same history: the same feed, scores within CKKS noise.
+    sdk = mesh.client(tmp_path / "sdk")
+    with sdk:
+        sdk.use_keys()
+        sdk.register()
+        feed, scored = sdk.recommend(history_store.engagements(entries), k=10, per_creator_cap=2)
+        assert [item_id for item_id, _ in shown] == [item.item_id for item in feed]
+        for (_, score), item in zip(shown, feed, strict=True):
+            assert abs(score - float(scored.scores[item.index])) < 1e-4
+        # The page reports the upload as blocks x one ciphertext: every history ciphertext has a
+        # fresh query's size.
+        assert sdk.keys is not None
+        one = len(encrypt_query(sdk.keys, np.zeros(sdk.params().embedding_dim)))
+        assert {len(b) for b in encrypt_history(sdk.keys, np.ones(manifest.item_count))} == {one}
+
+
+def _request(server: FeedPageServer, method: str, path: str, headers: dict[str, str], body: Any = None):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        payload = None if body is None else json.dumps(body).encode()
+        conn.request(method, path, body=payload, headers={"Content-Type": "application/json", **headers})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_the_feed_pages_server_answers_only_its_own_page(feed_page):
+    host = f"127.0.0.1:{feed_page.port}"
+    token = {"X-Cipherfeed-Token": feed_page.token}
+    assert _request(feed_page, "GET", "/api/status", {"Host": host, **token})[0] == 200
+    assert _request(feed_page, "GET", "/", {"Host": f"localhost:{feed_page.port}"})[0] == 200
+    # DNS rebinding: a name the attacker controls, resolving to 127.0.0.1.
+    assert _request(feed_page, "GET", "/api/status", {"Host": f"evil.example:{feed_page.port}", **token})[0] == 421
+    assert _request(feed_page, "GET", "/", {"Host": "evil.example"})[0] == 421
+    # Another local page: no token, a wrong one, or a cross-origin request.
+    assert _request(feed_page, "GET", "/api/status", {"Host": host})[0] == 401
+    assert _request(feed_page, "GET", "/api/status", {"Host": host, "X-Cipherfeed-Token": "x" * 43})[0] == 401
+    status, _ = _request(feed_page, "POST", "/api/signin", {"Host": host, "Origin": "http://evil.example", **token}, {})
+    assert status == 403
+    cross = {"Host": host, "Sec-Fetch-Site": "cross-site", **token}
+    assert _request(feed_page, "POST", "/api/feed", cross, {"k": 5})[0] == 403
+    # Bad input gets a precise answer and the server keeps serving.
+    status, body = _request(feed_page, "POST", "/api/feed", {"Host": host, **token}, {"k": "ten"})
+    assert status == 400 and b"integers" in body
+    status, body = _request(feed_page, "GET", "/api/jobs/nope", {"Host": host, **token})
+    assert status == 400 and b"no such job" in body
+    status, body = _request(feed_page, "POST", "/api/signin", {"Host": host, **token}, {"user": "../etc"})
+    assert status == 400
+    assert _request(feed_page, "GET", "/api/status", {"Host": host, **token})[0] == 200
+    for bad in ("0.0.0.0", "192.168.1.10", "::", "example.com"):
+        with pytest.raises(ValueError, match="loopback only"):
+            require_loopback(bad)
