@@ -53,16 +53,17 @@ def mesh(tiktok_model, keyservice, redis_server, tmp_path_factory) -> Iterator[M
     stack: list[tuple[Any, Any]] = []
     try:
         ks_port = keyservice[0]
-        ledger, ledger_core = serve_ledger(
-            ledger_config(tmp / "ledger", keyservice_target=f"127.0.0.1:{ks_port}", chain_rpc_url=anvil.url,
-                          checkpoint_every=1, checkpoint_interval=0.2)  # fmt: skip
-        )
+        config = ledger_config(
+            tmp / "ledger", keyservice_target=f"127.0.0.1:{ks_port}", chain_rpc_url=anvil.url,
+            checkpoint_every=1, checkpoint_interval=0.2,
+        )  # fmt: skip
+        ledger, ledger_core = serve_ledger(config)
         stack.append((ledger, ledger_core))
-        config = dataclasses.replace(
+        rec_config = dataclasses.replace(
             recommender_config(tmp / "rec", ks_port, redis_server.config_for("recommender")),
             ledger_target=f"127.0.0.1:{ledger.port}",
         )
-        rec, rec_core = serve_recommender(config, tiktok_model)
+        rec, rec_core = serve_recommender(rec_config, tiktok_model)
         stack.append((rec, rec_core))
         operator = client_for(rec.port, ks_port, tmp / "operator")
         with operator:

@@ -80,8 +80,8 @@ class Job:
 
 def _short_error(exc: BaseException) -> str:
     if isinstance(exc, grpc.RpcError):
-        code = exc.code()  # type: ignore[attr-defined]
-        return f"{code.name if code else 'gRPC error'}: {str(exc.details() or '')[:300]}"  # type: ignore[attr-defined]
+        code = exc.code()
+        return f"{code.name if code else 'gRPC error'}: {str(exc.details() or '')[:300]}"
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
 

@@ -16,6 +16,7 @@ import ipaddress
 import json
 import logging
 import secrets
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,6 +49,14 @@ def require_loopback(host: str) -> str:
     raise ValueError(f"the feed page listens on loopback only, not {host!r}")
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class FeedPageServer:
     def __init__(self, page: FeedPage, host: str = "127.0.0.1", port: int = 0) -> None:
         host = require_loopback(host)
@@ -55,12 +64,7 @@ class FeedPageServer:
         self.token = secrets.token_urlsafe(32)
         handler = type("Handler", (_Handler,), {"app": self})
         family_v6 = ":" in host
-        server_cls = type("Server", (ThreadingHTTPServer,), {"daemon_threads": True})
-        if family_v6:
-            import socket
-
-            server_cls.address_family = socket.AF_INET6
-        self.httpd = server_cls((host, port), handler)
+        self.httpd = (_Server6 if family_v6 else _Server)((host, port), handler)
         self.port = int(self.httpd.server_address[1])
         shown = f"[{host}]" if family_v6 else host
         self.origin = f"http://{shown}:{self.port}"
