@@ -67,6 +67,7 @@ POLICY: dict[str, frozenset[str]] = {
     LG + "GetConsistencyProof": EVERYONE,
     LG + "GetAnchors": EVERYONE,
     LG + "GetReceipt": EVERYONE,
+    LG + "GetEntries": EVERYONE,
     # Recommender: scoring is for users; the catalogue and parameters are public to the mesh.
     RC + "GetParams": EVERYONE,
     RC + "GetModelInfo": EVERYONE,

@@ -16,6 +16,8 @@ from services.ledger.store import AnchorRow, CheckpointRow
 log = logging.getLogger(__name__)
 VERIFIER_KEYS = "verifier_keys"  # meta key: JSON list of vkeys
 MAX_STORED_SIZE = 2**63 - 1
+DEFAULT_ENTRIES_PAGE = 100
+MAX_ENTRIES_PAGE = 256
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,27 @@ class LedgerCore:
         if min_size > MAX_STORED_SIZE:  # no tree is that large; SQL integers are signed 64-bit
             return []
         return self.log.store.anchors(min_size=min_size)
+
+    def entries(self, start: int, count: int) -> tuple[int, list[tuple[int, ModelRecord | None]]]:
+        """Leaves [start, start + count) of the latest checkpoint's tree (count at most
+        MAX_ENTRIES_PAGE): each a model record, or None for a receipt (not listed: its id is its
+        holder's to look up)."""
+        checkpoint = self.latest_checkpoint()
+        count = count or DEFAULT_ENTRIES_PAGE
+        if count > MAX_ENTRIES_PAGE:
+            raise InvalidArgument(
+                f"at most {MAX_ENTRIES_PAGE} entries per page",
+                reason=Reason.COUNT_LIMIT,
+                metadata={"field": "count", "limit": MAX_ENTRIES_PAGE},
+            )
+        if start >= checkpoint.size:
+            return checkpoint.size, []
+        out: list[tuple[int, ModelRecord | None]] = []
+        for index, data in self.log.store.leaves(start, min(start + count, checkpoint.size)):
+            fields = json.loads(data)
+            out.append((index, ModelRecord(**{k: v for k, v in fields.items() if k != "type"})
+                        if fields.get("type") == "cipherfeed.model.v1" else None))  # fmt: skip
+        return checkpoint.size, out
 
     def bundle(self, receipt_id: str) -> Bundle:
         index, data = self.log.locate(receipt_id)

@@ -119,3 +119,22 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServicer):
             ),
             checkpoint=self._checkpoint(b.checkpoint),
         )
+
+    @grpc_errors
+    def GetEntries(self, request: ledger_pb2.GetEntriesRequest, context: Ctx) -> ledger_pb2.GetEntriesResponse:
+        size, entries = self.core.entries(request.start_index, request.count)
+        reply = ledger_pb2.GetEntriesResponse(checkpoint_size=size)
+        for index, model in entries:
+            if model is None:
+                reply.entries.add(leaf_index=index, receipt=True)
+            else:
+                reply.entries.add(
+                    leaf_index=index,
+                    model=ledger_pb2.ModelRecord(
+                        model_version=model.model_version,
+                        created_by=model.created_by,
+                        item_count=model.item_count,
+                        unix_millis=model.unix_millis,
+                    ),
+                )
+        return reply

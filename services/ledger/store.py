@@ -119,6 +119,11 @@ class LedgerStore:
         rows = self.db.query("SELECT data FROM leaves WHERE idx = ?", (index,))
         return bytes(rows[0][0]) if rows else None
 
+    def leaves(self, start: int, end: int) -> list[tuple[int, bytes]]:
+        """The leaves with start <= index < end, in order."""
+        rows = self.db.query("SELECT idx, data FROM leaves WHERE idx >= ? AND idx < ? ORDER BY idx", (start, end))
+        return [(int(i), bytes(d)) for i, d in rows]
+
     def index_of(self, leaf_hash: bytes) -> int | None:
         return self.indices_of([leaf_hash]).get(leaf_hash)
 

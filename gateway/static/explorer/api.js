@@ -65,6 +65,14 @@ export class Gateway {
     return this.get(`/v1/receipts/${encodeURIComponent(receiptId)}`);
   }
 
+  entries(startIndex, count) {
+    return this.get("/v1/log/entries", { start_index: startIndex, count });
+  }
+
+  inclusion(leafIndex, treeSize) {
+    return this.get(`/v1/log/inclusion/${leafIndex}`, { tree_size: treeSize });
+  }
+
   model() {
     return this.get("/v1/model");
   }

@@ -4,20 +4,23 @@
 
 import { Gateway, list, str, u64 } from "./api.js";
 import { Chain } from "./chain.js";
-import { fromBase64, toHex } from "./codec.js";
-import { verifyConsistency } from "./merkle.js";
+import { fromBase64, toHex, utf8 } from "./codec.js";
+import { leafHash, verifyConsistency, verifyInclusion } from "./merkle.js";
 import { verifyCheckpoint } from "./note.js";
-import { anchorEvidence, verifyReceipt } from "./receipt.js";
+import { anchorEvidence, canonicalModelLeaf, verifyReceipt } from "./receipt.js";
 import { parseTrust } from "./trust.js";
 
 const TRUST_KEY = "cipherfeed.explorer.trust";
 const SEEN_KEY = "cipherfeed.explorer.seen"; // the last checkpoint verified here, per log
 const CHAIN_KEY = "cipherfeed.explorer.chain";
 const MAX_ANCHORS_SHOWN = 20;
+const LOG_PAGE = 25;
+const MODEL_SCAN_PAGES = 8; // model versions are looked for in the newest 8 x 256 leaves
+const SCAN_PAGE = 256;
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const state = { trust: null, checkpoint: null };
+const state = { trust: null, checkpoint: null, logEnd: 0n };
 
 function setStatus(id, status, text) {
   const el = $(id);
@@ -193,7 +196,7 @@ async function showAnchors(cp) {
   $("checkpoint-anchored").dataset.state = anchoredCp ? "anchored" : "pending";
 }
 
-async function showModel() {
+async function showModel(cp) {
   try {
     const m = await gateway().model();
     $("model-version").textContent = str(m.version);
@@ -201,9 +204,117 @@ async function showModel() {
     $("model-by").textContent = str(m.createdBy);
     $("model-manifest").textContent = m.manifestSha256 ? `${toHex(fromBase64(m.manifestSha256, "manifest digest"))} (${u64(m.manifestBytes)} bytes)` : "";
     setStatus("model-status", "shown", "the serving model, as the recommender reports it; receipts below name the model that answered them");
+    await showModelVersions(cp, str(m.version)).catch((e) => setStatus("model-status", "failed", `model versions: ${e.message}`));
   } catch (e) {
     setStatus("model-status", "failed", `model info unavailable: ${e.message}`);
   }
+}
+
+function modelFromJson(m) {
+  const millis = u64(m.unixMillis);
+  return {
+    model_version: str(m.modelVersion), created_by: str(m.createdBy),
+    item_count: Number.isSafeInteger(m.itemCount) ? m.itemCount : 0, unix_millis: Number(millis),
+  };
+}
+
+// A model record's inclusion in the verified checkpoint: its leaf hash is computed here from the
+// record, the proof checked against the checkpoint's root.
+async function checkModel(index, record, cp) {
+  const leaf = await leafHash(utf8(canonicalModelLeaf(record)));
+  const proof = await gateway().inclusion(index, cp.size);
+  await verifyInclusion(index, cp.size, leaf, list(proof.hashes).map((h) => fromBase64(h, "proof hash")), cp.root);
+}
+
+async function showLog(end) {
+  const cp = state.checkpoint;
+  const body = $("log-body");
+  body.replaceChildren();
+  if (!cp) return;
+  end = end === undefined ? cp.size : end;
+  const start = end > BigInt(LOG_PAGE) ? end - BigInt(LOG_PAGE) : 0n;
+  state.logEnd = end;
+  $("log-older").disabled = start === 0n;
+  $("log-newer").disabled = end >= cp.size;
+  if (end === 0n) {
+    setStatus("log-status", "none", "the log is empty");
+    return;
+  }
+  let reply;
+  try {
+    reply = await gateway().entries(start, Number(end - start));
+  } catch (e) {
+    setStatus("log-status", "failed", `the ledger did not answer: ${e.message}`);
+    return;
+  }
+  let failures = 0;
+  for (const e of list(reply.entries).reverse()) {
+    const index = u64(e.leafIndex);
+    const row = document.createElement("tr");
+    row.dataset.index = String(index);
+    cell(row, String(index));
+    if (e.model) {
+      const m = modelFromJson(e.model);
+      row.dataset.kind = "model";
+      cell(row, "model");
+      cell(row, `${short(m.model_version, 24)} (${m.item_count} items, ${m.created_by}, from ${new Date(m.unix_millis).toISOString()})`, "mono");
+      try {
+        await checkModel(index, m, cp);
+        cell(row, "included (verified)", "ok");
+      } catch (err) {
+        failures++;
+        cell(row, `FAILED: ${err.message}`, "bad");
+      }
+    } else {
+      row.dataset.kind = "receipt";
+      cell(row, "receipt");
+      cell(row, "not listed: a receipt's holder looks it up by its id (below)");
+      cell(row, "");
+    }
+    body.appendChild(row);
+  }
+  setStatus("log-status", failures ? "failed" : "shown",
+    `leaves ${start}–${end - 1n} of the checkpoint's ${cp.size}` + (failures ? `; ${failures} model records FAILED inclusion` : ""));
+}
+
+// Model versions the log records (each recommender logs the models it loads), newest first, each
+// verified included; and which one the recommender says it serves now.
+async function showModelVersions(cp, serving) {
+  const body = $("models-body");
+  body.replaceChildren();
+  if (!cp) return;
+  const found = [];
+  let end = cp.size;
+  for (let page = 0; page < MODEL_SCAN_PAGES && end > 0n; page++) {
+    const start = end > BigInt(SCAN_PAGE) ? end - BigInt(SCAN_PAGE) : 0n;
+    const reply = await gateway().entries(start, Number(end - start));
+    for (const e of list(reply.entries).reverse()) if (e.model) found.push([u64(e.leafIndex), modelFromJson(e.model)]);
+    end = start;
+  }
+  let servingLogged = false;
+  for (const [index, m] of found) {
+    const row = document.createElement("tr");
+    row.dataset.version = m.model_version;
+    cell(row, m.model_version, "mono");
+    cell(row, String(index));
+    cell(row, new Date(m.unix_millis).toISOString());
+    cell(row, String(m.item_count));
+    let verdict = "included (verified)";
+    try {
+      await checkModel(index, m, cp);
+      if (m.model_version === serving) servingLogged = true;
+    } catch (err) {
+      verdict = `FAILED: ${err.message}`;
+    }
+    const v = cell(row, verdict + (m.model_version === serving ? "; serving now" : ""));
+    v.className = verdict.startsWith("FAILED") ? "bad" : "ok";
+    row.dataset.state = verdict.startsWith("FAILED") ? "failed" : "verified";
+    body.appendChild(row);
+  }
+  $("model-logged").dataset.state = servingLogged ? "verified" : "failed";
+  $("model-logged").textContent = servingLogged
+    ? "yes: the serving model is recorded in the signed log"
+    : `not found in the newest ${MODEL_SCAN_PAGES * SCAN_PAGE} leaves`;
 }
 
 async function onVerifyReceipt() {
@@ -251,7 +362,7 @@ async function refresh() {
   if (!state.trust) return;
   localStorage.setItem(CHAIN_KEY, $("chain-url").value);
   const cp = await showCheckpoint();
-  await Promise.all([showAnchors(cp), showModel()]);
+  await Promise.all([showAnchors(cp), showModel(cp), showLog()]);
   document.body.dataset.ready = "true";
 }
 
@@ -275,6 +386,11 @@ async function main() {
     setStatus("trust-status", "none", "no trust file pinned");
   });
   $("refresh").addEventListener("click", refresh);
+  $("log-older").addEventListener("click", () => showLog(state.logEnd > BigInt(LOG_PAGE) ? state.logEnd - BigInt(LOG_PAGE) : 0n));
+  $("log-newer").addEventListener("click", () => {
+    const next = state.logEnd + BigInt(LOG_PAGE);
+    showLog(next > state.checkpoint.size ? state.checkpoint.size : next);
+  });
   $("receipt-verify").addEventListener("click", onVerifyReceipt);
   const saved = localStorage.getItem(TRUST_KEY);
   if (saved && (await pinTrust(saved, false))) await refresh();

@@ -26,6 +26,12 @@ export function canonicalLeaf(receipt) {
   return "{" + Object.keys(obj).sort().map((k) => `${JSON.stringify(k)}:${JSON.stringify(obj[k])}`).join(",") + "}";
 }
 
+// cipherfeed/receipts.py ModelRecord.leaf(): what the recommender logs for each model it loads.
+export function canonicalModelLeaf(m) {
+  const obj = { type: "cipherfeed.model.v1", created_by: m.created_by, item_count: m.item_count, model_version: m.model_version, unix_millis: m.unix_millis };
+  return "{" + Object.keys(obj).sort().map((k) => `${JSON.stringify(k)}:${JSON.stringify(obj[k])}`).join(",") + "}";
+}
+
 export async function receiptId(receipt) {
   return toHex(await leafHash(utf8(canonicalLeaf(receipt))));
 }
