@@ -28,26 +28,31 @@ def test_entries_list_models_in_full_and_receipts_only_as_such(tmp_path):
         receipts = [Receipt(f"{n:064x}", "bb" * 32, "ab" * 32, "cd" * 32, 1, n) for n in range(300)]
         ledger.core.append([model, *receipts[:150]])
         ledger.core.append([ModelRecord("ef" * 32, "recommender@test", 10, 5), *receipts[150:]])
+        # Leaves of no kind the ledger knows (another writer, an older format): listed as such.
+        odd = [b"not json", b'{"type":"cipherfeed.model.v1","item_count":"many"}', b"[1]"]
+        ledger.core.log.append_many(odd)
         checkpoint = ledger.core.log.checkpoint()
-        assert checkpoint is not None and checkpoint.size == 302
+        assert checkpoint is not None and checkpoint.size == 305
         ledger.core.append([Receipt("ee" * 32, "bb" * 32, "ab" * 32, "cd" * 32, 1, 9)])  # not checkpointed
 
         reply = stub.GetEntries(ledger_pb2.GetEntriesRequest(start_index=0, count=256), timeout=20)
-        assert reply.checkpoint_size == 302 and [e.leaf_index for e in reply.entries] == list(range(256))
+        assert reply.checkpoint_size == 305 and [e.leaf_index for e in reply.entries] == list(range(256))
         kinds = [e.WhichOneof("entry") for e in reply.entries]
         assert kinds[0] == "model" and kinds[151] == "model" and kinds.count("receipt") == 254
         assert all(e.receipt for e in reply.entries if e.WhichOneof("entry") == "receipt")
         first = reply.entries[0].model
         listed = ModelRecord(first.model_version, first.created_by, first.item_count, first.unix_millis)
         assert listed == model
-        proof = stub.GetInclusionProof(ledger_pb2.GetInclusionProofRequest(leaf_index=0, tree_size=302), timeout=20)
-        verify_inclusion(0, 302, leaf_hash(listed.leaf()), list(proof.hashes), checkpoint.root)
+        proof = stub.GetInclusionProof(ledger_pb2.GetInclusionProofRequest(leaf_index=0, tree_size=305), timeout=20)
+        verify_inclusion(0, 305, leaf_hash(listed.leaf()), list(proof.hashes), checkpoint.root)
         # No receipt's id, hash or field is in the listing: only that a receipt is there.
         raw = reply.SerializeToString()
         assert not any(bytes.fromhex(r.receipt_id) in raw or r.query_sha256.encode() in raw for r in receipts)
 
         tail = stub.GetEntries(ledger_pb2.GetEntriesRequest(start_index=290), timeout=20)
-        assert [e.leaf_index for e in tail.entries] == list(range(290, 302))  # the checkpoint's tree only
+        assert [e.leaf_index for e in tail.entries] == list(range(290, 305))  # the checkpoint's tree only
+        assert [e.WhichOneof("entry") for e in tail.entries[-3:]] == ["other"] * 3
+        assert all(e.other for e in tail.entries[-3:])
         assert list(stub.GetEntries(ledger_pb2.GetEntriesRequest(start_index=2**64 - 1), timeout=20).entries) == []
         with pytest.raises(grpc.RpcError) as large:
             stub.GetEntries(ledger_pb2.GetEntriesRequest(count=257), timeout=20)

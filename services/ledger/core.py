@@ -90,10 +90,10 @@ class LedgerCore:
             return []
         return self.log.store.anchors(min_size=min_size)
 
-    def entries(self, start: int, count: int) -> tuple[int, list[tuple[int, ModelRecord | None]]]:
+    def entries(self, start: int, count: int) -> tuple[int, list[tuple[int, ModelRecord | str]]]:
         """Leaves [start, start + count) of the latest checkpoint's tree (count at most
-        MAX_ENTRIES_PAGE): each a model record, or None for a receipt (not listed: its id is its
-        holder's to look up)."""
+        MAX_ENTRIES_PAGE): each a model record, or "receipt" (not listed: its id is its holder's
+        to look up), or "other" for a leaf of no known kind."""
         checkpoint = self.latest_checkpoint()
         count = count or DEFAULT_ENTRIES_PAGE
         if count > MAX_ENTRIES_PAGE:
@@ -104,12 +104,8 @@ class LedgerCore:
             )
         if start >= checkpoint.size:
             return checkpoint.size, []
-        out: list[tuple[int, ModelRecord | None]] = []
-        for index, data in self.log.store.leaves(start, min(start + count, checkpoint.size)):
-            fields = json.loads(data)
-            out.append((index, ModelRecord(**{k: v for k, v in fields.items() if k != "type"})
-                        if fields.get("type") == "cipherfeed.model.v1" else None))  # fmt: skip
-        return checkpoint.size, out
+        leaves = self.log.store.leaves(start, min(start + count, checkpoint.size))
+        return checkpoint.size, [(index, _entry_kind(data)) for index, data in leaves]
 
     def bundle(self, receipt_id: str) -> Bundle:
         index, data = self.log.locate(receipt_id)
@@ -130,3 +126,20 @@ class LedgerCore:
         if self.anchorer is not None:
             self.anchorer.close()
         self.log.store.close()
+
+
+def _entry_kind(data: bytes) -> ModelRecord | str:
+    """A leaf as the log browser lists it: a model record in full, else only its kind."""
+    try:
+        fields = json.loads(data)
+        kind = fields.pop("type") if isinstance(fields, dict) else None
+        if kind == "cipherfeed.model.v1":
+            record = ModelRecord(**fields)
+            typed = [type(getattr(record, f)) for f in ("model_version", "created_by", "item_count", "unix_millis")]
+            if typed == [str, str, int, int] and 0 <= record.item_count < 2**32 and record.leaf() == data:
+                return record  # exactly a canonical model leaf, nothing else
+        elif kind == "cipherfeed.receipt.v1":
+            return "receipt"
+    except (ValueError, TypeError, KeyError):  # not JSON, or not one of the log's entries
+        pass
+    return "other"

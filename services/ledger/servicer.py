@@ -125,8 +125,10 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServicer):
         size, entries = self.core.entries(request.start_index, request.count)
         reply = ledger_pb2.GetEntriesResponse(checkpoint_size=size)
         for index, model in entries:
-            if model is None:
+            if model == "receipt":
                 reply.entries.add(leaf_index=index, receipt=True)
+            elif isinstance(model, str):
+                reply.entries.add(leaf_index=index, other=True)
             else:
                 reply.entries.add(
                     leaf_index=index,

@@ -4,7 +4,7 @@
 
 import { Gateway, list, str, u64 } from "./api.js";
 import { Chain } from "./chain.js";
-import { fromBase64, toHex, utf8 } from "./codec.js";
+import { fromBase64, fromHex, toHex, utf8 } from "./codec.js";
 import { leafHash, verifyConsistency, verifyInclusion } from "./merkle.js";
 import { verifyCheckpoint } from "./note.js";
 import { anchorEvidence, canonicalModelLeaf, verifyReceipt } from "./receipt.js";
@@ -93,7 +93,12 @@ async function showCheckpoint() {
 // Consistency with the checkpoint this browser verified last time: a log that forked or rewrote
 // its history since then cannot produce this proof.
 async function checkSeen(cp) {
-  const seenAll = JSON.parse(localStorage.getItem(SEEN_KEY) || "{}");
+  let seenAll;
+  try {
+    seenAll = JSON.parse(localStorage.getItem(SEEN_KEY) || "{}") || {};
+  } catch (e) {
+    seenAll = {};
+  }
   const seen = seenAll[state.trust.fingerprint];
   const remember = () => {
     seenAll[state.trust.fingerprint] = { size: String(cp.size), root: toHex(cp.root) };
@@ -104,8 +109,16 @@ async function checkSeen(cp) {
     remember();
     return;
   }
-  const oldSize = BigInt(seen.size);
-  const oldRoot = Uint8Array.from(seen.root.match(/../g).map((h) => parseInt(h, 16)));
+  let oldSize;
+  let oldRoot;
+  try {
+    oldSize = BigInt(seen.size);
+    oldRoot = fromHex(seen.root, "remembered root");
+  } catch (e) {
+    setStatus("seen-status", "first", "the checkpoint remembered here was unreadable: replaced by this one");
+    remember();
+    return;
+  }
   if (oldSize > cp.size) {
     setStatus("seen-status", "failed", `the log shrank: this browser saw size ${oldSize} before, now ${cp.size}`);
     return;
@@ -265,10 +278,15 @@ async function showLog(end) {
         failures++;
         cell(row, `FAILED: ${err.message}`, "bad");
       }
-    } else {
+    } else if (e.receipt) {
       row.dataset.kind = "receipt";
       cell(row, "receipt");
       cell(row, "not listed: a receipt's holder looks it up by its id (below)");
+      cell(row, "");
+    } else {
+      row.dataset.kind = "other";
+      cell(row, "other");
+      cell(row, "a leaf of no kind this ledger knows");
       cell(row, "");
     }
     body.appendChild(row);

@@ -1,8 +1,10 @@
-"""The device's feed page (`cipherfeed ui`) in real headless Chromium against a real mesh on
-loopback (key service, ledger anchoring on anvil, recommender, Redis; mutual TLS; real OpenFHE):
-it signs in as a dataset user, shows that user's history, shows the feed the SDK computes for the
-same history, and the receipt verified down to the anchor read from the chain. And the page's
-server keeps other local pages out: wrong Host (DNS rebinding), no token, another origin."""
+"""The pages in real headless Chromium against a real mesh on loopback (key service, ledger
+anchoring on anvil, recommender, Redis; mutual TLS; real OpenFHE).
+
+The device's feed page (`cipherfeed ui`) signs in as a dataset user, shows that user's history, the
+feed the SDK computes for the same history, and the receipt verified down to the anchor read from
+the chain; its server keeps other local pages out (wrong Host, no token, another origin).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from cipherfeed.client import history as history_store
 from cipherfeed.client.feedpage import FeedPage
 from cipherfeed.client.sdk import encrypt_history, encrypt_query
 from cipherfeed.client.ui import FeedPageServer, require_loopback
+from cipherfeed.v1 import keyservice_pb2
 from services.ledger.server import serve as serve_ledger
 from services.recommender.server import serve as serve_recommender
 from tests.conftest import client_for, recommender_config
@@ -37,6 +40,7 @@ class Mesh:
     ledger_port: int
     chain_url: str
     ledger_core: Any
+    rec_core: Any
     trust: trust.TrustAnchors
 
     def client(self, home):
@@ -68,7 +72,7 @@ def mesh(tiktok_model, keyservice, redis_server, tmp_path_factory) -> Iterator[M
         operator = client_for(rec.port, ks_port, tmp / "operator")
         with operator:
             anchors = cli.operator_trust(ledger_core, operator)
-        yield Mesh(rec.port, ks_port, ledger.port, anvil.url, ledger_core, anchors)
+        yield Mesh(rec.port, ks_port, ledger.port, anvil.url, ledger_core, rec_core, anchors)
     finally:
         for running, core in reversed(stack):
             running.stop(grace=1)
@@ -186,3 +190,53 @@ def test_the_feed_pages_server_answers_only_its_own_page(feed_page):
     for bad in ("0.0.0.0", "192.168.1.10", "::", "example.com"):
         with pytest.raises(ValueError, match="loopback only"):
             require_loopback(bad)
+
+
+def test_an_injected_wallet_signs_in_with_siwe_and_owns_the_key_it_scores_with(mesh, dataset_user, tmp_path):
+    from eth_account import Account
+    from eth_account.messages import encode_defunct
+
+    wallet = Account.create()
+    home = tmp_path / "ui-wallet"
+    trust.pin_anchors(mesh.trust, home)
+    client = mesh.client(home)
+    server = FeedPageServer(FeedPage(client, chain_rpc=mesh.chain_url))
+    server.start()
+    signed: list[str] = []
+
+    def personal_sign(message_hex: str) -> str:  # the wallet: EIP-191 over the SIWE text it is shown
+        text = bytes.fromhex(message_hex.removeprefix("0x")).decode()
+        signed.append(text)
+        return "0x" + bytes(wallet.sign_message(encode_defunct(text=text)).signature).hex()
+
+    try:
+        with chromium() as browser:
+            page = browser.new_page()
+            errors = PageErrors(page)
+            page.expose_function("walletSign", personal_sign)
+            page.add_init_script(
+                "window.ethereum = { request: async ({ method, params }) => {"
+                f"  if (method === 'eth_requestAccounts') return ['{wallet.address.lower()}'];"
+                "  if (method === 'personal_sign') return await window.walletSign(params[0]);"
+                "  throw new Error('unsupported ' + method); } };"
+            )
+            page.goto(server.url)
+            page.wait_for_selector("body[data-loaded='true']")
+            assert page.is_visible("#signin-wallet")
+            page.fill("#user", dataset_user)
+            page.click("#signin-wallet")
+            page.wait_for_selector("#status[data-state='signed-in']", timeout=SIGN_IN_TIMEOUT_MS)
+            assert f"wallet account {wallet.address}" in page.inner_text("#status")
+            assert len(signed) == 1 and wallet.address in signed[0] and "Chain ID:" in signed[0]
+            page.click("#feed-request")
+            page.wait_for_selector("body[data-feed='shown']", timeout=FEED_TIMEOUT_MS)
+            assert page.locator("#feed tr").count() == 10
+            screenshot(page, "feed-wallet")
+            assert not errors.messages, errors.messages
+        # The key belongs to the wallet: the key service says so, and the device account made none.
+        record = client.keyservice.GetKey(keyservice_pb2.GetKeyRequest(key_id=client.key_id), timeout=30)
+        assert record.owner == wallet.address
+        assert not (home / "keys").exists()
+    finally:
+        server.stop()
+        client.close()
