@@ -1,16 +1,20 @@
 """The pages in real headless Chromium against a real mesh on loopback (key service, ledger
-anchoring on anvil, recommender, Redis; mutual TLS; real OpenFHE).
+anchoring on anvil, recommender, Redis; mutual TLS; real OpenFHE), and the gateway in front of it.
 
 The device's feed page (`cipherfeed ui`) signs in as a dataset user, shows that user's history, the
 feed the SDK computes for the same history, and the receipt verified down to the anchor read from
 the chain; its server keeps other local pages out (wrong Host, no token, another origin).
-"""
+
+The transparency explorer, served by the gateway at /explorer/, verifies the latest checkpoint
+against the pasted trust file, shows it anchored (read from anvil by the page), the model versions
+and the log, accepts a real receipt and rejects a tampered one, and a lying ledger's proof."""
 
 from __future__ import annotations
 
 import dataclasses
 import http.client
 import json
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,10 +26,12 @@ from cipherfeed.client import history as history_store
 from cipherfeed.client.feedpage import FeedPage
 from cipherfeed.client.sdk import encrypt_history, encrypt_query
 from cipherfeed.client.ui import FeedPageServer, require_loopback
+from cipherfeed.devprocess import start_service
+from cipherfeed.devredis import free_port
 from cipherfeed.v1 import keyservice_pb2
 from services.ledger.server import serve as serve_ledger
 from services.recommender.server import serve as serve_recommender
-from tests.conftest import client_for, recommender_config
+from tests.conftest import client_for, mesh_pki, recommender_config
 from tests.pages_browser import PageErrors, chromium, screenshot
 from tests.test_ledger import Anvil, ledger_config
 
@@ -190,6 +196,117 @@ def test_the_feed_pages_server_answers_only_its_own_page(feed_page):
     for bad in ("0.0.0.0", "192.168.1.10", "::", "example.com"):
         with pytest.raises(ValueError, match="loopback only"):
             require_loopback(bad)
+
+
+@pytest.fixture(scope="module")
+def gateway(mesh, tmp_path_factory) -> Iterator[str]:
+    """The HTTP gateway (its own `gateway` identity over mutual TLS upstream) in front of the mesh."""
+    port = free_port()
+    env = {
+        "CIPHERFEED_GATEWAY_PORT": str(port),
+        "CIPHERFEED_TARGET": f"127.0.0.1:{mesh.rec_port}",
+        "CIPHERFEED_KEYSERVICE_TARGET": f"127.0.0.1:{mesh.ks_port}",
+        "CIPHERFEED_LEDGER_TARGET": f"127.0.0.1:{mesh.ledger_port}",
+        **mesh_pki().env("gateway"),
+    }
+    proc = start_service("gateway", env, log_path=tmp_path_factory.mktemp("gateway") / "gateway.log")
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _published_receipt(mesh: Mesh, home, user: str):
+    """A real Score's receipt, delivered to the ledger, checkpointed and anchored."""
+    sdk = mesh.client(home)
+    with sdk:
+        sdk.use_keys()
+        sdk.register()
+        manifest = sdk.manifest()
+        own = manifest.items_of_creator(user)
+        history = [
+            history_store.HistoryEntry(manifest.item_ids[i], "like", 1_700_000_000 - r) for r, i in enumerate(own)
+        ]
+        _, scored = sdk.recommend(history_store.engagements(history), k=5)
+    assert scored.receipt is not None
+    assert mesh.rec_core.receipts.flush(timeout=60)
+    mesh.ledger_core.log.checkpoint()
+    mesh.ledger_core.anchorer.anchor_pending()
+    return scored.receipt
+
+
+def test_the_explorer_verifies_checkpoint_anchors_and_receipts_in_the_page(mesh, gateway, dataset_user, tmp_path):
+    receipt = _published_receipt(mesh, tmp_path / "device", dataset_user)
+    latest = mesh.ledger_core.latest_checkpoint()
+    with chromium() as browser:
+        page = browser.new_page()
+        errors = PageErrors(page)
+        page.goto(f"{gateway}/explorer/?chain={mesh.chain_url}")
+        page.wait_for_selector("body[data-loaded='true']")
+        page.fill("#trust-input", json.dumps(mesh.trust.to_json(), indent=2))
+        page.click("#trust-pin")
+        page.wait_for_selector("body[data-ready='true']", timeout=60_000)
+        assert mesh.trust.fingerprint in page.inner_text("#trust-status")
+        assert page.get_attribute("#checkpoint-status", "data-state") == "verified"
+        assert page.inner_text("#checkpoint-size") == str(latest.size)
+        assert page.inner_text("#checkpoint-root") == latest.root.hex()
+        # The anchored checkpoint, read from the chain by the page: its row, its transaction.
+        page.wait_for_selector("#anchors-status[data-state='verified']")
+        assert page.get_attribute("#checkpoint-anchored", "data-state") == "anchored"
+        row = page.locator(f"#anchors-body tr[data-size='{latest.size}']")
+        assert row.get_attribute("data-state") == "verified"
+        onchain = [a for a in mesh.ledger_core.anchors(0) if a.size == latest.size]
+        assert onchain and row.locator("td").nth(2).get_attribute("title") == "0x" + onchain[0].tx_hash.removeprefix(
+            "0x"
+        )
+        # Model versions and the log: the serving model's record, verified included.
+        page.wait_for_selector("#model-logged[data-state='verified']")
+        served = page.inner_text("#model-version")
+        assert page.get_attribute(f"#models-body tr[data-version='{served}']", "data-state") == "verified"
+        assert page.locator("#log-body tr[data-kind='receipt']").count() >= 1
+        screenshot(page, "explorer-checkpoint")
+
+        def verify(text: str) -> tuple[str | None, str | None, str]:
+            page.fill("#receipt-input", text)
+            page.click("#receipt-verify")
+            page.wait_for_selector("#receipt-result:not([data-state='working'])")
+            el = page.locator("#receipt-result")
+            return el.get_attribute("data-state"), el.get_attribute("data-step"), el.inner_text()
+
+        real = json.dumps(dataclasses.asdict(receipt), indent=2)
+        state, _, text = verify(real)
+        assert state == "verified", text
+        assert receipt.receipt_id in page.inner_text("#receipt-details")
+        screenshot(page, "explorer-receipt-verified")
+        tampered = json.dumps({**dataclasses.asdict(receipt), "unix_millis": receipt.unix_millis + 1})
+        state, step, text = verify(tampered)
+        assert (state, step) == ("failed", "receipt") and "not in the log" in text
+        screenshot(page, "explorer-receipt-rejected")
+
+        # A ledger (or gateway) that lies about the proof: the page's own hashing catches it.
+        def flip_proof(route):
+            body = route.fetch().json()
+            hashes = body["inclusion"]["hashes"]
+            hashes[0] = ("A" if hashes[0][0] != "A" else "B") + hashes[0][1:]
+            route.fulfill(json=body)
+
+        page.route("**/v1/receipts/**", flip_proof)
+        state, step, _ = verify(real)
+        assert (state, step) == ("failed", "inclusion")
+        page.unroute("**/v1/receipts/**")
+
+        # The next visit checks the new checkpoint is consistent with the one seen before.
+        _published_receipt(mesh, tmp_path / "device", dataset_user)
+        page.reload()
+        page.wait_for_selector("body[data-ready='true']", timeout=60_000)
+        assert page.get_attribute("#seen-status", "data-state") == "verified"
+        assert f"size {latest.size}" in page.inner_text("#seen-status")
+        # The browser logs the tampered receipt's lookup (404: not in the log); nothing else.
+        unexpected = [m for m in errors.messages if "status of 404" not in m]
+        assert unexpected == [] and len(errors.messages) == 1, errors.messages
 
 
 def test_an_injected_wallet_signs_in_with_siwe_and_owns_the_key_it_scores_with(mesh, dataset_user, tmp_path):
