@@ -244,6 +244,7 @@ def test_every_route_is_reachable(mesh, client, token, query, tiktok_model):
         ),
         "/cipherfeed.v1.Ledger/GetAnchors": http.get("/v1/log/anchors"),
         "/cipherfeed.v1.Ledger/GetReceipt": http.get(f"/v1/receipts/{mesh.receipt_ids[1]}"),
+        "/cipherfeed.v1.Ledger/GetEntries": http.get("/v1/log/entries", params={"startIndex": 0, "count": 2}),
     }
     for name, response in ok.items():
         assert response.status_code == 200, (name, response.text[:300])
