@@ -30,6 +30,7 @@ class Reason(str, Enum):
     # INVALID_ARGUMENT
     FIELD_REQUIRED = "FIELD_REQUIRED"  # metadata: field
     FIELD_INVALID = "FIELD_INVALID"  # metadata: field
+    REQUEST_MALFORMED = "REQUEST_MALFORMED"  # the request's bytes are not the method's protobuf message
     HE_MATERIAL_INVALID = "HE_MATERIAL_INVALID"  # untrusted ciphertext or key material refused
     PROFILE_KEY_MISMATCH = "PROFILE_KEY_MISMATCH"  # the profile was uploaded under another key
     PROOF_RANGE_INVALID = "PROOF_RANGE_INVALID"  # leaf index / tree sizes outside the log

@@ -11,6 +11,8 @@ valid request still answered right after every 100 inputs.
 from __future__ import annotations
 
 import collections
+import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +99,7 @@ class Seeds:
     strings: Mapping[str, Sequence[str]] = field(default_factory=dict)
     blobs: Mapping[str, Sequence[bytes]] = field(default_factory=dict)
     messages: Mapping[str, Sequence[Message]] = field(default_factory=dict)  # by full message name
+    counts: Mapping[str, int] = field(default_factory=dict)  # a repeated field's valid length, also drawn
 
 
 def _scalar(f: FieldDescriptor, seeds: Seeds) -> st.SearchStrategy[Any]:
@@ -136,8 +139,9 @@ def message_strategy(
         item = value(f)
         if f.type == F.TYPE_MESSAGE:
             return st.one_of([st.lists(item, min_size=n, max_size=n) for n in range(4)])
-        cheap = _cheap(f)  # small items for a long list, so that a request stays small
-        return st.one_of([st.lists(item if n < 100 else cheap, min_size=n, max_size=n) for n in (0, 1, 2, 5, 1001)])
+        lengths = sorted({0, 1, 2, 5, seeds.counts.get(f.name, 0)})
+        # and a list of 1,001 small items, so that a request stays small
+        return st.one_of([*(st.lists(item, min_size=n, max_size=n) for n in lengths), _long_list(f, 1001)])
 
     # Every strategy is built here, once, and only drawn from below (see _HUGE_BYTES).
     plain = [(f, repeated(f) if f.is_repeated else value(f)) for f in descriptor.fields if f.containing_oneof is None]
@@ -167,18 +171,39 @@ def message_strategy(
     return build()
 
 
-def _cheap(f: FieldDescriptor) -> st.SearchStrategy[Any]:
-    """Items for very long repeated fields: small values, so a request stays small."""
+def _long_list(f: FieldDescriptor, n: int) -> st.SearchStrategy[list[Any]]:
+    """``n`` small items for a very long repeated field, made from one drawn seed: drawing 1,001
+    items one by one through hypothesis took ~60 ms a list, most of the fuzzer's time."""
     if f.type in _INT_RANGES:
         lo, hi = _INT_RANGES[f.type]
-        return st.integers(max(lo, 0), min(hi, 10**6))
-    if f.type == F.TYPE_STRING:
-        return st.text(max_size=4)
-    if f.type == F.TYPE_BYTES:
-        return st.binary(max_size=4)
-    if f.type in (F.TYPE_FLOAT, F.TYPE_DOUBLE):
-        return st.floats(width=32)
-    return st.booleans()
+        lo, hi = max(lo, 0), min(hi, 10**6)
+
+        def make(r: random.Random) -> list[Any]:
+            return [r.randint(lo, hi) for _ in range(n)]
+    elif f.type == F.TYPE_STRING:
+
+        def make(r: random.Random) -> list[Any]:
+            return ["".join(chr(r.randint(32, 0x2FF)) for _ in range(r.randint(0, 4))) for _ in range(n)]
+    elif f.type == F.TYPE_BYTES:
+
+        def make(r: random.Random) -> list[Any]:
+            return [r.randbytes(r.randint(0, 4)) for _ in range(n)]
+    elif f.type in (F.TYPE_FLOAT, F.TYPE_DOUBLE):
+
+        def make(r: random.Random) -> list[Any]:
+            return [r.uniform(-1e6, 1e6) for _ in range(n)]
+    elif f.type == F.TYPE_ENUM:
+        assert f.enum_type is not None
+        numbers = [v.number for v in f.enum_type.values]
+
+        def make(r: random.Random) -> list[Any]:
+            return [r.choice(numbers) for _ in range(n)]
+    else:
+
+        def make(r: random.Random) -> list[Any]:
+            return [r.random() < 0.5 for _ in range(n)]
+
+    return st.integers(0, 2**32 - 1).map(lambda s: make(random.Random(s)))
 
 
 def _set(msg: Message, f: FieldDescriptor, v: Any) -> None:
@@ -194,32 +219,100 @@ def _class_of(descriptor: Descriptor) -> type[Message]:
     return message_factory.GetMessageClass(descriptor)
 
 
+def request_bytes(
+    descriptor: Descriptor, cls: type[Message], seeds: Seeds, sign: Callable[[Message], None] | None = None
+) -> st.SearchStrategy[bytes]:
+    """What goes on the wire for one RPC: mostly a fuzzed message, serialized; also such a
+    serialization with bytes flipped, cut or padded (unknown fields, broken tags and lengths) and
+    bytes that are no protobuf at all, so that an RPC without fields gets more than one input.
+    ``sign``, when given, sets a valid owner authorization on a third of the messages (before
+    serializing), so that requests get past the owner check to the handler's own validation."""
+    messages = message_strategy(descriptor, cls, seeds)
+
+    @st.composite
+    def draw(draw: st.DrawFn) -> bytes:
+        kind = draw(st.sampled_from(["message"] * 6 + ["mangled", "mangled", "raw"]))
+        if kind == "raw":
+            return draw(_RAW)
+        msg = draw(messages)
+        if sign is not None and draw(st.integers(0, 2)) == 0:
+            sign(msg)
+        data = msg.SerializeToString()
+        if kind == "mangled":
+            return draw(_mangled(data))
+        return data
+
+    return draw()
+
+
+_RAW = st.one_of(st.binary(max_size=200), st.sampled_from([b"\xff" * 16, b"\x0a\xff\xff\xff\xff\x0f", b"\x08" * 11]))
+
+
+@st.composite
+def _mangled(draw: st.DrawFn, data: bytes) -> bytes:
+    if not data:
+        return draw(st.binary(min_size=1, max_size=16))
+    out = bytearray(data)
+    kind = draw(st.sampled_from(["flip", "cut", "pad"]))
+    if kind == "cut":
+        return bytes(out[: draw(st.integers(0, len(out) - 1))])
+    if kind == "pad":
+        return bytes(out) + draw(st.binary(min_size=1, max_size=32))
+    for _ in range(draw(st.integers(1, 4))):
+        out[draw(st.integers(0, len(out) - 1))] ^= draw(st.integers(1, 255))
+    return bytes(out)
+
+
 @dataclass
 class Outcome:
     sent: int = 0
     codes: collections.Counter[str] = field(default_factory=collections.Counter)
-    bad: list[str] = field(default_factory=list)  # INTERNAL / UNKNOWN answers, with the request's size
+    bad: list[str] = field(default_factory=list)  # the first findings: INTERNAL / UNKNOWN, failed checks, ...
+    findings: int = 0  # all of them
     health_checks: int = 0
-    peak_rss_growth: int = 0
+    health_failures: int = 0
+    rss_start: dict[str, int] = field(default_factory=dict)  # per server, bytes
+    rss_peak: dict[str, int] = field(default_factory=dict)
+    rss_end: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0  # sending and checking, not drawing
+    check_seconds: float = 0.0
+    wall_seconds: float = 0.0  # drawing included
+
+    def finding(self, what: str) -> None:
+        self.findings += 1
+        if len(self.bad) < 50:
+            self.bad.append(what)
+
+    def peak_growth(self) -> dict[str, int]:
+        return {name: self.rss_peak.get(name, 0) - start for name, start in self.rss_start.items()}
 
 
 @dataclass
 class Campaign:
-    """Sends fuzzed requests to one RPC; checks each answer, and the service after every 100."""
+    """Sends fuzzed requests to one RPC; checks each answer, and every server after every 100.
+
+    ``rss`` gives each server's resident set (a process of its own, so the fuzzer's memory is not
+    counted); a server whose RSS grows by more than ``rss_limit`` over the campaign fails it, and so
+    does one that ``exited`` reports."""
 
     call: Callable[..., Any]
-    healthy: Callable[[], bool]  # a valid request, answered right
-    rss: Callable[[], int]
-    rss_limit: int  # bytes above the RSS at the start that fail the campaign
+    checks: Mapping[str, Callable[[], bool]]  # per server: a valid request, answered right
+    rss: Callable[[], dict[str, int]]
+    rss_limit: int
+    exited: Callable[[], dict[str, int]] = dict
     timeout: float = 30.0
+    check_every: int = 100
     outcome: Outcome = field(default_factory=Outcome)
-    _rss0: int = 0
 
     def __post_init__(self) -> None:
-        self._rss0 = self.rss()
-
-    def send(self, request: Message) -> None:
         o = self.outcome
+        if not o.rss_start:
+            o.rss_start = self.rss()
+            o.rss_peak = dict(o.rss_start)
+
+    def send(self, request: Message | bytes) -> None:
+        o = self.outcome
+        t0 = time.perf_counter()
         try:
             self.call(request, timeout=self.timeout)
             o.codes["OK"] += 1
@@ -227,17 +320,44 @@ class Campaign:
             code = exc.code()
             o.codes[code.name] += 1
             if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-                o.bad.append(f"{code.name} for a {request.ByteSize()}-byte {type(request).__name__}: {exc.details()}")
+                size = len(request) if isinstance(request, bytes) else request.ByteSize()
+                o.finding(f"{code.name} for a {size}-byte request: {exc.details()}")
         o.sent += 1
-        if o.sent % 100 == 0:
+        o.seconds += time.perf_counter() - t0
+        if o.sent % 10 == 0:
+            self._sample()
+        if o.sent % self.check_every == 0:
             self.check()
+
+    def _sample(self) -> None:
+        o = self.outcome
+        now = self.rss()
+        for name, value in now.items():
+            o.rss_peak[name] = max(o.rss_peak.get(name, 0), value)
+        o.rss_end = now
 
     def check(self) -> None:
         o = self.outcome
+        t0 = time.perf_counter()
+        dead = self.exited()
+        if dead:
+            o.finding(f"after {o.sent} inputs servers exited: {dead}")
         o.health_checks += 1
-        if not self.healthy():
-            o.bad.append(f"a valid request failed after {o.sent} inputs")
-        growth = self.rss() - self._rss0
-        o.peak_rss_growth = max(o.peak_rss_growth, growth)
-        if growth > self.rss_limit:
-            o.bad.append(f"RSS grew by {growth >> 20} MiB after {o.sent} inputs")
+        for name, healthy in self.checks.items():
+            if name in dead:
+                continue
+            try:
+                ok = healthy()
+            except grpc.RpcError as exc:
+                ok, why = False, f"{exc.code().name}: {exc.details()}"
+            else:
+                why = "wrong answer"
+            if not ok:
+                o.health_failures += 1
+                o.finding(f"a valid {name} request failed after {o.sent} inputs ({why})")
+        self._sample()
+        for name, growth in o.peak_growth().items():
+            if growth > self.rss_limit:
+                o.finding(f"{name}'s RSS grew by {growth >> 20} MiB after {o.sent} inputs")
+        o.check_seconds += time.perf_counter() - t0
+        o.seconds += time.perf_counter() - t0

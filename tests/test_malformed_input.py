@@ -220,3 +220,24 @@ def test_invalid_key_material_is_refused_by_the_key_service(keyservice_stub, stu
     expect(STATUS.RESOURCE_EXHAUSTED, register, ks, keys.public_key_bytes, b"\x00" * (65 * 2**20))
     assert 16 in MESH_PARAMS.rotation_indices
     assert_still_serving(stub, client, valid_query, core)
+
+
+@pytest.mark.parametrize("raw", [b"\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x12\x05abc"], ids=["tag", "length", "short"])
+def test_bytes_that_are_no_request_message_are_invalid_argument(recommender, keyservice, client, valid_query, raw):
+    """Found by the protocol fuzzer on every RPC: gRPC's own deserializer answered INTERNAL
+    ("Exception deserializing request!") for bytes that are no protobuf message. They are refused
+    as INVALID_ARGUMENT with REQUEST_MALFORMED, the refusal is counted, and both services keep serving."""
+    from cipherfeed.grpcutil import reason_of, refusals
+
+    before = refusals.counts["REQUEST_MALFORMED"]
+    for port, server, path in (
+        (recommender[0], "recommender", "/cipherfeed.v1.Recommender/Score"),
+        (keyservice[0], "keyservice", "/cipherfeed.v1.KeyService/GetKey"),
+    ):
+        with wide_channel(port, server) as ch:
+            with pytest.raises(grpc.RpcError) as info:
+                ch.unary_unary(path)(raw, timeout=30)
+        assert info.value.code() == STATUS.INVALID_ARGUMENT, info.value.details()
+        assert reason_of(info.value) == "REQUEST_MALFORMED"
+    assert refusals.counts["REQUEST_MALFORMED"] == before + 2
+    assert len(client.score_ciphertext(valid_query).scores) > 0
