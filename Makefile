@@ -41,10 +41,11 @@ FUZZ_SECONDS ?= 300
 fuzz: bootstrap
 	$(PY) -m fuzz.campaign --seconds $(FUZZ_SECONDS)
 
-# The protocol fuzzer at full size: FUZZ_RPC_EXAMPLES requests per RPC against live servers.
+# The protocol fuzzer at full size: FUZZ_RPC_EXAMPLES requests per RPC against live servers, each
+# RPC's results in fuzz/results/rpc/ (a rerun resumes at the first RPC not complete; FUZZ_RPC_ARGS=--fresh).
 FUZZ_RPC_EXAMPLES ?= 10000
 fuzz-rpc: bootstrap
-	CIPHERFEED_FUZZ_RPC_EXAMPLES=$(FUZZ_RPC_EXAMPLES) $(PY) -m pytest -s -q -p no:cacheprovider tests/test_fuzz_rpc.py
+	nice -n 10 $(PY) -m fuzz.rpc_campaign --examples $(FUZZ_RPC_EXAMPLES) $(FUZZ_RPC_ARGS)
 
 # schemathesis against the gateway's served OpenAPI document: GATEWAY_FUZZ_EXAMPLES per operation and mode.
 GATEWAY_FUZZ_EXAMPLES ?= 30

@@ -230,7 +230,7 @@ class RequestDecodingInterceptor(grpc.ServerInterceptor):
                 context.abort_with_status(rpc_status.to_status(status))
             return behaviour(request, context)
 
-        return handler._replace(request_deserializer=None, **{kind: decoded})  # type: ignore[no-any-return]
+        return handler._replace(request_deserializer=None, **{kind: decoded})
 
 
 @dataclass

@@ -185,11 +185,17 @@ class LiveMesh:
         )  # fmt: skip
         stub = self.stub("Ledger", "recommender")
         stub.AppendBatch(ledger_pb2.AppendBatchRequest(entries=[ledger_pb2.AppendRequest(receipt=receipt)]), timeout=30)
-        deadline = time.monotonic() + 60
-        while stub.GetCheckpoint(ledger_pb2.GetCheckpointRequest(), timeout=30).size < 1:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if stub.GetCheckpoint(ledger_pb2.GetCheckpointRequest(), timeout=30).size >= 1:
+                    return
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:  # NO_CHECKPOINT: not yet
+                    raise
             if time.monotonic() > deadline:
                 raise RuntimeError("the ledger made no checkpoint for its first leaf")
-            time.sleep(0.1)  # polling a child process's state, not a test's synchronisation
+            time.sleep(0.2)  # polling a child process's state (its checkpoint interval is 2 s)
 
     def stop(self) -> None:
         for ch in self._channels.values():
@@ -229,7 +235,7 @@ class LiveMesh:
         protobuf too."""
         self.stub(service, identity)
         ch = self._channels[SERVICE_OF[service], identity]
-        return ch.unary_unary(f"/cipherfeed.v1.{service}/{method}")  # type: ignore[no-any-return]
+        return ch.unary_unary(f"/cipherfeed.v1.{service}/{method}")
 
     def seeds(self) -> Seeds:
         keys = self.victim.keys
@@ -253,7 +259,7 @@ class LiveMesh:
                 "public_key": [keys.public_key_bytes],
                 "rotation_key_map": [keys.rotation_key_bytes],
             },
-            messages={"cipherfeed.v1.KeyRef": [common_pb2.KeyRef(key_id=self.victim.key_id, version=1)]},
+            messages={"cipherfeed.v1.KeyRef": [common_pb2.KeyRef(key_id=self.victim.key_id or "", version=1)]},
             counts={"history_ciphertexts": len(history)},
         )
 
@@ -264,7 +270,7 @@ class LiveMesh:
             return len(self.health.score_ciphertext(self.query).scores) == self.item_count
 
         def keyservice() -> bool:
-            request = keyservice_pb2.GetKeyRequest(key_id=self.health.key_id)
+            request = keyservice_pb2.GetKeyRequest(key_id=self.health.key_id or "")
             return self.stub("KeyService", "device").GetKey(request, timeout=30).state == keyservice_pb2.ENABLED
 
         def ledger() -> bool:

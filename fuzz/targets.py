@@ -198,7 +198,144 @@ def _he_pair() -> tuple[bytes, bytes]:
     return serialize(query), serialize(kp.publicKey)
 
 
+# --- the client's saved receipt (cipherfeed verify's input) -----------------------------------
+
+
+def saved_receipt(data: bytes) -> None:
+    """A saved receipt as ``cipherfeed verify`` reads it; an accepted one hashes to an id and a
+    canonical leaf that parses back."""
+    from cipherfeed.client.verify import VerificationError, parse_saved_receipt
+
+    try:
+        receipt = parse_saved_receipt(data, "fuzz.json")
+    except VerificationError:
+        return
+    assert len(receipt.receipt_id) == 64
+    json.loads(receipt.leaf())
+
+
+def saved_receipt_seeds() -> list[bytes]:
+    from dataclasses import asdict
+
+    from cipherfeed.receipts import Receipt
+
+    receipt = Receipt("aa" * 32, "bb" * 32, "cc" * 32, "dd" * 32, 1, 1_700_000_000_000)
+    return [json.dumps(asdict(receipt), sort_keys=True, indent=2).encode() + b"\n", b"[" * 5000, b"1" * 5000]
+
+
+# --- valid HE material, mutated (bit flips, splices, length-field and coefficient edits) -----
+#
+# The input is a mutation program applied to a valid serialization, not the serialization itself:
+# libFuzzer's own mutations rarely keep a 263 KB structure intact, and a 17 MB rotation-key map is
+# far beyond what it can mutate at speed. Every accepted result is then used as a service uses it
+# (a query added to the context's ciphertext; a public key and rotation keys validated as the key
+# service does, which encrypts and rotates with them), in the fuzzer's process: a signal there is
+# a crash libFuzzer reports, with the program that made it.
+
+_MATERIAL: dict[str, tuple[bytes, bytes]] = {}  # kind -> two valid serializations under two key pairs
+_LENGTHS = (0, 1, 8191, 8193, 16384, 1 << 29, 1 << 63, 2**64 - 1)
+
+
+def _material(kind: str) -> tuple[bytes, bytes]:
+    if not _MATERIAL:
+        import numpy as np
+
+        from cipherfeed.client import keystore
+        from cipherfeed.he.codec import serialize
+
+        codec = _codec()
+        pairs = [keystore.generate(codec.params) for _ in range(2)]
+        cc = codec.cc
+
+        def query(keys: Any) -> bytes:
+            return serialize(cc.Encrypt(keys.public_key, cc.MakeCKKSPackedPlaintext(np.full(codec.params.slots, 0.25))))
+
+        _MATERIAL["query"] = (query(pairs[0]), query(pairs[1]))
+        _MATERIAL["public_key"] = (pairs[0].public_key_bytes, pairs[1].public_key_bytes)
+        _MATERIAL["rotation_keys"] = (pairs[0].rotation_key_bytes, pairs[1].rotation_key_bytes)
+    return _MATERIAL[kind]
+
+
+def mutate_material(data: bytes, blob: bytes, other: bytes, template: Any) -> bytes:
+    """``blob`` changed by the program ``data``: up to 4 edits, each a bit flip anywhere, a structural
+    byte XORed, a coefficient-vector length word or a coefficient set to an edge value, a range
+    spliced in from ``other`` (same kind, another key pair) in place or shifted, a cut or an
+    appendix, or one tag slot given the other key's tag."""
+    import atheris
+
+    fdp = atheris.FuzzedDataProvider(data)
+    out = bytearray(blob)
+    structure = template.structure_offsets
+    for _ in range(fdp.ConsumeIntInRange(1, 4)):
+        op, n = fdp.ConsumeIntInRange(0, 8), len(out)
+        if n == 0:
+            break
+        if op == 0:
+            i = fdp.ConsumeIntInRange(0, n - 1)
+            out[i] ^= 1 << fdp.ConsumeIntInRange(0, 7)
+        elif op == 1:
+            i = int(structure[fdp.ConsumeIntInRange(0, len(structure) - 1)])
+            if i < n:
+                out[i] ^= fdp.ConsumeIntInRange(1, 255)
+        elif op in (2, 3):
+            run = template.runs[fdp.ConsumeIntInRange(0, len(template.runs) - 1)]
+            if op == 2:  # the length word in front of the vector
+                at, value = run.start - 8, _LENGTHS[fdp.ConsumeIntInRange(0, len(_LENGTHS) - 1)]
+            else:
+                at = run.start + 8 * fdp.ConsumeIntInRange(0, run.words - 1)
+                value = (run.modulus - 1, run.modulus, run.modulus + 1, 2**64 - 1, 0)[fdp.ConsumeIntInRange(0, 4)]
+            if at + 8 <= n:
+                out[at : at + 8] = value.to_bytes(8, "little")
+        elif op == 4:  # in place: same length
+            a = fdp.ConsumeIntInRange(0, min(n, len(other)) - 1)
+            b = min(n, len(other), a + fdp.ConsumeIntInRange(1, 4096))
+            out[a:b] = other[a:b]
+        elif op == 5:  # shifted: another length
+            a, b = fdp.ConsumeIntInRange(0, n), fdp.ConsumeIntInRange(0, len(other))
+            out = out[:a] + other[b:]
+        elif op == 6:
+            out = out[: fdp.ConsumeIntInRange(0, n - 1)]
+        elif op == 7:
+            out += fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 64)) or b"\x00"
+        else:
+            t = template.tags[fdp.ConsumeIntInRange(0, len(template.tags) - 1)]
+            out[t : t + template.tag_length] = other[template.tags[0] : template.tags[0] + template.tag_length]
+    return bytes(out)
+
+
+def _mutated_target(kind: str) -> Callable[[bytes], None]:
+    def run(data: bytes) -> None:
+        from cipherfeed.he import keymap
+        from cipherfeed.he.codec import Kind, MaterialError
+        from cipherfeed.he.keymap import KeyMaterial
+
+        codec = _codec()
+        blob, other = _material(kind)
+        codec_kind = {"query": Kind.QUERY, "public_key": Kind.PUBLIC_KEY, "rotation_keys": Kind.ROTATION_KEYS}[kind]
+        mutated = mutate_material(data, blob, other, codec.check(codec_kind, blob))
+        with contextlib.suppress(MaterialError):
+            if kind == "query":
+                ct = codec.load_query(mutated)
+                codec.cc.EvalAdd(ct, ct)
+            elif kind == "public_key":
+                keymap.validate(codec, KeyMaterial(mutated, _material("rotation_keys")[0]))
+            else:
+                keymap.validate(codec, KeyMaterial(_material("public_key")[0], mutated))
+
+    return run
+
+
+def _program_seeds() -> list[bytes]:
+    return [bytes(range(i, i + 64)) for i in range(0, 192, 32)] + [bytes(64)]
+
+
 TARGETS: dict[str, Target] = {
+    "saved_receipt": Target(saved_receipt, saved_receipt_seeds, ("cipherfeed.client.verify", "cipherfeed.receipts")),
+    "he_mutated_query": Target(_mutated_target("query"), _program_seeds, ("cipherfeed.he.codec",)),
+    "he_mutated_public_key": Target(_mutated_target("public_key"), _program_seeds, ("cipherfeed.he.codec",)),
+    "he_rotation_keys": Target(
+        _mutated_target("rotation_keys"), _program_seeds, ("cipherfeed.he.codec", "cipherfeed.he.keymap")
+    ),
     "checkpoint": Target(checkpoint_note, checkpoint_seeds, ("cipherfeed.checkpoint",)),
     "merkle": Target(merkle_proofs, merkle_seeds, ("cipherfeed.merkle",)),
     "wire": Target(wire_unpack, wire_seeds, ("cipherfeed.he.wire",)),

@@ -234,9 +234,8 @@ def test_bytes_that_are_no_request_message_are_invalid_argument(recommender, key
         (recommender[0], "recommender", "/cipherfeed.v1.Recommender/Score"),
         (keyservice[0], "keyservice", "/cipherfeed.v1.KeyService/GetKey"),
     ):
-        with wide_channel(port, server) as ch:
-            with pytest.raises(grpc.RpcError) as info:
-                ch.unary_unary(path)(raw, timeout=30)
+        with wide_channel(port, server) as ch, pytest.raises(grpc.RpcError) as info:
+            ch.unary_unary(path)(raw, timeout=30)
         assert info.value.code() == STATUS.INVALID_ARGUMENT, info.value.details()
         assert reason_of(info.value) == "REQUEST_MALFORMED"
     assert refusals.counts["REQUEST_MALFORMED"] == before + 2

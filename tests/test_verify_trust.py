@@ -253,6 +253,12 @@ def test_saved_receipt_parser_and_chain_evidence_units():
     with pytest.raises(VerificationError) as bad:
         parse_saved_receipt(b"\xff", "x")
     assert bad.value.exit_code == 10
+    # Found by the saved_receipt fuzz target: Python's JSON parser raises RecursionError on deep
+    # nesting and a bare ValueError on integers beyond 4,300 digits; both were tracebacks.
+    for hostile in (b"[" * 5000, b'{"key_version": ' + b"1" * 5000 + b"}"):
+        with pytest.raises(VerificationError, match="not JSON") as bad:
+            parse_saved_receipt(hostile, "x")
+        assert bad.value.exit_code == 10
 
     class Later:
         def chain_id(self) -> int:

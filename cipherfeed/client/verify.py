@@ -80,7 +80,9 @@ def parse_saved_receipt(data: bytes, where: str) -> Receipt:
         raise VerificationError("receipt", f"the saved copy {where} is larger than any receipt")
     try:
         d = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError covers bad UTF-8, bad JSON and integers beyond Python's 4,300 digits; a deeply
+    # nested array raises RecursionError (both found by the saved_receipt fuzz target).
+    except (ValueError, RecursionError) as exc:
         raise VerificationError("receipt", f"the saved copy {where} is not JSON ({str(exc)[:80]})") from None
     if not isinstance(d, dict):
         raise VerificationError("receipt", f"the saved copy {where} is not a JSON object")
