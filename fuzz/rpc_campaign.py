@@ -157,6 +157,30 @@ def run_rpc(
     return campaign.outcome
 
 
+def markdown_table(results: Path) -> str:
+    """The README's per-RPC table, from the results written so far."""
+    rows = [
+        "| RPC | inputs | answers | findings | valid requests after every 100 "
+        "| peak RSS growth, MiB (key service / ledger / recommender) | s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for service, method in public_rpcs():
+        f = results / f"{service}.{method.name}.json"
+        if not f.exists():
+            rows.append(f"| `{service}/{method.name}` | not run | | | | | |")
+            continue
+        d = json.loads(f.read_text())
+        answers = ", ".join(f"{n:,} {code}" for code, n in sorted(d["answers"].items(), key=lambda kv: -kv[1]))
+        checks = d["valid_request_checks"]
+        rss = "/".join(f"{d['rss_mib'][name]['peak_growth']:g}" for name in ("keyservice", "ledger", "recommender"))
+        partial = "" if d["complete"] else " (partial)"
+        rows.append(
+            f"| `{service}/{method.name}` | {d['inputs']:,}{partial} | {answers} | {d['findings']} | "
+            f"{checks - d['valid_request_failures']} of {checks} | {rss} | {d['wall_seconds']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=10_000, help="inputs per RPC")
@@ -165,8 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--workdir", type=Path, default=None, help="servers' state (default: a temporary directory)")
     parser.add_argument("--fresh", action="store_true", help="rerun RPCs whose results are complete")
+    parser.add_argument("--table", action="store_true", help="print the results so far as a Markdown table")
     parser.add_argument("rpcs", nargs="*", help="e.g. KeyService/GetKey (default: every public RPC)")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(args.results))
+        return 0
     args.results.mkdir(parents=True, exist_ok=True)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cipherfeed-fuzz-rpc-"))
     model_path, item_count, model_version = prepare_model(workdir / "model")
