@@ -30,6 +30,7 @@ CODE = grpc.StatusCode
 KIND = {
     Reason.FIELD_REQUIRED: errors.InvalidArgument,
     Reason.FIELD_INVALID: errors.InvalidArgument,
+    Reason.REQUEST_MALFORMED: errors.InvalidArgument,
     Reason.HE_MATERIAL_INVALID: errors.InvalidArgument,
     Reason.PROFILE_KEY_MISMATCH: errors.InvalidArgument,
     Reason.PROOF_RANGE_INVALID: errors.InvalidArgument,
