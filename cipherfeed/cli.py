@@ -559,6 +559,21 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mesh(args: argparse.Namespace) -> int:
+    from cipherfeed.config import default_state_dir, log_format
+    from cipherfeed.mesh import MeshOptions, mesh_up
+
+    options = MeshOptions(
+        state_dir=(args.state_dir or default_state_dir()).resolve(),
+        chain=args.chain,
+        ephemeral_ports=args.ephemeral_ports,
+        log_format=args.log_format or log_format(),
+        shards=args.shards,
+        gateway=not args.no_gateway,
+    )
+    return mesh_up(options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cipherfeed", description=__doc__)
     parser.add_argument("--target", help="recommender address (default $CIPHERFEED_TARGET or 127.0.0.1:50051)")
@@ -619,6 +634,18 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--ledger", help="ledger address (default $CIPHERFEED_LEDGER_TARGET)")
     ui.add_argument("--chain-rpc", help="JSON-RPC URL of the chain holding the anchors (receipts' checks)")
     ui.set_defaults(func=cmd_ui)
+
+    mesh = sub.add_parser("mesh", help="the mesh as separate local processes, kept up until Ctrl-C")
+    mesh_sub = mesh.add_subparsers(dest="mesh_command", required=True)
+    up = mesh_sub.add_parser("up", help="start Redis, key service, ledger, recommender(s), gateway; wait; stay up")
+    up.add_argument("--chain", choices=["embedded", "anvil"], default="embedded",
+                    help="anchor on py-evm inside the ledger (default) or on an anvil node from .tools")  # fmt: skip
+    up.add_argument("--ephemeral-ports", action="store_true", help="ports the kernel picks instead of 50051-50053")
+    up.add_argument("--log-format", choices=["text", "json"], help="service logs (default $CIPHERFEED_LOG_FORMAT)")
+    up.add_argument("--shards", type=int, default=1, help="recommender shards behind a coordinator")
+    up.add_argument("--no-gateway", action="store_true", help="do not start the HTTP gateway")
+    up.add_argument("--state-dir", type=Path, help="default $CIPHERFEED_STATE_DIR or ./var")
+    up.set_defaults(func=cmd_mesh)
 
     demo = sub.add_parser("demo", help="local mesh + one private recommendation, end to end")
     demo.add_argument("--user", help="dataset account_id (default: the first creator)")

@@ -95,6 +95,11 @@ def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def log_format() -> str:
+    """``CIPHERFEED_LOG_FORMAT``: ``text`` (default) or ``json`` (one object per line, ``cipherfeed.logs``)."""
+    return _env_choice("CIPHERFEED_LOG_FORMAT", "text", ("text", "json"))
+
+
 def _env_path(name: str) -> Path | None:
     raw = os.environ.get(name)
     return Path(raw) if raw else None

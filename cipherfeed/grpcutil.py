@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from cipherfeed import errors, heap, policy
+from cipherfeed import errors, heap, logs, policy
 from cipherfeed import tls as mtls
 from cipherfeed.config import GrpcLimits, TlsConfig
 
@@ -306,8 +306,8 @@ def run_service(name: str, start: Callable[[], tuple[RunningServer, Any]]) -> in
     from cipherfeed.config import ConfigError
 
     heap.limit_arenas(1)  # multi-MB key material is handled on many threads (see cipherfeed.heap)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        logs.configure(name)
         running, core = start()
     except (ConfigError, ValueError, OSError, RuntimeError) as exc:
         print(f"{name}: {exc}", file=sys.stderr)
