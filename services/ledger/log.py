@@ -72,6 +72,7 @@ class TransparencyLog:
         if latest is not None and (latest.size > self.tree.size or self.tree.root(latest.size) != latest.root):
             raise RuntimeError("the stored checkpoint does not match the stored leaves: refusing to serve")
         log.info("log %s: %d leaves loaded in %.1f s", origin, self.tree.size, time.perf_counter() - t0)
+        self._resync = False  # set when a commit failed: what it stored is read back before the next
         self._checkpointed = latest.size if latest else 0  # the latest signed size, kept by checkpoint()
         self._tree_lock = threading.RLock()
         self._checkpoint_lock = threading.Lock()
@@ -116,8 +117,9 @@ class TransparencyLog:
                 batch.append(item)
             try:
                 results = self._commit([leaves for leaves, _ in batch])
-            except Exception as exc:  # pragma: no cover - disk errors
-                log.exception("append failed")
+            except Exception as exc:  # the database went away, a disk error
+                log.warning("append of %d groups failed: %s", len(batch), exc)
+                self._resync = True  # its COMMIT may have landed: read back what is stored first
                 for _, done in batch:
                     done.set_exception(exc)
                 continue
@@ -131,6 +133,8 @@ class TransparencyLog:
         commit) gets its existing index back instead of a second one: Append is idempotent, so a
         batch resent after a lost acknowledgement is not logged twice."""
         with self._tree_lock:
+            if self._resync:
+                self._catch_up()
             first = self.tree.size
             hashed = [[(leaf_hash(d), d) for d in group] for group in groups]
             out: list[list[Appended]] = []
@@ -153,6 +157,17 @@ class TransparencyLog:
                 self.tree.append_hash(h)
             self._known.add(h for h, _ in new)
             return out
+
+    def _catch_up(self) -> None:
+        """Adds to the tree the leaves a failed commit stored after all (its acknowledgement was
+        lost with the connection), so that indices continue after them and a resent leaf is found."""
+        stored = self.store.leaf_hashes_from(self.tree.size)
+        for h in stored:
+            self.tree.append_hash(h)
+        self._known.add(stored)
+        if stored:
+            log.warning("%d leaves of a commit whose acknowledgement was lost are in the store: kept", len(stored))
+        self._resync = False
 
     # --- checkpoints ----------------------------------------------------------------------
 

@@ -77,12 +77,14 @@ class LedgerStore:
     """The leaves, checkpoints, anchors and a small key/value table, over either database. SQL is
     written once with ``?`` placeholders; both databases take it."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, serving: bool = True) -> None:
+        """``serving=False``: a reader beside the serving ledger (integrity checks, operators),
+        which does not take the one-ledger-per-database lock and must not write."""
         if is_postgres(dsn):
             from cipherfeed.pgdb import PostgresDatabase
 
             pg = PostgresDatabase(dsn, POSTGRES_SCHEMA)
-            if not pg.try_session_lock(LEDGER_LOCK_ID):
+            if serving and not pg.try_session_lock(LEDGER_LOCK_ID):
                 pg.close()
                 raise RuntimeError("another ledger is serving from this database: refusing to start")
             self.db: DurableDatabase | Any = pg
@@ -99,6 +101,11 @@ class LedgerStore:
 
     def leaf_hashes(self) -> list[bytes]:
         return [bytes(r[0]) for r in self.db.query("SELECT hash FROM leaves ORDER BY idx")]
+
+    def leaf_hashes_from(self, first_index: int) -> list[bytes]:
+        return [
+            bytes(r[0]) for r in self.db.query("SELECT hash FROM leaves WHERE idx >= ? ORDER BY idx", (first_index,))
+        ]
 
     def append(self, db: Any, first_index: int, items: list[tuple[bytes, bytes]]) -> None:
         db.executemany(
