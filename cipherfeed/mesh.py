@@ -35,6 +35,15 @@ if TYPE_CHECKING:
     from cipherfeed.trust import TrustAnchors
 
 ANVIL = REPO_ROOT / ".tools" / "node_modules" / ".bin" / "anvil"
+
+
+def anvil_binary() -> Path:
+    """The anvil executable itself, not npm's node wrapper (which would stand between the
+    supervisor's signals and the node, and outlive neither cleanly)."""
+    native = sorted((REPO_ROOT / ".tools" / "node_modules" / "@foundry-rs").glob("anvil-*/bin/anvil"))
+    return native[0] if native else ANVIL
+
+
 STANDARD_PORTS = {"recommender": 50051, "keyservice": 50052, "ledger": 50053}
 MAX_RESTARTS = 5  # per service and run of the supervisor: a service that keeps dying stops the mesh
 
@@ -148,14 +157,15 @@ class ProcessMesh:
         self.say(f"== redis: {self.redis.url} ({self.redis.binary}), a user and password per service")
         chain_env: dict[str, str] = {}
         if o.chain == "anvil":
-            if not ANVIL.exists():
-                raise MeshError(f"anvil is missing at {ANVIL}: run scripts/bootstrap.sh")
+            anvil_exe = anvil_binary()
+            if not anvil_exe.exists():
+                raise MeshError(f"anvil is missing at {anvil_exe}: run scripts/bootstrap.sh")
             port = free_port()
             anvil = self._add(
                 Child(
                     "anvil",
                     [
-                        str(ANVIL),
+                        str(anvil_exe),
                         "--host",
                         "127.0.0.1",
                         "--port",

@@ -79,7 +79,6 @@ class Child:
         self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
-        self._ready = threading.Event()
 
     @property
     def alive(self) -> bool:
@@ -103,9 +102,8 @@ class Child:
             "OMP_NUM_THREADS": "1",
             **{k: v.replace("{port}", str(self.port)) for k, v in self.env.items()},
         }
-        self._ready.clear()
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
+            proc = self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cipherfeed.meshproc", str(os.getpid()), *argv],
                 cwd=REPO_ROOT,
                 env=env,
@@ -115,34 +113,41 @@ class Child:
                 start_new_session=True,
             )
         self.starts += 1
+        # One event and one result per start: the reader of an earlier process may reach its EOF
+        # only now, and must not wake this start.
+        ready = threading.Event()
         found: list[int] = []
-        threading.Thread(target=self._read, args=(self.proc, found), name=f"{self.name}-stdout", daemon=True).start()
+        reader = threading.Thread(target=self._read, args=(proc, ready, found), name=f"{self.name}-stdout", daemon=True)
+        reader.start()
         t0 = time.monotonic()
         deadline = t0 + timeout
-        while not self._ready.wait(timeout=min(every, max(0.0, deadline - time.monotonic()))):
-            if self.proc.poll() is not None:
-                raise ChildFailed(
-                    f"{self.name} exited with status {self.proc.returncode}: {last_log_line(self.log_path)}"
-                )
+        while not ready.wait(timeout=min(every, max(0.0, deadline - time.monotonic()))):
+            if proc.poll() is not None:
+                raise ChildFailed(f"{self.name} exited with status {proc.returncode}: {last_log_line(self.log_path)}")
             if time.monotonic() >= deadline:
                 self.kill()
                 raise ChildFailed(f"{self.name} was not ready within {timeout:.0f} s: {last_log_line(self.log_path)}")
             if progress is not None:
                 progress(self.name, time.monotonic() - t0, last_log_line(self.log_path))
-        if not found:
-            raise ChildFailed(f"{self.name} exited with status {self.proc.wait()}: {last_log_line(self.log_path)}")
+        if not found:  # its output ended before a ready line: it is exiting
+            try:
+                code: int | None = proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                code = proc.returncode
+            raise ChildFailed(f"{self.name} exited with status {code}: {last_log_line(self.log_path)}")
         self.port = found[0]
         return self.port
 
-    def _read(self, proc: subprocess.Popen[bytes], found: list[int]) -> None:
+    def _read(self, proc: subprocess.Popen[bytes], ready: threading.Event, found: list[int]) -> None:
         assert proc.stdout is not None
         for raw in iter(proc.stdout.readline, b""):
-            if not self._ready.is_set():
+            if not ready.is_set():
                 match = self.ready.search(raw.decode(errors="replace"))
                 if match:
                     found.append(int(match.group(1)))
-                    self._ready.set()
-        self._ready.set()  # end of output: start() then sees the exit
+                    ready.set()
+        ready.set()  # end of output: start() then sees the exit
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM (the services drain and close their stores), SIGKILL after ``timeout``."""

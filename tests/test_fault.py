@@ -144,6 +144,7 @@ class Postgres:
         self.server = pgserver.get_server(str(datadir), cleanup_mode="stop")
         self.server.psql("CREATE DATABASE ledger;")
         self.dsn = str(self.server.get_uri("ledger"))
+        self.socket_dir = self.server.get_postmaster_info().socket_dir
 
     def crash(self) -> None:
         # Immediate mode: every backend quits at once, no shutdown checkpoint; start-up then
@@ -151,9 +152,14 @@ class Postgres:
         self.pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=self.server.pgdata, user=self.server.system_user)
 
     def start(self) -> None:
-        with self.server._lock:
-            self.server.ensure_postgres_running()
-        assert str(self.server.get_uri("ledger")) == self.dsn  # the same socket: the ledger's DSN holds
+        from pgserver.utils import PostmasterInfo
+
+        # pg_ctl itself, with a deadline for crash recovery on a loaded machine (pgserver's own
+        # start allows 10 s); the same socket directory, so the ledger's DSN holds.
+        args = ["-w", "-t", "300", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.server.log), "start"]
+        self.pg_ctl(args, pgdata=self.server.pgdata, user=self.server.system_user, timeout=330)
+        self.server._postmaster_info = PostmasterInfo.read_from_pgdata(self.server.pgdata)
+        assert str(self.server.get_uri("ledger")) == self.dsn
 
     def stop(self) -> None:
         self.server.cleanup()
@@ -182,6 +188,7 @@ def fault_mesh(tiktok_model, tmp_path_factory, postgres_server):
         ledger_dsn=postgres_server.dsn,
         checkpoint_interval=0.5,
         extra_env={"CIPHERFEED_SCORE_RATE_PER_SECOND": "1000", "CIPHERFEED_SCORE_BURST": "1000"},
+        startup_timeout=300,
     )
     out = io.StringIO()
     mesh = ProcessMesh(options, out)
