@@ -19,8 +19,9 @@ from typing import Any, TextIO
 
 from cipherfeed.config import log_format
 
-# Attributes every LogRecord has; anything else on a record came in through ``extra=``.
-_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# Attributes every LogRecord has (and uvicorn's ANSI-coloured copy of the message); anything else
+# on a record came in through ``extra=``.
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName", "color_message"}
 _PEM_PRIVATE = re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?(?:-----END \1PRIVATE KEY-----|\Z)", re.DOTALL)
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@", re.I)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

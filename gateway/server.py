@@ -9,6 +9,7 @@ from typing import Any
 
 import uvicorn
 
+from cipherfeed import logs
 from cipherfeed.config import ConfigError, GatewayConfig
 from gateway.app import create_app
 
@@ -48,8 +49,8 @@ def uvicorn_config(config: GatewayConfig) -> uvicorn.Config:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        logs.configure("gateway")  # CIPHERFEED_LOG_FORMAT, like the gRPC services
         config = GatewayConfig.from_env()
         server = _Server(uvicorn_config(config))
     except (ConfigError, ValueError, OSError) as exc:
