@@ -44,7 +44,7 @@ class _Tx:
 def _unreachable(dsn: str, exc: Exception) -> Unavailable:
     where = dsn.rsplit("@", 1)[-1]  # never echo a password
     return Unavailable(
-        f"the database at {where} is unreachable: {str(exc).strip()[:200]}", metadata={"dependency": "database"}
+        f"cannot reach the database at {where}: {str(exc).strip()[:200]}", metadata={"dependency": "database"}
     )
 
 
