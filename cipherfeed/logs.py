@@ -24,6 +24,7 @@ from cipherfeed.config import log_format
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName", "color_message"}
 _PEM_PRIVATE = re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?(?:-----END \1PRIVATE KEY-----|\Z)", re.DOTALL)
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@", re.I)
+_HANDLER_NAME = "cipherfeed.logs"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -76,13 +77,16 @@ class RedactingFormatter(logging.Formatter):
 
 def configure(service: str, fmt: str | None = None, stream: TextIO | None = None, level: int = logging.INFO) -> None:
     """Sends the root logger's records to ``stream`` (stderr) in ``fmt`` (``text`` or ``json``;
-    default ``CIPHERFEED_LOG_FORMAT``), replacing any handler set before."""
+    default ``CIPHERFEED_LOG_FORMAT``), replacing the handler an earlier call installed. Handlers
+    someone else added (a test's log capture) stay."""
     chosen = fmt or log_format()
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(service) if chosen == "json" else RedactingFormatter(TEXT_FORMAT))
+    handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if old.get_name() == _HANDLER_NAME:
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
     logging.captureWarnings(True)

@@ -19,10 +19,12 @@ PEM = (
 def logged(fmt: str, emit) -> str:
     out = io.StringIO()
     logs.configure("keyservice", fmt, stream=out)
+    root = logging.getLogger()
     try:
         emit(logging.getLogger("cipherfeed.test"))
-    finally:
-        logs.configure("test", "text")
+    finally:  # leave no handler behind (its stream would be pytest's, closed later)
+        for handler in [h for h in root.handlers if h.get_name() == "cipherfeed.logs"]:
+            root.removeHandler(handler)
     return out.getvalue()
 
 
