@@ -100,6 +100,17 @@ def log_format() -> str:
     return _env_choice("CIPHERFEED_LOG_FORMAT", "text", ("text", "json"))
 
 
+def _env_port(name: str) -> int | None:
+    """A TCP port, or None when unset or empty (the feature it enables is off); 0: an ephemeral port."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    value = _env_int(name, 0)
+    if value > 65535:
+        raise ConfigError(f"{name}={value} is not a TCP port")
+    return value
+
+
 def _env_path(name: str) -> Path | None:
     raw = os.environ.get(name)
     return Path(raw) if raw else None
@@ -261,6 +272,7 @@ class ScoreRateLimit:
 @dataclass(frozen=True)
 class KeyServiceConfig:
     listen: str = "127.0.0.1:50052"
+    health_port: int | None = None  # plaintext grpc.health.v1 alone (kubelet probes); None: off
     grpc_workers: int = 8
     dsn: str = ""  # sqlite:///path or postgresql://...; empty: <state_dir>/keyservice.db
     master_key_file: Path | None = None  # 32 raw bytes or base64; CIPHERFEED_MASTER_KEY wins
@@ -286,6 +298,7 @@ class KeyServiceConfig:
         names = os.environ.get("CIPHERFEED_SIGNING_KEYS", ",".join(cls.signing_key_names))
         return cls(
             listen=_env_str("CIPHERFEED_KEYSERVICE_LISTEN", cls.listen),
+            health_port=_env_port("CIPHERFEED_KEYSERVICE_HEALTH_PORT"),
             grpc_workers=_env_int("CIPHERFEED_GRPC_WORKERS", cls.grpc_workers, 1),
             dsn=_env_str("CIPHERFEED_KEYSERVICE_DSN", ""),
             master_key_file=Path(key_file) if key_file else None,
@@ -302,6 +315,7 @@ class KeyServiceConfig:
 @dataclass(frozen=True)
 class LedgerConfig:
     listen: str = "127.0.0.1:50053"
+    health_port: int | None = None  # plaintext grpc.health.v1 alone (kubelet probes); None: off
     grpc_workers: int = 8
     dsn: str = ""  # sqlite:///path or postgresql://...; empty: <state_dir>/ledger.db
     origin: str = "cipherfeed.local/ledger"  # the log's name; also the checkpoint key name
@@ -329,6 +343,7 @@ class LedgerConfig:
         key_file = os.environ.get("CIPHERFEED_CHAIN_KEY_FILE")
         return cls(
             listen=_env_str("CIPHERFEED_LEDGER_LISTEN", cls.listen),
+            health_port=_env_port("CIPHERFEED_LEDGER_HEALTH_PORT"),
             grpc_workers=_env_int("CIPHERFEED_GRPC_WORKERS", cls.grpc_workers, 1),
             dsn=_env_str("CIPHERFEED_LEDGER_DSN", ""),
             origin=_env_str("CIPHERFEED_LEDGER_ORIGIN", cls.origin),
@@ -390,6 +405,7 @@ class ShardConfig:
 @dataclass(frozen=True)
 class RecommenderConfig:
     listen: str = "127.0.0.1:50051"
+    health_port: int | None = None  # plaintext grpc.health.v1 alone (kubelet probes); None: off
     grpc_workers: int = 8
     scoring_threads: int = 2  # OpenFHE releases the GIL: one thread per core
     max_registered_keys: int = 64  # rotation key sets held in process (~11 MB each)...
@@ -415,6 +431,7 @@ class RecommenderConfig:
         model = os.environ.get("CIPHERFEED_MODEL_PATH")
         return cls(
             listen=_env_str("CIPHERFEED_RECOMMENDER_LISTEN", cls.listen),
+            health_port=_env_port("CIPHERFEED_RECOMMENDER_HEALTH_PORT"),
             grpc_workers=_env_int("CIPHERFEED_GRPC_WORKERS", cls.grpc_workers, 1),
             scoring_threads=_env_int("CIPHERFEED_SCORING_THREADS", cls.scoring_threads, 1),
             max_registered_keys=_env_int("CIPHERFEED_MAX_REGISTERED_KEYS", cls.max_registered_keys, 1),

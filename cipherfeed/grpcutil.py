@@ -26,6 +26,7 @@ from grpc_status import rpc_status
 from cipherfeed import errors, heap, logs, policy
 from cipherfeed import tls as mtls
 from cipherfeed.config import GrpcLimits, TlsConfig
+from cipherfeed.healthport import HealthPort, health_listen
 
 log = logging.getLogger(__name__)
 
@@ -239,11 +240,14 @@ class RunningServer:
     port: int
     health: health.HealthServicer
     service_names: Sequence[str]
+    health_port: HealthPort | None = None  # plaintext grpc.health.v1 alone, for kubelet probes
 
     def stop(self, grace: float = 5.0) -> None:
         for name in (*self.service_names, ""):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace).wait()
+        if self.health_port is not None:  # last: probes see NOT_SERVING while the main port drains
+            self.health_port.stop()
 
 
 def start_server(
@@ -253,12 +257,15 @@ def start_server(
     limits: GrpcLimits,
     workers: int,
     tls: TlsConfig,
+    health_port: int | None = None,
 ) -> RunningServer:
     """Starts a server with the given servicers plus grpc.health.v1 and reflection, over mutual
     TLS with every call checked against ``cipherfeed.policy`` (plaintext and unchecked only with
     ``tls.insecure_dev``, which logs a warning).
 
-    ``listen`` may end in ``:0`` for an ephemeral port; the bound port is returned.
+    ``listen`` may end in ``:0`` for an ephemeral port; the bound port is returned. With
+    ``health_port`` (0: ephemeral) the same health status is also served alone, in plaintext, on
+    that port of the same host (``cipherfeed.healthport``: for kubelet's native gRPC probe).
     """
     interceptors: list[grpc.ServerInterceptor] = []
     credentials = None
@@ -283,10 +290,23 @@ def start_server(
     port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
-    server.start()
+    probe_port = None
+    if health_port is not None:
+        # NOT_SERVING until the main server is up: the status object is shared, so is the answer.
+        for name in (*service_names, ""):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        probe_port = HealthPort.start(health_servicer, health_listen(listen, health_port))
+    try:
+        server.start()
+    except BaseException:
+        if probe_port is not None:
+            probe_port.stop(grace=0)
+        raise
     for name in (*service_names, ""):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server=server, port=port, health=health_servicer, service_names=service_names)
+    return RunningServer(
+        server=server, port=port, health=health_servicer, service_names=service_names, health_port=probe_port
+    )
 
 
 def wait_for_shutdown(running: RunningServer) -> None:
@@ -312,6 +332,8 @@ def run_service(name: str, start: Callable[[], tuple[RunningServer, Any]]) -> in
     except (ConfigError, ValueError, OSError, RuntimeError) as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return 2
+    if running.health_port is not None:
+        log.info("%s health (grpc.health.v1 alone, plaintext) on port %d", name, running.health_port.port)
     print(f"{name} listening on port {running.port}", flush=True)
     wait_for_shutdown(running)
     core.close()

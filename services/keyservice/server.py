@@ -49,6 +49,7 @@ def serve(config: KeyServiceConfig, params: HEParams = MESH_PARAMS) -> tuple[Run
         config.limits,
         config.grpc_workers,
         config.tls,
+        health_port=config.health_port,
     )
     log.info("key service on port %d, store %s", running.port, config.database_dsn.split("@")[-1])
     return running, core

@@ -58,6 +58,7 @@ def serve(
         config.limits,
         config.grpc_workers,
         config.tls,
+        health_port=config.health_port,
     )
     log.info("ledger %s on port %d, chain %s", config.origin, running.port, config.chain_rpc_url or "in-process py-evm")
     return running, core

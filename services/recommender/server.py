@@ -93,6 +93,7 @@ def serve(
         config.limits,
         config.grpc_workers,
         config.tls,
+        health_port=config.health_port,
     )
     b = core.blocks
     role = (
