@@ -2,7 +2,7 @@
 export OMP_NUM_THREADS ?= 1
 PY := .venv/bin/python
 
-.PHONY: run test lint bench bootstrap fuzz fuzz-rpc quality gateway-fuzz load
+.PHONY: run test lint bench bootstrap fuzz fuzz-rpc quality gateway-fuzz load images
 
 bootstrap:
 	@bash scripts/bootstrap.sh dev
@@ -51,3 +51,8 @@ fuzz-rpc: bootstrap
 GATEWAY_FUZZ_EXAMPLES ?= 30
 gateway-fuzz: bootstrap
 	CIPHERFEED_GATEWAY_FUZZ_EXAMPLES=$(GATEWAY_FUZZ_EXAMPLES) $(PY) -m pytest -s -q -p no:cacheprovider tests/test_gateway_schemathesis.py
+
+# Container images with podman (slow; not part of `make test`): a CPython 3.10 base made with
+# debootstrap, the one cipherfeed image on it, and one container started and health-checked.
+images: bootstrap
+	bash deploy/build-images.sh

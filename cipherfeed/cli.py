@@ -350,6 +350,12 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ledger_deploy_contract(args: argparse.Namespace) -> int:
+    from services.ledger.server import deploy_anchor_contract
+
+    return deploy_anchor_contract()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.service == "keyservice":
         from services.keyservice import server as keyservice_server
@@ -611,6 +617,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run a service (configured by CIPHERFEED_* variables)")
     serve.add_argument("service", choices=["recommender", "keyservice", "ledger", "gateway"])
     serve.set_defaults(func=cmd_serve)
+
+    ledger = sub.add_parser("ledger", help="ledger operations")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
+    deploy = ledger_sub.add_parser(
+        "deploy-contract", help="deploy the anchor contract from the ledger's chain account (CIPHERFEED_CHAIN_*)"
+    )
+    deploy.set_defaults(func=cmd_ledger_deploy_contract)
 
     ver = sub.add_parser("verify", help="check a receipt: inclusion, checkpoint signature, on-chain anchor")
     ver.add_argument("receipt_id")

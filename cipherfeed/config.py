@@ -8,6 +8,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
+HEXDIGITS = frozenset("0123456789abcdefABCDEF")
 
 
 class ConfigError(ValueError):
@@ -109,6 +110,14 @@ def _env_port(name: str) -> int | None:
     if value > 65535:
         raise ConfigError(f"{name}={value} is not a TCP port")
     return value
+
+
+def _env_address(name: str) -> str | None:
+    """A 0x-prefixed 20-byte Ethereum address (checksummed by its user), or None when unset or empty."""
+    raw = os.environ.get(name) or None
+    if raw is not None and not (len(raw) == 42 and raw.startswith("0x") and all(c in HEXDIGITS for c in raw[2:])):
+        raise ConfigError(f"{name}={raw!r} is not a 0x-prefixed 20-byte address")
+    return raw
 
 
 def _env_path(name: str) -> Path | None:
@@ -326,6 +335,7 @@ class LedgerConfig:
     signing_key_name: str = "ledger"
     chain_rpc_url: str | None = None  # None: the in-process py-evm chain
     chain_key_file: Path | None = None  # hex private key for chain_rpc_url; None: unlocked account
+    anchor_contract: str | None = None  # the operator's deployed anchor contract; None: the ledger deploys one
     state_dir: Path = field(default_factory=default_state_dir)
     limits: GrpcLimits = field(default_factory=GrpcLimits)
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -354,6 +364,7 @@ class LedgerConfig:
             signing_key_name=_env_str("CIPHERFEED_LEDGER_SIGNING_KEY", cls.signing_key_name),
             chain_rpc_url=os.environ.get("CIPHERFEED_CHAIN_RPC_URL") or None,
             chain_key_file=Path(key_file) if key_file else None,
+            anchor_contract=_env_address("CIPHERFEED_ANCHOR_CONTRACT"),
             state_dir=default_state_dir(),
             limits=GrpcLimits.from_env(),
             tls=TlsConfig.from_env(),
@@ -504,6 +515,7 @@ class GatewayConfig:
     readiness_timeout_seconds: float = 2.0  # each upstream's health check behind /readyz
     http_cert_file: Path | None = None  # HTTPS on the listener (else plain HTTP, e.g. behind an ingress)
     http_key_file: Path | None = None
+    health_port: int | None = None  # plaintext grpc.health.v1 alone (kubelet probes); None: off
     limits: GrpcLimits = field(default_factory=GrpcLimits)
     tls: TlsConfig = field(default_factory=TlsConfig)
 
@@ -526,6 +538,7 @@ class GatewayConfig:
             ),
             http_cert_file=_env_path("CIPHERFEED_GATEWAY_HTTP_CERT_FILE"),
             http_key_file=_env_path("CIPHERFEED_GATEWAY_HTTP_KEY_FILE"),
+            health_port=_env_port("CIPHERFEED_GATEWAY_HEALTH_PORT"),
             limits=GrpcLimits.from_env(),
             tls=TlsConfig.from_env(),
         )

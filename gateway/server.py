@@ -8,9 +8,11 @@ import sys
 from typing import Any
 
 import uvicorn
+from grpc_health.v1 import health, health_pb2
 
 from cipherfeed import logs
 from cipherfeed.config import ConfigError, GatewayConfig
+from cipherfeed.healthport import HealthPort, health_listen
 from gateway.app import create_app
 
 log = logging.getLogger(__name__)
@@ -18,13 +20,33 @@ log = logging.getLogger(__name__)
 
 class _Server(uvicorn.Server):
     """Says "gateway listening on port N" once it accepts connections (supervisors and tests
-    read that line, cipherfeed/devprocess.py)."""
+    read that line, cipherfeed/devprocess.py). With a health port (kubelet's gRPC probe), that
+    port says SERVING from then until shutdown begins."""
+
+    def __init__(self, config: uvicorn.Config, gateway: GatewayConfig) -> None:
+        super().__init__(config)
+        self.health = health.HealthServicer()
+        self.health_port: HealthPort | None = None
+        if gateway.health_port is not None:
+            self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.health_port = HealthPort.start(self.health, health_listen(f"{gateway.host}:0", gateway.health_port))
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
             port = next(s.getsockname()[1] for server in self.servers for s in server.sockets)
+            self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+            if self.health_port is not None:
+                log.info("gateway health (grpc.health.v1 alone, plaintext) on port %d", self.health_port.port)
             print(f"gateway listening on port {port}", flush=True)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if self.health_port is not None:
+                self.health_port.stop(grace=0)
 
 
 def uvicorn_config(config: GatewayConfig) -> uvicorn.Config:
@@ -52,7 +74,7 @@ def main() -> int:
     try:
         logs.configure("gateway")  # CIPHERFEED_LOG_FORMAT, like the gRPC services
         config = GatewayConfig.from_env()
-        server = _Server(uvicorn_config(config))
+        server = _Server(uvicorn_config(config), config)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2

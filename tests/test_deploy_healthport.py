@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cipherfeed.config import ConfigError, KeyServiceConfig, LedgerConfig, RecommenderConfig
+from cipherfeed.config import ConfigError, GatewayConfig, KeyServiceConfig, LedgerConfig, RecommenderConfig
 from cipherfeed.devredis import free_port
 from cipherfeed.v1 import keyservice_pb2, ledger_pb2, recommender_pb2
 from services.keyservice.server import serve as serve_keyservice
@@ -42,6 +42,7 @@ SERVICE_NAME = {
 @pytest.mark.parametrize(
     ("config_type", "variable"),
     [
+        (GatewayConfig, "CIPHERFEED_GATEWAY_HEALTH_PORT"),
         (KeyServiceConfig, "CIPHERFEED_KEYSERVICE_HEALTH_PORT"),
         (LedgerConfig, "CIPHERFEED_LEDGER_HEALTH_PORT"),
         (RecommenderConfig, "CIPHERFEED_RECOMMENDER_HEALTH_PORT"),
@@ -160,3 +161,34 @@ def test_serve_reads_the_health_port_from_its_environment(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_the_gateway_serves_its_health_port_from_its_environment():
+    from cipherfeed.devprocess import start_service
+
+    port, health = free_port(), free_port()
+    proc = start_service(
+        "cipherfeed.cli",
+        {
+            "CIPHERFEED_GATEWAY_HOST": "127.0.0.1",
+            "CIPHERFEED_GATEWAY_PORT": str(port),
+            "CIPHERFEED_GATEWAY_HEALTH_PORT": str(health),
+            **mesh_pki().env("gateway"),
+        },
+        args=["serve", "gateway"],
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{health}") as plain:
+            assert _check(plain) == SERVING
+            method, request = PUBLIC_METHOD["recommender"]
+            assert _call(plain, method, request) == grpc.StatusCode.UNIMPLEMENTED
+        proc.terminate()
+        assert proc.wait(timeout=30) in (0, -15)  # uvicorn re-raises SIGTERM once it has shut down
+        with grpc.insecure_channel(f"127.0.0.1:{health}") as plain:
+            assert _call(plain, "/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest()) == (
+                grpc.StatusCode.UNAVAILABLE
+            )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=20)

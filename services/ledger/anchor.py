@@ -42,6 +42,7 @@ def compiled_contract() -> dict[str, Any]:
 class ChainConfig:
     rpc_url: str | None = None  # None: the in-process py-evm chain
     key_file: Path | None = None  # hex private key; None: the node's first unlocked account
+    contract: str | None = None  # anchor only here (deployed beforehand); None: deploy one on first use
     request_timeout: float = 3.0
     receipt_timeout: float = 30.0
 
@@ -60,6 +61,33 @@ def connect(config: ChainConfig) -> tuple[Web3, str]:
         w3.middleware_onion.inject(SignAndSendRawMiddlewareBuilder.build(account), layer=0)
         return w3, account.address
     return w3, w3.eth.accounts[0]
+
+
+def _owned_contract(w3: Web3, address: str, account: str) -> Contract | None:
+    """The CheckpointAnchor at ``address`` if it has code and ``account`` owns it; None without code."""
+    checksummed = Web3.to_checksum_address(address)
+    if not w3.eth.get_code(checksummed):
+        return None
+    contract = w3.eth.contract(address=checksummed, abi=compiled_contract()["abi"])
+    owner = contract.functions.owner().call()
+    if owner != account:
+        raise RuntimeError(f"the anchor contract {checksummed} is owned by {owner}, not by this account ({account})")
+    return contract
+
+
+def deploy_contract(config: ChainConfig) -> tuple[str, bool]:
+    """Deploys CheckpointAnchor from the configured account, unless ``config.contract`` already
+    names one that account owns. Returns the address and whether it was deployed now."""
+    w3, account = connect(config)
+    if config.contract is not None and _owned_contract(w3, config.contract, account) is not None:
+        return Web3.to_checksum_address(config.contract), False
+    compiled = compiled_contract()
+    factory = w3.eth.contract(abi=compiled["abi"], bytecode=compiled["bytecode"])
+    tx = factory.constructor().transact(cast(TxParams, {"from": account}))
+    receipt = w3.eth.wait_for_transaction_receipt(tx, timeout=config.receipt_timeout)
+    if receipt["contractAddress"] is None:
+        raise RuntimeError("the deployment's receipt names no contract address")
+    return str(receipt["contractAddress"]), True
 
 
 class Anchorer:
@@ -105,6 +133,8 @@ class Anchorer:
         w3 = self._w3
         genesis = w3.eth.get_block(0)["hash"].hex()
         chain_id = str(w3.eth.chain_id)
+        if self.config.contract is not None:
+            return self._pinned_contract(w3, genesis, chain_id)
         compiled = compiled_contract()
         address = self.store.meta("contract")
         if address and self.store.meta("genesis") == genesis and w3.eth.get_code(Web3.to_checksum_address(address)):
@@ -127,6 +157,26 @@ class Anchorer:
         log.info("deployed the anchor contract at %s on chain %s", deployed, chain_id)
         self._contract = w3.eth.contract(address=deployed, abi=compiled["abi"])
         return self._contract
+
+    def _pinned_contract(self, w3: Web3, genesis: str, chain_id: str) -> Contract:
+        """The operator's contract (``CIPHERFEED_ANCHOR_CONTRACT``), never one of our own: until it
+        exists and this account owns it, anchoring fails and the queue waits (nothing is lost)."""
+        assert self.config.contract is not None and self._account is not None
+        contract = _owned_contract(w3, self.config.contract, self._account)
+        if contract is None:
+            raise RuntimeError(
+                f"no contract at the pinned anchor address {self.config.contract} on chain {chain_id}: "
+                "run `cipherfeed ledger deploy-contract` (the anchor-contract Job)"
+            )
+        stored = self.store.meta("contract")
+        if stored and (stored != contract.address or self.store.meta("genesis") != genesis):
+            log.warning("anchoring into the pinned contract %s now (was %s): re-anchoring", contract.address, stored)
+            self.store.requeue_all_anchors()
+        self.store.set_meta("contract", contract.address)
+        self.store.set_meta("genesis", genesis)
+        self.store.set_meta("chain_id", chain_id)
+        self._contract = contract
+        return contract
 
     def anchor_pending(self) -> int:
         """Anchors every queued checkpoint in order; returns how many were confirmed."""

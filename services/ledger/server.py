@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 
 from cipherfeed.config import ConfigError, LedgerConfig
 from cipherfeed.grpcutil import RunningServer, channel, run_service, start_server
 from cipherfeed.v1 import keyservice_pb2_grpc, ledger_pb2, ledger_pb2_grpc
-from services.ledger.anchor import Anchorer, ChainConfig
+from services.ledger.anchor import Anchorer, ChainConfig, deploy_contract
 from services.ledger.core import LedgerCore
 from services.ledger.log import NoteSigner, TransparencyLog
 from services.ledger.servicer import LedgerServicer
@@ -29,11 +31,15 @@ def make_signer(config: LedgerConfig) -> NoteSigner:
     return KeyServiceSigner(config.origin, config.signing_key_name, stub, deadline=10.0)
 
 
+def chain_config(config: LedgerConfig) -> ChainConfig:
+    return ChainConfig(rpc_url=config.chain_rpc_url, key_file=config.chain_key_file, contract=config.anchor_contract)
+
+
 def build_core(
     config: LedgerConfig, signer: NoteSigner | None = None, anchoring: bool = True, background_anchoring: bool = True
 ) -> LedgerCore:
     store = LedgerStore(config.database_dsn)
-    chain = ChainConfig(rpc_url=config.chain_rpc_url, key_file=config.chain_key_file)
+    chain = chain_config(config)
     anchorer = Anchorer(store, chain, background=background_anchoring) if anchoring else None
     transparency_log = TransparencyLog(
         store,
@@ -62,6 +68,29 @@ def serve(
     )
     log.info("ledger %s on port %d, chain %s", config.origin, running.port, config.chain_rpc_url or "in-process py-evm")
     return running, core
+
+
+def deploy_anchor_contract() -> int:
+    """``cipherfeed ledger deploy-contract`` (the anchor-contract Job): deploys CheckpointAnchor from
+    the ledger's chain account unless CIPHERFEED_ANCHOR_CONTRACT already names one it owns, and
+    prints the address as JSON. 0 done, 2 configuration, 1 the chain failed (a Job retries)."""
+    config = LedgerConfig.from_env()
+    if config.chain_rpc_url is None:
+        print("deploy-contract: set CIPHERFEED_CHAIN_RPC_URL (an in-process chain ends with it)", file=sys.stderr)
+        return 2
+    try:
+        address, deployed = deploy_contract(chain_config(config))
+    except Exception as exc:  # unreachable node, reverted deployment, a contract someone else owns
+        print(f"deploy-contract: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
+        return 1
+    print(json.dumps({"contract": address, "deployed": deployed, "rpc_url": config.chain_rpc_url}), flush=True)
+    if config.anchor_contract is None or address.lower() != config.anchor_contract.lower():
+        print(
+            f"deploy-contract: the ledger anchors only into CIPHERFEED_ANCHOR_CONTRACT: set it to {address} "
+            "and publish that address in the trust file",
+            file=sys.stderr,
+        )
+    return 0
 
 
 def main() -> int:
