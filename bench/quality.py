@@ -33,7 +33,16 @@ import scipy.sparse as sp
 
 from bench.common import log, machine, write_json
 from bench.quality_baselines import fit_als, fit_bpr, fit_itemknn, fit_popularity
-from bench.quality_metrics import K, Scorer, Split, evaluate, leave_latest_out, random_split, summarise
+from bench.quality_metrics import (
+    K,
+    Scorer,
+    Split,
+    evaluate,
+    leave_latest_out,
+    random_split,
+    random_split_global,
+    summarise,
+)
 from services.recommender.catalogues import movielens
 from services.recommender.catalogues.movielens_model import (
     LearnedParams,
@@ -46,6 +55,8 @@ from services.recommender.catalogues.movielens_model import (
 
 SEED = 0
 PROTOCOLS: dict[str, Callable[[pd.DataFrame, int], Split]] = {
+    # The published table's protocol (Recommenders.jl): 80/20 of all ratings, not of each user's.
+    "random_80_20_global": lambda frame, seed: random_split_global(frame, 0.2, seed),
     "random_80_20": lambda frame, seed: random_split(frame, 0.2, seed),
     "leave_latest_out": lambda frame, seed: leave_latest_out(frame),
 }
@@ -53,11 +64,13 @@ PRIOR_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5)
 GRIDS: dict[str, list[dict[str, Any]]] = {
     "popularity": [{}],
     "itemknn": [{"neighbours": k, "shrink": s} for k in (20, 50, 100, 200, 400) for s in (0.0, 10.0)],
+    # implicit's regularization is not scaled by the number of interactions: on MovieLens-100k the
+    # best values are in the tens, so the grid reaches 100.
     "als": [
-        {"factors": f, "regularization": r, "alpha": a}
+        {"factors": f, "regularization": r, "alpha": a, "iterations": 20}
         for f in (32, 64, 128)
-        for r in (0.01, 0.1, 1.0)
-        for a in (1.0, 5.0, 20.0)
+        for r in (0.1, 1.0, 3.0, 10.0, 30.0, 100.0)
+        for a in (1.0, 3.0, 5.0, 20.0)
     ],
     "bpr": [
         {"factors": f, "learning_rate": lr, "regularization": r}
@@ -74,8 +87,12 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     ],
 }
 BASELINES = ("popularity", "itemknn", "als", "bpr")
+# The published MovieLens-100k NDCG@10 (Recommenders.jl README, "Random 80/20 split, treated as
+# implicit feedback"; its matrix-factorisation row, 0.4402, is the one the issue calls ALS ≈ 0.43).
+PUBLISHED_PROTOCOL = "random_80_20_global"
 TARGETS = {
-    "published_random_80_20_ndcg10": {"popularity": 0.21, "itemknn": 0.39, "als": 0.43},
+    "published_random_80_20_ndcg10": {"popularity": 0.2197, "itemknn": 0.3986, "als": 0.4402},
+    "published_source": "github.com/yng87/Recommenders.jl README, MovieLens 100k table",
     "published_tolerance": 0.01,
     "learned_within_relative_of_als": 0.10,
     "encrypted_ndcg_abs_diff": 1e-3,
@@ -225,7 +242,7 @@ def no_mesh() -> Iterator[None]:
 
 def table(results: dict[str, Any]) -> str:
     lines = [
-        f"{'protocol':18s} {'method':22s} {'HR@10':>22s} {'Recall@10':>22s} {'NDCG@10':>22s}",
+        f"{'protocol':20s} {'method':22s} {'HR@10':>22s} {'Recall@10':>22s} {'NDCG@10':>22s}",
     ]
 
     def cell(m: dict[str, Any]) -> str:
@@ -238,15 +255,51 @@ def table(results: dict[str, Any]) -> str:
         for method, row in block["rows"].items():
             t = row["test"]
             lines.append(
-                f"{protocol:18s} {method:22s} {cell(t['hr']):>22s} {cell(t['recall']):>22s} {cell(t['ndcg']):>22s}"
+                f"{protocol:20s} {method:22s} {cell(t['hr']):>22s} {cell(t['recall']):>22s} {cell(t['ndcg']):>22s}"
             )
             if "encrypted" in row:
                 e = row["encrypted"]["test"]
                 label = f"{method} (encrypted, {row['encrypted']['users']} users)"
                 lines.append(
-                    f"{'':18s} {label:22s} {cell(e['hr']):>22s} {cell(e['recall']):>22s} {cell(e['ndcg']):>22s}"
+                    f"{'':20s} {label:22s} {cell(e['hr']):>22s} {cell(e['recall']):>22s} {cell(e['ndcg']):>22s}"
                 )
     return "\n".join(lines)
+
+
+def target_checks(results: dict[str, Any]) -> dict[str, Any]:
+    """Each target of the issue against what this run measured (absent rows are reported absent)."""
+    checks: dict[str, Any] = {}
+    published = results["protocols"].get(PUBLISHED_PROTOCOL, {}).get("rows", {})
+    for method, value in TARGETS["published_random_80_20_ndcg10"].items():
+        if method in published:
+            measured = published[method]["test"]["ndcg"]["mean"]
+            checks[f"published_{method}"] = {
+                "published": value,
+                "measured": measured,
+                "abs_diff": abs(measured - value),
+                "met": abs(measured - value) <= TARGETS["published_tolerance"],
+            }
+    for protocol, block in results["protocols"].items():
+        rows = block["rows"]
+        if {"cipherfeed_learned", "als", "popularity"} <= set(rows):
+            learned = rows["cipherfeed_learned"]["test"]["ndcg"]["mean"]
+            als = rows["als"]["test"]["ndcg"]["mean"]
+            checks[f"{protocol}_learned_vs_als"] = {
+                "learned": learned,
+                "als": als,
+                "relative_gap": (als - learned) / als,
+                "met": learned >= (1.0 - TARGETS["learned_within_relative_of_als"]) * als,
+                "beats_popularity_by": learned - rows["popularity"]["test"]["ndcg"]["mean"],
+            }
+        for method, row in rows.items():
+            if "encrypted" in row:
+                diff = row["encrypted"]["ndcg10_abs_diff_of_means"]
+                checks[f"{protocol}_{method}_encrypted"] = {
+                    "users": row["encrypted"]["users"],
+                    "ndcg10_abs_diff": diff,
+                    "met": diff < TARGETS["encrypted_ndcg_abs_diff"],
+                }
+    return checks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,11 +340,14 @@ def main(argv: list[str] | None = None) -> int:
         with context as mesh:
             for protocol in args.protocols.split(","):
                 results["protocols"][protocol] = run_protocol(protocol, cat, methods, args.encrypted_users, mesh)
+                results["target_checks"] = target_checks(results)
                 write_json(args.output, results)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     text = table(results)
     print(text)
+    for name, check in results.get("target_checks", {}).items():
+        print(f"target {name}: {'met' if check['met'] else 'MISSED'} {check}")
     path = write_json(args.output, results)
     log(f"wrote {path}")
     return 0

@@ -38,6 +38,19 @@ def random_split(interactions: pd.DataFrame, test_fraction: float = 0.2, seed: i
     return Split(train=frame[~is_test].reset_index(drop=True), test=frame[is_test].reset_index(drop=True))
 
 
+def random_split_global(interactions: pd.DataFrame, test_fraction: float = 0.2, seed: int = 0) -> Split:
+    """A random ``test_fraction`` of all interactions (rounded) is test, regardless of user: the
+    protocol of the published MovieLens-100k table (Recommenders.jl's ``ratio_split``). Users with
+    no test interaction are not scored; users with no training interaction rank from nothing."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(interactions))
+    n_train = int(round(len(interactions) * (1.0 - test_fraction)))
+    frame = interactions.reset_index(drop=True)
+    train = frame.iloc[np.sort(order[:n_train])].reset_index(drop=True)
+    test = frame.iloc[np.sort(order[n_train:])].reset_index(drop=True)
+    return Split(train=train, test=test)
+
+
 def leave_latest_out(interactions: pd.DataFrame) -> Split:
     """Per user (with two or more interactions), the latest interaction is test (ties: the larger
     item index, so the split is deterministic)."""

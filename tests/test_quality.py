@@ -18,6 +18,7 @@ from bench.quality_metrics import (
     evaluate,
     leave_latest_out,
     random_split,
+    random_split_global,
     top_k,
     user_metrics,
 )
@@ -61,6 +62,21 @@ def test_splits_are_per_user() -> None:
     assert latest.test[["user", "item"]].values.tolist() == [[0, 9], [1, 9], [2, 9]]
 
 
+def test_global_split_takes_a_fraction_of_all_interactions() -> None:
+    # One heavy user and nine users with a single rating: a per-user split could never put those
+    # single ratings in test; the published protocol's global split can.
+    interactions = frame([(0, i, i) for i in range(90)] + [(u, 0, 1) for u in range(1, 11)])
+    split = random_split_global(interactions, 0.2, seed=4)
+    assert (len(split.train), len(split.test)) == (80, 20)
+    rows = lambda f: set(map(tuple, f[["user", "item"]].values.tolist()))  # noqa: E731
+    assert rows(split.train) | rows(split.test) == rows(interactions)
+    assert not rows(split.train) & rows(split.test)
+    assert rows(random_split_global(interactions, 0.2, seed=4).test) == rows(split.test)
+    assert rows(random_split_global(interactions, 0.2, seed=5).test) != rows(split.test)
+    many = [random_split_global(interactions, 0.2, seed=s).test for s in range(20)]
+    assert any((t["user"] > 0).any() for t in many)
+
+
 def test_bootstrap_interval_is_seeded_and_brackets_the_mean() -> None:
     values = np.random.default_rng(1).random(500)
     low, high = bootstrap_interval(values, seed=3)
@@ -84,7 +100,7 @@ def test_harness_end_to_end_on_a_tiny_slice(
     grids = {
         "popularity": [{}],
         "itemknn": [{"neighbours": 20, "shrink": 0.0}, {"neighbours": 50, "shrink": 0.0}],
-        "als": [{"factors": 8, "regularization": 0.1, "alpha": 1.0}],
+        "als": [{"factors": 8, "regularization": 0.1, "alpha": 1.0, "iterations": 5}],
         "bpr": [{"factors": 8, "learning_rate": 0.05, "regularization": 0.01}],
         "cipherfeed_content": [{"prior": 0.0}, {"prior": 0.1}],
         "cipherfeed_learned": [{"gamma": 0.0, "beta": 0.25, "prior": 0.05}],
@@ -92,13 +108,18 @@ def test_harness_end_to_end_on_a_tiny_slice(
     monkeypatch.setattr(quality, "GRIDS", grids)
     assert quality.main(["--encrypted-users", "0", "--output", "tiny"]) == 0
     results = json.loads((tmp_path / "tiny.json").read_text())
-    for protocol in ("random_80_20", "leave_latest_out"):
-        rows = results["protocols"][protocol]["rows"]
+    assert set(results["protocols"]) == set(quality.PROTOCOLS)
+    for protocol, block in results["protocols"].items():
+        rows = block["rows"]
         assert set(rows) == set(grids)
         for row in rows.values():
             ndcg = row["test"]["ndcg"]
             assert 0.0 <= ndcg["ci95"][0] <= ndcg["mean"] <= ndcg["ci95"][1] <= 1.0
-            assert row["test"]["users"] == 60
+            # per-user splits give every user test items; the global one may leave a few without
+            assert row["test"]["users"] == 60 if protocol != "random_80_20_global" else row["test"]["users"] <= 60
+    checks = results["target_checks"]
+    assert set(checks["published_popularity"]) == {"published", "measured", "abs_diff", "met"}
+    assert checks["random_80_20_learned_vs_als"]["met"] in (True, False)
     itemknn = results["protocols"]["random_80_20"]["rows"]["itemknn"]
     assert itemknn["tuning_trials"] == 2 and itemknn["params"] in grids["itemknn"]
 
