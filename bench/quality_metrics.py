@@ -44,7 +44,7 @@ def random_split_global(interactions: pd.DataFrame, test_fraction: float = 0.2, 
     no test interaction are not scored; users with no training interaction rank from nothing."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(interactions))
-    n_train = int(round(len(interactions) * (1.0 - test_fraction)))
+    n_train = round(len(interactions) * (1.0 - test_fraction))
     frame = interactions.reset_index(drop=True)
     train = frame.iloc[np.sort(order[:n_train])].reset_index(drop=True)
     test = frame.iloc[np.sort(order[n_train:])].reset_index(drop=True)
