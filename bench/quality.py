@@ -80,10 +80,17 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     ],
     "cipherfeed_content": [{"prior": p} for p in PRIOR_WEIGHTS],
     "cipherfeed_learned": [
-        {"gamma": g, "beta": b, "prior": p}
+        {"objective": "pure_svd", "gamma": g, "beta": b, "prior": p}
         for g in (0.0, 0.25, 0.5)
         for b in (0.0, 0.25, 0.5)
         for p in (0.0, 0.05, 0.2)
+    ]
+    + [
+        {"objective": "ials", "als_regularization": r, "als_alpha": a, "fold": f, "prior": p}
+        for r in (10.0, 30.0)
+        for a in (1.0, 3.0)
+        for f in (10.0, 30.0)
+        for p in (0.0, 0.05)
     ],
 }
 BASELINES = ("popularity", "itemknn", "als", "bpr")
@@ -141,22 +148,27 @@ def fit(method: str, cat: Catalogue, train: pd.DataFrame, params: dict[str, Any]
     if method == "cipherfeed_content":
         x = cat.content
     elif method == "cipherfeed_learned":
-        x = learned_embeddings(cat.features, r, LearnedParams(gamma=params["gamma"], beta=params["beta"]), SEED)
+        x = learned_embeddings(cat.features, r, learned_params(params), SEED)
     else:
         raise ValueError(f"unknown method {method}")
     return mesh_scorer(x, r, prior, params["prior"]), x
 
 
+def learned_params(params: dict[str, Any]) -> LearnedParams:
+    """The learned model's fit parameters (everything of a grid point but the prior weight)."""
+    return LearnedParams(**{k: v for k, v in params.items() if k != "prior"})
+
+
 def tune(method: str, cat: Catalogue, validation: Split) -> tuple[dict[str, Any], float, list[dict[str, Any]]]:
     """The grid point with the best validation NDCG@10 (first one on ties)."""
     trials: list[dict[str, Any]] = []
-    cache: dict[tuple[float, float], np.ndarray] = {}
+    cache: dict[LearnedParams, np.ndarray] = {}
     for params in GRIDS[method]:
         if method == "cipherfeed_learned":  # the prior weight does not change the fit
-            key = (params["gamma"], params["beta"])
+            key = learned_params(params)
             if key not in cache:
                 r = cat.matrix(validation.train)
-                cache[key] = learned_embeddings(cat.features, r, LearnedParams(*key), SEED)
+                cache[key] = learned_embeddings(cat.features, r, key, SEED)
             prior = popularity_prior(validation.train, cat.items)
             scorer = mesh_scorer(cache[key], cat.matrix(validation.train), prior, params["prior"])
         else:

@@ -15,6 +15,8 @@ from services.recommender.catalogues.movielens_model import (
     content_artifact,
     content_embeddings,
     interaction_matrix,
+    LearnedParams,
+    folding_in_embeddings,
     item_features,
     learned_embeddings,
 )
@@ -83,6 +85,26 @@ def test_learned_embeddings_cover_cold_items(data: movielens.MovieLens) -> None:
     assert x.shape == (movielens.ITEMS, 64)
     assert np.isclose(np.linalg.norm(x, axis=1).max(), 1.0)
     assert np.all(np.linalg.norm(x[:10], axis=1) > 0)
+
+
+def test_folding_in_embeddings_score_like_the_devices_ridge_folding_in() -> None:
+    # The mesh scores X X^T w; with X = V (V^T V + lambda I)^-1/2 that is V times the ridge
+    # folding-in of w, the iALS user vector a device would compute: the form is exact.
+    rng = np.random.default_rng(3)
+    v, w = rng.standard_normal((200, 64)), rng.random(200)
+    x = folding_in_embeddings(v, 10.0)
+    folded = np.linalg.solve(v.T @ v + 10.0 * np.eye(64), v.T @ w)
+    np.testing.assert_allclose(x @ (x.T @ w), v @ folded, rtol=1e-9, atol=1e-12)
+
+
+def test_ials_learned_embeddings_are_64d_with_largest_norm_one(data: movielens.MovieLens) -> None:
+    pytest.importorskip("implicit")
+    r = interaction_matrix(data.interactions, data.user_count, len(data.items))
+    x = learned_embeddings(item_features(data.items), r, LearnedParams(objective="ials", als_iterations=2))
+    assert x.shape == (movielens.ITEMS, 64)
+    assert np.isclose(np.linalg.norm(x, axis=1).max(), 1.0)
+    with pytest.raises(ValueError, match="objective"):
+        learned_embeddings(item_features(data.items), r, LearnedParams(objective="nmf"))
 
 
 def test_movielens_catalogue_is_a_deterministic_artifact(data: movielens.MovieLens) -> None:

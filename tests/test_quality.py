@@ -103,7 +103,10 @@ def test_harness_end_to_end_on_a_tiny_slice(
         "als": [{"factors": 8, "regularization": 0.1, "alpha": 1.0, "iterations": 5}],
         "bpr": [{"factors": 8, "learning_rate": 0.05, "regularization": 0.01}],
         "cipherfeed_content": [{"prior": 0.0}, {"prior": 0.1}],
-        "cipherfeed_learned": [{"gamma": 0.0, "beta": 0.25, "prior": 0.05}],
+        "cipherfeed_learned": [
+            {"gamma": 0.0, "beta": 0.25, "prior": 0.05},
+            {"objective": "ials", "als_iterations": 3, "prior": 0.0},
+        ],
     }
     monkeypatch.setattr(quality, "GRIDS", grids)
     assert quality.main(["--encrypted-users", "0", "--output", "tiny"]) == 0
