@@ -19,6 +19,7 @@ NDCG@10 are compared with the plaintext twin. Results: bench/results/quality.jso
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -31,7 +32,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from bench.common import log, machine, write_json
+from bench.common import RESULTS, log, machine, write_json
 from bench.quality_baselines import fit_als, fit_bpr, fit_itemknn, fit_popularity
 from bench.quality_metrics import (
     K,
@@ -321,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encrypted-users", type=int, default=10_000, help="0: plaintext only")
     parser.add_argument("--wheel", type=Path, default=None, help="the recbole==1.2.1 wheel (default .tools/datasets)")
     parser.add_argument("--output", default="quality")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the protocols already in the output JSON; run only the others"
+    )
     args = parser.parse_args(argv)
     data = movielens.load(args.wheel)
     log(f"MovieLens-100k: {data.user_count} users, {len(data.items)} items, {len(data.interactions):,} ratings")
@@ -341,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "protocols": {},
     }
+    previous = RESULTS / f"{args.output}.json"
+    if args.resume and previous.exists():
+        done = json.loads(previous.read_text()).get("protocols", {})
+        results["protocols"] = {p: done[p] for p in args.protocols.split(",") if p in done}
+        log(f"resuming: {', '.join(results['protocols']) or 'nothing'} kept from {previous}")
     tmp = Path(tempfile.mkdtemp(prefix="cf-quality-"))
     try:
         if args.encrypted_users:
@@ -351,11 +360,14 @@ def main(argv: list[str] | None = None) -> int:
             context = no_mesh()
         with context as mesh:
             for protocol in args.protocols.split(","):
+                if protocol in results["protocols"]:
+                    continue
                 results["protocols"][protocol] = run_protocol(protocol, cat, methods, args.encrypted_users, mesh)
                 results["target_checks"] = target_checks(results)
                 write_json(args.output, results)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    results["target_checks"] = target_checks(results)
     text = table(results)
     print(text)
     for name, check in results.get("target_checks", {}).items():

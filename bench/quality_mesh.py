@@ -15,7 +15,7 @@ import numpy as np
 from bench.common import log, mesh_identities, serve_bench_keyservice
 from bench.quality_metrics import Split, top_k, user_items, user_metrics
 from cipherfeed.client.sdk import RecommenderClient
-from cipherfeed.config import ClientConfig, GrpcLimits, MiB, RecommenderConfig, RedisConfig
+from cipherfeed.config import ClientConfig, GrpcLimits, MiB, RecommenderConfig, RedisConfig, ScoreRateLimit
 from cipherfeed.devredis import LocalRedis
 from services.recommender.artifact import ModelArtifact
 from services.recommender.server import serve as serve_recommender
@@ -43,6 +43,9 @@ class Mesh:
             limits=LIMITS,
             redis=self.redis,
             tls=self.identity("recommender"),
+            # One owner key plays every test user here, back to back: the per-owner Score limit
+            # that protects a real mesh from one device would throttle the whole evaluation.
+            score_rate=ScoreRateLimit(per_second=10_000.0, burst=10_000),
         )
         running, core = serve_recommender(config, model)
         client = RecommenderClient(

@@ -123,6 +123,15 @@ def test_harness_end_to_end_on_a_tiny_slice(
     checks = results["target_checks"]
     assert set(checks["published_popularity"]) == {"published", "measured", "abs_diff", "met"}
     assert checks["random_80_20_learned_vs_als"]["met"] in (True, False)
+    # --resume keeps what the output already holds and runs nothing again
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    monkeypatch.setattr(quality, "run_protocol", _must_not_run)
+    assert quality.main(["--encrypted-users", "0", "--output", "tiny", "--resume"]) == 0
+    assert json.loads((tmp_path / "tiny.json").read_text())["protocols"] == results["protocols"]
+
+
+def _must_not_run(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a resumed protocol ran again")
     itemknn = results["protocols"]["random_80_20"]["rows"]["itemknn"]
     assert itemknn["tuning_trials"] == 2 and itemknn["params"] in grids["itemknn"]
 
