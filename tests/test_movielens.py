@@ -12,11 +12,11 @@ from cipherfeed.config import ConfigError, RecommenderConfig
 from services.recommender import artifact
 from services.recommender.catalogues import CatalogueError, build_catalogue, movielens
 from services.recommender.catalogues.movielens_model import (
+    LearnedParams,
     content_artifact,
     content_embeddings,
-    interaction_matrix,
-    LearnedParams,
     folding_in_embeddings,
+    interaction_matrix,
     item_features,
     learned_embeddings,
 )

@@ -123,6 +123,8 @@ def test_harness_end_to_end_on_a_tiny_slice(
     checks = results["target_checks"]
     assert set(checks["published_popularity"]) == {"published", "measured", "abs_diff", "met"}
     assert checks["random_80_20_learned_vs_als"]["met"] in (True, False)
+    itemknn = results["protocols"]["random_80_20"]["rows"]["itemknn"]
+    assert itemknn["tuning_trials"] == 2 and itemknn["params"] in grids["itemknn"]
     # --resume keeps what the output already holds and runs nothing again
     monkeypatch.setattr(quality, "RESULTS", tmp_path)
     monkeypatch.setattr(quality, "run_protocol", _must_not_run)
@@ -132,8 +134,6 @@ def test_harness_end_to_end_on_a_tiny_slice(
 
 def _must_not_run(*args: object, **kwargs: object) -> None:
     raise AssertionError("a resumed protocol ran again")
-    itemknn = results["protocols"]["random_80_20"]["rows"]["itemknn"]
-    assert itemknn["tuning_trials"] == 2 and itemknn["params"] in grids["itemknn"]
 
 
 def _write(directory: Path, name: str, payload: dict[str, object]) -> Path:
