@@ -98,7 +98,7 @@ BASELINES = ("popularity", "itemknn", "als", "bpr")
 # The published MovieLens-100k NDCG@10 (Recommenders.jl README, "Random 80/20 split, treated as
 # implicit feedback"; its matrix-factorisation row, 0.4402, is the one the issue calls ALS ≈ 0.43).
 PUBLISHED_PROTOCOL = "random_80_20_global"
-TARGETS = {
+TARGETS: dict[str, Any] = {
     "published_random_80_20_ndcg10": {"popularity": 0.2197, "itemknn": 0.3986, "als": 0.4402},
     "published_source": "github.com/yng87/Recommenders.jl README, MovieLens 100k table",
     "published_tolerance": 0.01,
