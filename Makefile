@@ -31,7 +31,7 @@ load: bootstrap
 	$(PY) -m bench.load $(LOAD_ARGS)
 
 # Recommendation quality on MovieLens-100k (baselines, cipherfeed plaintext and through the real
-# mesh under encryption for every test user: ~1 h on 2 cores). QUALITY_ARGS e.g. --encrypted-users 0.
+# mesh under encryption for every test user: ~1 h on a loaded 2-core VM; --resume keeps finished protocols). QUALITY_ARGS e.g. --encrypted-users 0.
 quality: bootstrap
 	$(PY) -m services.recommender.catalogues.movielens fetch
 	$(PY) -m bench.quality $(QUALITY_ARGS)
