@@ -24,7 +24,7 @@ import pytest
 from cipherfeed import cli, trust
 from cipherfeed.client import history as history_store
 from cipherfeed.client.feedpage import FeedPage
-from cipherfeed.client.sdk import encrypt_history, encrypt_query
+from cipherfeed.client.sdk import RecommenderClient, encrypt_history, encrypt_query
 from cipherfeed.client.ui import FeedPageServer, require_loopback
 from cipherfeed.devprocess import start_service
 from cipherfeed.devredis import free_port
@@ -93,11 +93,19 @@ def dataset_user(tiktok_model) -> str:
     return str(tiktok_model.creator_ids[int(np.flatnonzero(counts >= 4)[3])])
 
 
-@pytest.fixture(scope="module")
-def feed_page(mesh, tmp_path_factory) -> Iterator[FeedPageServer]:
-    home = tmp_path_factory.mktemp("ui-device")
+@pytest.fixture(scope="module", params=["grpc", "gateway"])
+def feed_page(request, mesh, tmp_path_factory) -> Iterator[FeedPageServer]:
+    """The device's page scoring over gRPC, or through the HTTP gateway (one URL for all three
+    services, as a browser-side deployment would have it)."""
+    home = tmp_path_factory.mktemp(f"ui-device-{request.param}")
     trust.pin_anchors(mesh.trust, home)
     client = mesh.client(home)
+    if request.param == "gateway":
+        url = request.getfixturevalue("gateway")
+        client.close()
+        client = RecommenderClient(
+            dataclasses.replace(client.config, target=url, keyservice_target=url, ledger_target=url)
+        )
     server = FeedPageServer(FeedPage(client, chain_rpc=mesh.chain_url))
     server.start()
     yield server
