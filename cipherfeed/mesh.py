@@ -67,14 +67,6 @@ class MeshOptions:
     startup_timeout: float = 900.0
 
 
-def gateway_available() -> bool:
-    return (REPO_ROOT / "gateway" / "__main__.py").is_file()
-
-
-def sharding_available() -> bool:
-    return "CIPHERFEED_SHARD_COUNT" in (REPO_ROOT / "cipherfeed" / "config.py").read_text()
-
-
 class ProcessMesh:
     def __init__(self, options: MeshOptions, out: TextIO | None = None) -> None:
         self.options = options
@@ -221,7 +213,7 @@ class ProcessMesh:
             if name.startswith("shard"):
                 self._shard_targets.append(self.target(name))
 
-        if o.gateway and gateway_available():
+        if o.gateway:
             gw = self._add(
                 Child(
                     "gateway",
@@ -262,8 +254,6 @@ class ProcessMesh:
         if o.shards <= 1:
             yield "recommender", env("recommender")
             return
-        if not sharding_available():
-            raise MeshError("--shards needs recommender sharding (CIPHERFEED_SHARD_*), which this checkout lacks")
         for index in range(o.shards):
             yield (
                 f"shard{index}",

@@ -327,12 +327,6 @@ def start_mesh(directory: Path, master_key_file: Path, model: Any, redis: Any = 
     return LoopbackMesh(ports=ports, servers=servers, cores=cores)
 
 
-def gateway_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("gateway.__main__") is not None
-
-
 @dataclass
 class RunningGateway:
     process: subprocess.Popen[bytes]

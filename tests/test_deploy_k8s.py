@@ -29,12 +29,6 @@ SHARDS = 2
 
 # Variables of the session's fixed contracts whose owners (shard, mesh engineers) had not
 # landed them in cipherfeed/config.py when these manifests were written. Anything else must be there.
-PENDING_CONTRACT = {
-    "CIPHERFEED_SHARD_INDEX",
-    "CIPHERFEED_SHARD_COUNT",
-    "CIPHERFEED_SHARD_TARGETS",
-    "CIPHERFEED_LOG_FORMAT",
-}
 
 
 class _KyamlLoader(yaml.SafeLoader):
@@ -381,7 +375,7 @@ def _configured_variables() -> set[str]:
 def test_every_setting_a_cipherfeed_container_gets_is_defined_in_config_py(overlay):
     objects = render(overlay)
     config_maps = {c["metadata"]["name"]: c.get("data", {}) for c in of_kind(objects, "ConfigMap")}
-    known = _configured_variables() | PENDING_CONTRACT
+    known = _configured_variables()
     used: set[str] = set()
     for workload in of_kind(objects, *WORKLOADS, "Job"):
         for c in containers(workload):

@@ -23,7 +23,7 @@ from cipherfeed.grpcutil import reason_of
 from cipherfeed.v1 import keyservice_pb2, ledger_pb2_grpc, recommender_pb2
 from services.recommender.synthetic import synthetic_catalogue
 from tests.conftest import TEST_LIMITS, mesh_pki
-from tests.envoy_reference import gateway_available, start_envoy, start_gateway, start_mesh
+from tests.envoy_reference import start_envoy, start_gateway, start_mesh
 
 ITEMS = 3000
 
@@ -45,8 +45,6 @@ def envoy(mesh, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gateway(mesh):
-    if not gateway_available():
-        pytest.skip("gateway/ is still the placeholder")
     running = start_gateway(mesh)
     yield running.url
     running.stop()
