@@ -10,6 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from bench.quality_metrics import Scorer
+from services.recommender.catalogues.movielens_model import train_ials
 
 
 def fit_popularity(r: sp.csr_matrix) -> Scorer:
@@ -45,18 +46,7 @@ def fit_als(
     iterations: int = 15,
     seed: int = 0,
 ) -> Scorer:
-    from implicit.cpu.als import AlternatingLeastSquares
-
-    model = AlternatingLeastSquares(
-        factors=factors,
-        regularization=regularization,
-        alpha=alpha,
-        iterations=iterations,
-        random_state=seed,
-        num_threads=1,
-    )
-    model.fit(sp.csr_matrix(r, dtype=np.float32), show_progress=False)
-    return _factor_scorer(model.user_factors, model.item_factors)
+    return _factor_scorer(*train_ials(r, factors, regularization, alpha, iterations, seed))
 
 
 def fit_bpr(

@@ -118,20 +118,30 @@ class LearnedParams:
     als_iterations: int = 20
 
 
-def ials_item_factors(r: sp.csr_matrix, params: LearnedParams, seed: int = 0) -> np.ndarray:
-    """The iALS item factors ``V`` of the users x items matrix ``r``: (items, 64)."""
+def train_ials(
+    r: sp.csr_matrix, factors: int, regularization: float, alpha: float, iterations: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Implicit-feedback ALS (the ``implicit`` package, one thread) on the users x items matrix
+    ``r``: (user factors, item factors). The quality harness's ALS baseline trains through it too,
+    so baseline and learned model differ only in what they do with the factors."""
     from implicit.cpu.als import AlternatingLeastSquares  # training only: the dev/quality extra
 
     model = AlternatingLeastSquares(
-        factors=EMBEDDING_DIM,
-        regularization=params.als_regularization,
-        alpha=params.als_alpha,
-        iterations=params.als_iterations,
+        factors=factors,
+        regularization=regularization,
+        alpha=alpha,
+        iterations=iterations,
         random_state=seed,
         num_threads=1,
     )
     model.fit(sp.csr_matrix(r, dtype=np.float32), show_progress=False)
-    return np.asarray(model.item_factors, dtype=np.float64)[:, :EMBEDDING_DIM]
+    return np.asarray(model.user_factors), np.asarray(model.item_factors)
+
+
+def ials_item_factors(r: sp.csr_matrix, params: LearnedParams, seed: int = 0) -> np.ndarray:
+    """The iALS item factors ``V`` of the users x items matrix ``r``: (items, 64)."""
+    _, items = train_ials(r, EMBEDDING_DIM, params.als_regularization, params.als_alpha, params.als_iterations, seed)
+    return np.asarray(items, dtype=np.float64)[:, :EMBEDDING_DIM]
 
 
 def folding_in_embeddings(v: np.ndarray, fold: float) -> np.ndarray:
