@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, TextIO
 import grpc
 import numpy as np
 
+from cipherfeed.atomicfile import PRIVATE, write_atomic
 from cipherfeed.checkpoint import Verifier
 from cipherfeed.client import history as history_store
 from cipherfeed.client.history import HistoryEntry, HistoryError, HistoryStore
@@ -130,10 +131,8 @@ def recommend(
 
 
 def save_receipt(home: Path, receipt: Receipt) -> Path:
-    folder = home / "receipts"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{receipt.receipt_id}.json"
-    path.write_text(json.dumps(asdict(receipt), sort_keys=True, indent=2) + "\n")
+    path = home / "receipts" / f"{receipt.receipt_id}.json"
+    write_atomic(path, (json.dumps(asdict(receipt), sort_keys=True, indent=2) + "\n").encode(), PRIVATE)
     return path
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import atexit
 import hashlib
 import logging
-import os
 import re
 import secrets
 import shutil
@@ -36,6 +35,7 @@ from typing import Any
 
 import redis
 
+from cipherfeed.atomicfile import write_atomic
 from cipherfeed.config import RedisConfig
 
 log = logging.getLogger(__name__)
@@ -84,13 +84,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _write_secret(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)
 
 
 @dataclass
@@ -163,10 +156,10 @@ class LocalRedis:
         lines = ["user default off resetkeys -@all"]
         for user, rules in acl_rules(major).items():
             password = secrets.token_urlsafe(32)
-            _write_secret(self.password_file(user), password.encode())
+            write_atomic(self.password_file(user), password.encode())
             lines.append(f"user {user} on #{hashlib.sha256(password.encode()).hexdigest()} {rules}")
-        _write_secret(self.workdir / "users.acl", ("\n".join(lines) + "\n").encode())
-        _write_secret(self.mac_key_file, secrets.token_hex(32).encode())
+        write_atomic(self.workdir / "users.acl", ("\n".join(lines) + "\n").encode())
+        write_atomic(self.mac_key_file, secrets.token_hex(32).encode())
 
     def _spawn(self) -> None:
         args = [

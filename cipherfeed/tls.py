@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cipherfeed.atomicfile import PRIVATE, PUBLIC, write_atomic
 from cipherfeed.config import ConfigError, TlsConfig
 
 log = logging.getLogger(__name__)
@@ -52,24 +53,6 @@ def parse_spiffe_id(uri: str) -> tuple[str, str] | None:
     if not sep or not trust_domain or not name or "/" in name or "?" in name or "#" in name:
         return None
     return trust_domain, name
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Writes a secret 0600 from the first byte (never world-readable, even briefly), atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -176,11 +159,11 @@ class DevCertificateAuthority:
         issued = self.issue(name, validity, uris)
         ca_file = directory / "ca.crt"
         if not ca_file.exists() or ca_file.read_bytes() != self.cert_pem:
-            _write_public(ca_file, self.cert_pem)
+            write_atomic(ca_file, self.cert_pem, PUBLIC)
         key_file, cert_file = directory / f"{name}.key", directory / f"{name}.crt"
         # Key first, then certificate: a reader that sees the new certificate also sees its key.
-        _write_private(key_file, issued.key_pem)
-        _write_public(cert_file, issued.cert_pem)
+        write_atomic(key_file, issued.key_pem, PRIVATE)
+        write_atomic(cert_file, issued.cert_pem, PUBLIC)
         return TlsConfig(cert_file=cert_file, key_file=key_file, ca_file=ca_file, trust_domain=self.trust_domain)
 
 

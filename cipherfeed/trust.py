@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cipherfeed.atomicfile import PUBLIC, write_atomic
 from cipherfeed.checkpoint import NoteError, Verifier
 
 FORMAT = "cipherfeed-trust/v1"
@@ -135,15 +135,7 @@ def read(path: Path) -> TrustAnchors:
 
 def write(trust: TrustAnchors, path: Path) -> None:
     """Writes ``trust`` as a trust file an operator publishes (pretty JSON, mode 0644)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(trust.to_json(), indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(trust.to_json(), indent=2, sort_keys=True) + "\n").encode(), PUBLIC)
 
 
 def pinned_path(home: Path) -> Path:

@@ -8,11 +8,10 @@ match (corrupt, truncated, tampered with) is discarded and downloaded again.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
+from cipherfeed.atomicfile import PRIVATE, write_atomic
 from cipherfeed.manifest import Manifest, ManifestError, decode
 
 _VERSION = re.compile(r"^[0-9a-f]{64}$")
@@ -48,17 +47,7 @@ class ManifestCache:
     def store(self, model_version: str, data: bytes) -> Path:
         """Writes atomically (temp file + rename), so a crash never leaves a half manifest."""
         path = self.path(model_version)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".manifest-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, data, PRIVATE)  # under the client home: what the device caches is its own
         self._prune(keep=path)
         return path
 

@@ -13,6 +13,7 @@ import openfhe
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
+from cipherfeed.atomicfile import write_atomic
 from cipherfeed.he import globalkeys
 from cipherfeed.he.codec import serialize
 from cipherfeed.he.params import HEParams, build_context, context_fingerprint
@@ -47,21 +48,14 @@ def generate(params: HEParams) -> ClientKeys:
     return ClientKeys(params, cc, kp.secretKey, kp.publicKey, serialize(kp.publicKey), rotation)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(path, 0o600)
-
-
 def save(keys: ClientKeys, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
-    _write_private(directory / SECRET_FILE, serialize(keys.secret_key))
-    _write_private(directory / PUBLIC_FILE, keys.public_key_bytes)
-    _write_private(directory / ROTATION_FILE, keys.rotation_key_bytes)
+    write_atomic(directory / SECRET_FILE, serialize(keys.secret_key))
+    write_atomic(directory / PUBLIC_FILE, keys.public_key_bytes)
+    write_atomic(directory / ROTATION_FILE, keys.rotation_key_bytes)
     meta = {"context_sha256": context_fingerprint(keys.cc).hex(), "params": keys.params.__dict__}
-    _write_private(directory / META_FILE, json.dumps(meta, sort_keys=True).encode())
+    write_atomic(directory / META_FILE, json.dumps(meta, sort_keys=True).encode())
 
 
 def load(directory: Path, params: HEParams) -> ClientKeys:
@@ -106,7 +100,7 @@ def load_or_create_account(directory: Path) -> LocalAccount:
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     account = Account.create()
-    _write_private(path, account.key.hex().removeprefix("0x").encode())
+    write_atomic(path, account.key.hex().removeprefix("0x").encode())
     return account
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from cipherfeed.atomicfile import PRIVATE, write_atomic
 from cipherfeed.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,14 @@ class MasterKey:
             return cls(data if len(data) == 32 else _decode(data.decode().strip(), str(key_file)))
         dev = state_dir / "master.key"
         if not dev.exists():
-            state_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(dev, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(AESGCM.generate_key(bit_length=256))
-            log.warning("created a development master key at %s; set CIPHERFEED_MASTER_KEY(_FILE) in production", dev)
+            try:
+                write_atomic(dev, AESGCM.generate_key(bit_length=256), PRIVATE, replace=False)
+            except FileExistsError:
+                pass  # another process created it first: use that one
+            else:
+                log.warning(
+                    "created a development master key at %s; set CIPHERFEED_MASTER_KEY(_FILE) in production", dev
+                )
         return cls(dev.read_bytes())
 
     def wrap(self, secret: bytes, context: bytes) -> bytes:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cipherfeed.atomicfile import PRIVATE, write_atomic
 
 MAGIC = b"CIPHERFEED-MODEL\x00v1\n"
 FORMAT_VERSION = 1
@@ -75,18 +75,7 @@ class ModelArtifact:
 
     def save(self, path: Path) -> str:
         """Writes atomically (temp file + rename) and returns the version."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = self.to_bytes()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".model-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, self.to_bytes(), PRIVATE)  # the private item embeddings
         return self.version
 
 
