@@ -1,5 +1,7 @@
 """A short, bounded run of every coverage-guided fuzz target (``make fuzz`` is the long run)."""
 
+import dataclasses
+import itertools
 import re
 import subprocess
 import sys
@@ -7,6 +9,7 @@ import sys
 import pytest
 
 from cipherfeed.config import REPO_ROOT
+from fuzz import campaign
 from fuzz.targets import TARGETS
 
 RUNS = 3000
@@ -40,3 +43,19 @@ def test_a_target_that_raises_is_reported_as_a_crash(tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0 and "RuntimeError: finding" in proc.stdout + proc.stderr
     assert list(tmp_path.glob("crash-*"))
+
+
+def test_the_long_run_restarts_a_target_in_segments_and_keeps_its_corpus(tmp_path, monkeypatch):
+    """``make fuzz``: a target with ``runs_per_process`` runs as several fuzzer processes sharing
+    one corpus until its time is used, and their executions add up."""
+    monkeypatch.setitem(TARGETS, "merkle", dataclasses.replace(TARGETS["merkle"], runs_per_process=500))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, seed in enumerate(TARGETS["merkle"].seeds()):
+        (corpus / f"seed-{i}").write_bytes(seed)
+    ticks = itertools.count()  # a clock that advances one second per reading: three processes fit in 5 s
+    runs, _, _, crashed, log, processes = campaign._fuzz(
+        "merkle", corpus, tmp_path, seconds=5, clock=lambda: float(next(ticks))
+    )
+    assert not crashed, log[-3000:]
+    assert processes == 3 and runs >= 3 * 500
