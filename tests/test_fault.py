@@ -76,6 +76,7 @@ class Load:
     wrong: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # any status but UNAVAILABLE: not allowed
     lock: threading.Lock = field(default_factory=threading.Lock)
+    fresh: bool = False  # a new profile (a fresh ciphertext) per request: no answer from the result cache
 
     def request(self, device: Device) -> None:
         deadline = time.monotonic() + RETRY_FOR
@@ -83,6 +84,8 @@ class Load:
             with self.lock:
                 self.attempts += 1
             try:
+                if self.fresh:
+                    device.client.upload_profile(device.u)
                 scored = device.client.score(device.u, use_profile=True)
             except grpc.RpcError as exc:
                 if exc.code() is not grpc.StatusCode.UNAVAILABLE:
