@@ -16,6 +16,7 @@ from cipherfeed.cache import Keys
 from cipherfeed.client.sdk import RECOMMENDER, encrypt_history
 from cipherfeed.config import ShardConfig
 from cipherfeed.grpcutil import reason_of
+from cipherfeed.he import rnsmac
 from cipherfeed.he.codec import ciphertext_sha256
 from cipherfeed.v1 import common_pb2, ledger_pb2_grpc, recommender_pb2, recommender_pb2_grpc, shard_pb2, shard_pb2_grpc
 from services.ledger.server import serve as serve_ledger
@@ -128,6 +129,8 @@ def test_two_and_three_shards_score_exactly_as_one_recommender_with_one_verifiab
         assert answers[name].model_version == one.model_version == mesh.model.version
     want = mesh.model.embeddings @ (u / np.linalg.norm(u)) + mesh.model.popularity_weight * mesh.model.popularity
     assert np.max(np.abs(one.scores - want)) < 1e-4
+    for name in ("two", "three"):  # with the native kernel the coordinators rotated the query once, for every shard
+        assert (mesh.entry[name][1].rotator is not None) == rnsmac.available()
     # One receipt per merged answer, in the coordinator's spool, verifying down to the anchor.
     for name in ("two", "three"):
         settle(mesh.entry[name][1], mesh.ledger_core)
@@ -185,6 +188,17 @@ def test_shards_serve_only_the_coordinator_and_only_their_model(mesh):
         shard_pb2.ScoreBlocksRequest(key=key, model_version=mesh.model.version, query_ciphertext=query), timeout=30
     )
     assert good.first_block == 0 and len(good.score_ciphertexts) == shard_core.blocks.blocks == 1
+    # Rotations shipped by a coordinator are checked: the exact size, every word below q0.
+    shape = shard_core.scorer.rotation_shape
+    too_big = np.full(shape, shard_core.scorer.modulus, dtype="<u8").tobytes()
+    for rotations in (b"\0" * 8, too_big):
+        request = shard_pb2.ScoreBlocksRequest(
+            key=key, model_version=mesh.model.version, query_ciphertext=query, query_rotations=rotations
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            as_peer.ScoreBlocks(request, timeout=30)
+        assert info.value.code() == STATUS.INVALID_ARGUMENT
+        assert reason_of(info.value) == errors.Reason.HE_MATERIAL_INVALID.value
     # A coordinator of another model refuses to start over these shards.
     other = dataclasses.replace(mesh.model, created_by="another model, same items", _bytes=None)
     assert other.version != mesh.model.version

@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import openfhe
 from google.protobuf.message import Message
 
@@ -427,9 +428,15 @@ class RecommenderCore:
         return blobs, digest.digest(), timing, version
 
     def _score_local(
-        self, ref: common_pb2.KeyRef, checked: tuple[KeyStatus, int], ct: openfhe.Ciphertext, lifted: bool
+        self,
+        ref: common_pb2.KeyRef,
+        checked: tuple[KeyStatus, int],
+        ct: openfhe.Ciphertext,
+        lifted: bool,
+        shipped: rnsmac.Words | None = None,
     ) -> tuple[list[bytes], OrderedDigest, ScoreTiming, int]:
-        """This recommender's blocks scored, with the client's keys installed."""
+        """This recommender's blocks scored, with the client's keys installed (``shipped``: the
+        query's rotations as a coordinator made them)."""
         version = checked[1]
         for _ in range(3):  # the keys may be evicted between resolve and use: resolve again
             tag, version = self.keys.resolve(common_pb2.KeyRef(key_id=ref.key_id, version=version), checked)
@@ -438,7 +445,7 @@ class RecommenderCore:
                     ct.SetKeyTag(tag)
                     digest = OrderedDigest(self.scorer.block_count)  # hashed as the blocks come in
                     blobs, timing = self.scorer.score(
-                        ct, finish=functools.partial(self._encode_scores, digest=digest), lifted=lifted
+                        ct, finish=functools.partial(self._encode_scores, digest=digest), lifted=lifted, shipped=shipped
                     )
                     return blobs, digest, timing, version
         raise Unavailable("rotation keys were evicted repeatedly under load; retry", reason=Reason.RETRY)
@@ -458,12 +465,19 @@ class RecommenderCore:
         return self.keys.usable_version(ref)
 
     def score_blocks(
-        self, ref: common_pb2.KeyRef, pinned_model: str, query: bytes | None, profile: bytes | None
+        self,
+        ref: common_pb2.KeyRef,
+        pinned_model: str,
+        query: bytes | None,
+        profile: bytes | None,
+        rotations: bytes = b"",
     ) -> tuple[list[bytes], float]:
         """This recommender's blocks' packed scores of an inline query or a lifted profile, and
-        the milliseconds they took."""
+        the milliseconds they took. ``rotations``: the query's rotations as the coordinator made
+        them once for every shard (``EncryptedScorer.rotation_words``); empty: made here."""
         checked = self._check_shard_request(ref, pinned_model)
         started = time.perf_counter()
+        shipped = self._shipped_rotations(rotations) if rotations else None  # the openfhe kernel ignores them
         if query is not None:
             self._check_query_size(query)
             ct = self.codec.load_query(query)
@@ -474,19 +488,34 @@ class RecommenderCore:
                 raise InvalidArgument(f"lifted profile: {exc}", reason=Reason.HE_MATERIAL_INVALID) from None
         else:
             raise InvalidArgument("a query ciphertext or a lifted profile is required", reason=Reason.FIELD_REQUIRED)
-        blobs, _, timing, version = self._score_local(ref, checked, ct, profile is not None)
+        blobs, _, timing, version = self._score_local(ref, checked, ct, profile is not None, shipped)
         millis = 1e3 * (time.perf_counter() - started)
         log.info(
-            "scored blocks %d..%d for key %s v%d: rotations %.1f ms, blocks %.1f ms, total %.1f ms",
+            "scored blocks %d..%d for key %s v%d: rotations %.1f ms%s, blocks %.1f ms, total %.1f ms",
             self.blocks.first,
             self.blocks.stop - 1,
             ref.key_id[:16],
             version,
             timing.rotations_ms,
+            " (shipped)" if shipped is not None and self.scorer.kernel == "native" else "",
             timing.blocks_ms,
             millis,
         )
         return blobs, millis
+
+    def _shipped_rotations(self, data: bytes) -> rnsmac.Words:
+        """A coordinator's rotation words, checked: the exact size, every word below q0 (the
+        kernel's arithmetic assumes reduced inputs)."""
+        shape = self.scorer.rotation_shape
+        if len(data) != 8 * shape[0] * shape[1] * shape[2]:
+            raise InvalidArgument(
+                f"query rotations of {len(data)} bytes; this scorer takes {shape} words",
+                reason=Reason.HE_MATERIAL_INVALID,
+            )
+        words = np.frombuffer(data, dtype="<u8").reshape(shape)
+        if int(words.max(initial=0)) >= self.scorer.modulus:
+            raise InvalidArgument("query rotations hold a word not below q0", reason=Reason.HE_MATERIAL_INVALID)
+        return words.astype(np.uint64, copy=False)
 
     def project_blocks(
         self, ref: common_pb2.KeyRef, pinned_model: str, first_block: int, ciphertexts: list[bytes]

@@ -87,7 +87,10 @@ class EncryptedScorer:
         strategy: str = "auto",
         lift_bits: int = QUERY_LIFT_BITS,
         kernel: str = "auto",
+        diagonals: bool = True,
     ) -> None:
+        """``diagonals=False``: no model plaintexts, only the query's rotations
+        (``rotation_words``): a sharding coordinator's, which rotates once for every shard."""
         if not 0 < lift_bits < params.scaling_mod_bits:
             raise ValueError(f"query lift of {lift_bits} bits is outside 1..{params.scaling_mod_bits - 1}")
         if model.dim > params.padded_dim:
@@ -133,9 +136,12 @@ class EncryptedScorer:
                 folded = 1, self._per_group // self.tail_fold
             self._shape[-1] = folded
         self._modulus = int(self.cc.GetModulusCKKS())  # q0: the one limb every product lives on
-        self._popularity: list[openfhe.Plaintext] = list(pool.map(self._encode_popularity, range(self.block_count)))
         if kernel == "native":
             self._layout, self._unit = self._one_limb_reference()
+        if not diagonals:
+            return
+        self._popularity: list[openfhe.Plaintext] = list(pool.map(self._encode_popularity, range(self.block_count)))
+        if kernel == "native":
             # Each block's diagonals as words (groups, n, products) in Montgomery form, and its
             # popularity prior as the words (2, n) of (pt, 0): OpenFHE's own encodings, read out once.
             native = list(pool.map(self._native_block, range(self.block_count)))
@@ -337,11 +343,37 @@ class EncryptedScorer:
             return None
         return [(start, self.params.ring_dimension) for start in self._layout.offsets(blob)]
 
+    @property
+    def rotation_shape(self) -> tuple[int, int, int]:
+        """The shape of ``rotation_words``: (2, n, per_group - 1) words."""
+        return 2, self.params.ring_dimension, self._per_group - 1
+
+    @property
+    def modulus(self) -> int:
+        return self._modulus
+
+    def rotation_words(self, query: openfhe.Ciphertext, lifted: bool = False) -> rnsmac.Words:
+        """rot(2^L query, k), rescaled to one limb, for k = 1 .. per_group - 1, as words
+        (``rotation_shape``): what every block needs of the query except rotation 0 (a rescale
+        only, made where the query is loaded). The native kernel only; rotation keys filed under
+        the query's key tag, as for ``score``."""
+        if self.kernel != "native":
+            raise RuntimeError("shipped rotations are words of the native kernel")
+        words = np.empty(self.rotation_shape, dtype=np.uint64)
+
+        def lowered(offset: int, low: openfhe.Ciphertext) -> None:
+            if offset:
+                self._layout.read(serialize(low), words[:, :, offset - 1])
+
+        self._rotations(query, lowered, lifted)
+        return words
+
     def _native_inputs(
-        self, query: openfhe.Ciphertext, lifted: bool = False
+        self, query: openfhe.Ciphertext, lifted: bool = False, shipped: rnsmac.Words | None = None
     ) -> tuple[rnsmac.Words, bytes, openfhe.Ciphertext]:
         """The query's rotations as words (2, n, per_group), a product's serialization to write
-        scores into and a zero under the query's tag."""
+        scores into and a zero under the query's tag. ``shipped``: rotations 1.. as another
+        process made them (``rotation_words``), so only rotation 0 (a rescale) is made here."""
         n = self.params.ring_dimension
         words = np.empty((2, n, self._per_group), dtype=np.uint64)
         first: list[tuple[bytes, openfhe.Ciphertext]] = []
@@ -352,7 +384,14 @@ class EncryptedScorer:
                 product = self.cc.EvalMult(low, self._popularity[0])
                 first.append((serialize(product), self.cc.EvalSub(product, product)))
 
-        self._rotations(query, lowered, lifted)
+        if shipped is None:
+            self._rotations(query, lowered, lifted)
+        else:
+            if shipped.shape != self.rotation_shape:
+                raise ValueError(f"shipped rotations of shape {shipped.shape}, expected {self.rotation_shape}")
+            # Rotation 0 exactly as _rotations makes it: the lifted query rescaled.
+            lowered(0, self.cc.Rescale(query if lifted else self.cc.EvalMultNoCheck(query, self._lift)))
+            words[:, :, 1:] = shipped
         template, zero = first[0]
         return words, template, zero
 
@@ -406,15 +445,17 @@ class EncryptedScorer:
         query: openfhe.Ciphertext,
         finish: Callable[[int, bytes], T] = lambda b, blob: blob,  # type: ignore[assignment,return-value]
         lifted: bool = False,
+        shipped: rnsmac.Words | None = None,
     ) -> tuple[list[T], ScoreTiming]:  # (mypy cannot type a default for a TypeVar-typed parameter)
         """The serialized encrypted scores of every block, each passed through ``finish(b, blob)``
         (e.g. pack and hash) in the block's own task, so that it overlaps other blocks' work;
         rotation keys must be filed under the query's key tag (the caller holds the key
         registry's read lock). ``lifted``: the query is already multiplied by 2^L (a history
-        profile, ``history.HistoryProjector``)."""
+        profile, ``history.HistoryProjector``). ``shipped``: the query's rotations 1.. as words
+        (``rotation_words``, native kernel only; ignored by the openfhe kernel, which makes its own)."""
         t0 = time.perf_counter()
         if self.kernel == "native":
-            words, template, zero = self._native_inputs(query, lifted)
+            words, template, zero = self._native_inputs(query, lifted, shipped)
 
             def block(b: int) -> T:
                 return finish(b, self._native_block_scores(b, words, template, zero))

@@ -40,6 +40,7 @@ class RecommenderShardServicer(shard_pb2_grpc.RecommenderShardServicer):
             request.model_version,
             request.query_ciphertext if which == "query_ciphertext" else None,
             request.lifted_profile if which == "lifted_profile" else None,
+            request.query_rotations,
         )
         return shard_pb2.ScoreBlocksResponse(
             model_version=self.core.model_version,
