@@ -18,6 +18,7 @@ window (after a warm-up) and after it, and the load average next to them.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import tempfile
@@ -55,6 +56,13 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat utime, stime): on a shared
+    machine the CPU a Score costs is steadier than the Scores a second."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def load_average() -> str:
@@ -244,6 +252,7 @@ def run_window(
         d.latencies_ms.clear()
         d.upload_ms.clear()
     rss_before = {s.name: rss_mb(s.proc.pid) for s in mesh.services}
+    cpu_before = {s.name: cpu_seconds(s.proc.pid) for s in mesh.services}
     load_before = load_average()
     stop_at = time.monotonic() + args.seconds
 
@@ -260,6 +269,7 @@ def run_window(
         t.join()
     window = time.monotonic() - window0
     load_after = load_average()
+    cpu_used = {s.name: cpu_seconds(s.proc.pid) - cpu_before[s.name] for s in mesh.services}
     rss_after = {s.name: rss_mb(s.proc.pid) for s in mesh.services}
     latencies = [x for d in devices for x in d.latencies_ms]
     uploads = [x for d in devices for x in d.upload_ms]
@@ -295,6 +305,9 @@ def run_window(
         "rss_growth_pct": {k: 100 * (rss_after[k] - v) / v for k, v in rss_before.items() if v},
         "load_before": load_before,
         "load_after": load_after,
+        # CPU seconds each service process spent in the window, per Score answered in it
+        "cpu_s_per_score": {k: v / len(latencies) for k, v in cpu_used.items()} if latencies else {},
+        "cpu_s_per_score_services": sum(cpu_used.values()) / len(latencies) if latencies else float("nan"),
     }
 
 
@@ -360,7 +373,12 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{r['load_before']} / {r['load_after']}"
         )
         for name in r["rss_mb_before"]:
-            print(f"{'':>8}{name:<12} RSS {r['rss_mb_before'][name]:8.1f} -> {r['rss_mb_after'][name]:8.1f} MB")
+            cpu = r["cpu_s_per_score"].get(name, float("nan"))
+            print(
+                f"{'':>8}{name:<12} RSS {r['rss_mb_before'][name]:8.1f} -> {r['rss_mb_after'][name]:8.1f} MB,"
+                f" CPU {1e3 * cpu:7.1f} ms/Score"
+            )
+        print(f"{'':>8}{'services':<12} CPU {1e3 * r['cpu_s_per_score_services']:7.1f} ms/Score")
 
 
 def main(argv: list[str] | None = None) -> int:
