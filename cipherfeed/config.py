@@ -73,6 +73,16 @@ class GrpcLimits:
     max_message_bytes: int = 64 * MiB
     max_query_bytes: int = 2 * MiB  # one query ciphertext; the mesh's is ~263 KB
     max_eval_key_bytes: int = 32 * MiB  # one client's rotation key set; the mesh's is ~11 MB
+    # Connections in a cluster (deploy/k8s sets all three): gRPC sends every call of a channel on
+    # one HTTP/2 connection, so behind a headless Service (every pod an address) a channel must
+    # balance over the addresses (round_robin), notice a vanished pod on an idle connection
+    # (keepalive), and servers must close connections now and then so that clients resolve the
+    # Service again and reach pods added since (max connection age). The defaults keep a laptop
+    # mesh as it was: pick_first, no pings, connections kept.
+    lb_policy: str = "pick_first"
+    keepalive_seconds: float = 0.0  # clients: ping an idle connection this often; servers: allow it
+    max_connection_age_seconds: float = 0.0  # servers: close (GOAWAY) a connection this old; 0: never
+    max_connection_age_grace_seconds: float = 30.0  # what calls in flight then get to finish
 
     @classmethod
     def from_env(cls) -> GrpcLimits:
@@ -80,13 +90,63 @@ class GrpcLimits:
             max_message_bytes=_env_int("CIPHERFEED_GRPC_MAX_MESSAGE_BYTES", cls.max_message_bytes, 4 * MiB),
             max_query_bytes=_env_int("CIPHERFEED_MAX_QUERY_BYTES", cls.max_query_bytes, 1),
             max_eval_key_bytes=_env_int("CIPHERFEED_MAX_EVAL_KEY_BYTES", cls.max_eval_key_bytes, 1),
+            lb_policy=_env_choice("CIPHERFEED_GRPC_LB_POLICY", cls.lb_policy, LB_POLICIES),
+            keepalive_seconds=_env_nonnegative("CIPHERFEED_GRPC_KEEPALIVE_SECONDS", cls.keepalive_seconds),
+            max_connection_age_seconds=_env_nonnegative(
+                "CIPHERFEED_GRPC_MAX_CONNECTION_AGE_SECONDS", cls.max_connection_age_seconds
+            ),
+            max_connection_age_grace_seconds=_env_nonnegative(
+                "CIPHERFEED_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS", cls.max_connection_age_grace_seconds
+            ),
         )
 
-    def channel_options(self) -> list[tuple[str, int]]:
+    def _message_options(self) -> list[tuple[str, int | str]]:
         return [
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
         ]
+
+    def channel_options(self) -> list[tuple[str, int | str]]:
+        """A client channel's options: message limits, load balancing, keepalive."""
+        options = self._message_options()
+        if self.lb_policy != "pick_first":
+            options.append(("grpc.lb_policy_name", self.lb_policy))
+        if self.keepalive_seconds > 0:
+            options += [
+                ("grpc.keepalive_time_ms", int(1000 * self.keepalive_seconds)),
+                ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_pings_without_data", 0),  # idle connections are the ones to check
+            ]
+        return options
+
+    def server_options(self) -> list[tuple[str, int | str]]:
+        """A server's options: message limits, the clients' keepalive pings allowed (else the
+        server answers them with GOAWAY too_many_pings), the connection age limit."""
+        options = self._message_options()
+        if self.keepalive_seconds > 0:
+            options += [
+                ("grpc.keepalive_permit_without_calls", 1),
+                # half the clients' interval: jitter never makes a ping count as abuse
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", int(500 * self.keepalive_seconds)),
+            ]
+        if self.max_connection_age_seconds > 0:
+            options += [
+                ("grpc.max_connection_age_ms", int(1000 * self.max_connection_age_seconds)),
+                ("grpc.max_connection_age_grace_ms", int(1000 * self.max_connection_age_grace_seconds)),
+            ]
+        return options
+
+
+LB_POLICIES = ("pick_first", "round_robin")
+KEEPALIVE_TIMEOUT_MS = 10_000  # a ping unanswered this long: the peer is gone, reconnect
+
+
+def _env_nonnegative(name: str, default: float) -> float:
+    value = _env_float(name, default)
+    if value < 0:
+        raise ConfigError(f"{name}={value}: expected a number >= 0")
+    return value
 
 
 def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:

@@ -277,7 +277,7 @@ def start_server(
     interceptors.append(RequestDecodingInterceptor())  # inside the policy check: callers are known first
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-        options=limits.channel_options(),
+        options=limits.server_options(),
         interceptors=interceptors,
     )
     register(server)

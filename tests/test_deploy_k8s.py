@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cipherfeed.config import REPO_ROOT
+from cipherfeed.config import REPO_ROOT, GrpcLimits
 from cipherfeed.devredis import acl_rules
 
 K8S = REPO_ROOT / "deploy" / "k8s"
@@ -488,3 +488,21 @@ def test_dockerfile_is_hadolint_clean_and_builds_what_the_manifests_run():
         for workload in of_kind(render(overlay), *WORKLOADS, "Job"):
             if any(is_cipherfeed(c) for c in containers(workload)):
                 assert pod_spec(workload)["securityContext"]["runAsUser"] == 10001
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grpc_connections_balance_over_headless_services_ping_and_age(overlay, monkeypatch):
+    """The settings every service reads from cipherfeed-config give round_robin channels (a
+    headless Service resolves to every pod) with keepalive pings, and servers that allow those
+    pings and close connections after a while, so that clients resolve again and reach new pods."""
+    (config,) = [c for c in of_kind(render(overlay), "ConfigMap") if c["metadata"]["name"] == "cipherfeed-config"]
+    for name, value in config["data"].items():
+        monkeypatch.setenv(name, value)
+    limits = GrpcLimits.from_env()
+    client, server = dict(limits.channel_options()), dict(limits.server_options())
+    assert client["grpc.lb_policy_name"] == "round_robin"
+    assert client["grpc.keepalive_time_ms"] > 0 and client["grpc.keepalive_permit_without_calls"] == 1
+    assert server["grpc.keepalive_permit_without_calls"] == 1
+    assert server["grpc.http2.min_recv_ping_interval_without_data_ms"] < client["grpc.keepalive_time_ms"]
+    assert server["grpc.max_connection_age_grace_ms"] > 0 and server["grpc.max_connection_age_ms"] > 0
+    assert "grpc.max_connection_age_ms" not in client and "grpc.lb_policy_name" not in server
