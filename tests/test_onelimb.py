@@ -118,3 +118,25 @@ def test_two_limb_vectors_are_found_with_both_moduli(keys):
     assert [int(w.max()) < q for w, q in zip(words, moduli * 2, strict=True)] == [True] * 4
     with pytest.raises(LayoutError, match="found 4"):
         OneLimbLayout.learn(blob, N, moduli[:1])  # one limb expected: four vectors are not two
+
+
+def test_produced_serializations_are_rechecked_for_structure_and_new_lengths_in_full(keys):
+    moduli = limb_moduli(keys.cc)
+    fresh = keys.cc.Encrypt(keys.public_key, keys.cc.MakeCKKSPackedPlaintext(np.zeros(4, dtype=np.complex128)))
+    blob = serialize(fresh)
+    layout = OneLimbLayout.learn(blob, N, moduli)
+    assert layout.produced_offsets(blob) == layout.offsets(blob)
+    start = layout.offsets(blob)[1]
+    moved = bytearray(blob)
+    struct.pack_into("<Q", moved, start + 8 * N, moduli[0])  # limb 1's modulus word replaced: not this layout
+    with pytest.raises(LayoutError):
+        layout.produced_offsets(bytes(moved))
+    # Word values are not rechecked at a learned length (OpenFHE's own output), only by offsets ...
+    large = bytearray(blob)
+    struct.pack_into("<Q", large, start, moduli[1])  # a word equal to its modulus
+    assert layout.produced_offsets(bytes(large)) == layout.offsets(blob)
+    with pytest.raises(LayoutError):
+        layout.offsets(bytes(large))
+    # ... while a length never learned is scanned and checked in full.
+    with pytest.raises(LayoutError):
+        layout.produced_offsets(bytes(large) + b"\0")

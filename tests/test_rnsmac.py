@@ -135,3 +135,67 @@ def test_modular_addition_in_place():
     assert [int(v) for v in out] == [(int(x) + int(y)) % Q0 for x, y in zip(a, b, strict=True)]
     with pytest.raises(ValueError, match="shapes do not match"):
         rnsmac.add_mod(out, b[:-1], Q0)
+
+
+def _serialization_like(vectors: np.ndarray, header: int, rng: np.random.Generator) -> tuple[bytes, list[int]]:
+    """Random bytes with the vectors (c0, c1) at unaligned offsets, as inside a serialization."""
+    parts, offsets, pos = [], [], 0
+    for vector in vectors:
+        gap = rng.bytes(header)
+        parts += [gap, vector.astype("<u8").tobytes()]
+        offsets.append(pos + header)
+        pos += header + 8 * len(vector)
+    return b"".join(parts) + rng.bytes(3), offsets
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("q", "groups", "count", "n"),
+    [
+        (Q0, 16, 52, 64),  # 100k items' 13 blocks x 4 input rotations, 16 sums
+        (Q0, 3, 130, 37),  # more ciphertexts than one 128-bit run holds (runs reduced and added), n not a tile
+        ((1 << 62) - 57, 2, 9, 16),  # the largest modulus: runs of 4 products
+    ],
+)
+def test_products_read_from_serializations_match_exact_integers_and_the_copied_kernel(q, groups, count, n):
+    rng = np.random.default_rng(count + n)
+    cts = rng.integers(0, q, (2, n, count), dtype=np.uint64)
+    cts[:, 0, :] = q - 1
+    pts = rng.integers(0, q, (groups, n, count), dtype=np.uint64)
+    pts[:, 0, :] = q - 1
+    blobs, offsets = [], []
+    for j in range(count):
+        blob, at = _serialization_like(cts[:, :, j], 5 + j % 7, rng)  # odd offsets: unaligned words
+        blobs.append(blob)
+        offsets.append(at)
+    out = np.empty((groups, 2, n), dtype=np.uint64)
+    rnsmac.multiply_accumulate_blobs(out, blobs, np.array(offsets, dtype=np.int64), montgomery(pts, q), q)
+    assert np.array_equal(out, reference(cts, pts, q, None))
+    if count * q < R:
+        copied = np.empty_like(out)
+        rnsmac.multiply_accumulate(copied, np.ascontiguousarray(cts), montgomery(pts, q), q)
+        assert np.array_equal(out, copied)
+
+
+@needs_kernel
+def test_vectors_outside_their_serialization_are_refused():
+    n, count = 8, 2
+    blob = bytes(8 * n + 16)
+    out = np.empty((1, 2, n), dtype=np.uint64)
+    pts = np.zeros((1, n, count), np.uint64)
+    good = np.array([[0, 16], [8, 16]], dtype=np.int64)
+    rnsmac.multiply_accumulate_blobs(out, [blob, blob], good, pts, Q0)
+    outside = (([[0, 17], [8, 16]], "vector 1 of blob 0 lies outside"), ([[0, 16], [-1, 16]], "vector 0 of blob 1"))
+    for bad, message in outside:
+        with pytest.raises(ValueError, match=message):
+            rnsmac.multiply_accumulate_blobs(out, [blob, blob], np.array(bad, dtype=np.int64), pts, Q0)
+    with pytest.raises(ValueError, match="1 blobs"):
+        rnsmac.multiply_accumulate_blobs(out, [blob], good, pts, Q0)
+    with pytest.raises(ValueError, match="int64"):
+        rnsmac.multiply_accumulate_blobs(out, [blob, blob], good.astype(np.int32), pts, Q0)
+    from cipherfeed.he import _rnsmac
+
+    with pytest.raises(TypeError, match="bytes"):
+        _rnsmac.mac_gather(out, [blob, bytearray(blob)], good, pts, 1, count, n, Q0)  # mutable: refused
+    with pytest.raises(ValueError, match="offsets holds"):
+        _rnsmac.mac_gather(out, [blob, blob], good[:1], pts, 1, count, n, Q0)

@@ -137,6 +137,125 @@ done:
     return result;
 }
 
+/* mac_gather: the history projection's products, read straight from OpenFHE serializations.
+ *
+ * ciphertext j's c0 and c1 words of this limb are the n little-endian words at byte offsets
+ * offsets[2j] and offsets[2j + 1] of blob j (any alignment: loaded by memcpy), so no copy of the
+ * ciphertexts and no transposition into mac's coefficient-major layout is made in between. T
+ * coefficients of every ciphertext are gathered into a small coefficient-major tile (in L1), then
+ * every group is summed as in mac_core. Products are accumulated in runs of at most `run` (run * q
+ * < 2^64 keeps a run's 128-bit sum below q * 2^64), each run reduced once and the runs added mod q:
+ * any number of ciphertexts in one pass. */
+#define GATHER_TILE 8
+
+static void gather_core(uint64_t *out, const unsigned char *const *c0, const unsigned char *const *c1,
+                        const uint64_t *pt, Py_ssize_t groups, Py_ssize_t count, Py_ssize_t n, uint64_t q,
+                        Py_ssize_t run, uint64_t *tile) {
+    uint64_t qneg = neg_inverse(q);
+    uint64_t *t0 = tile, *t1 = tile + GATHER_TILE * count;
+    for (Py_ssize_t i0 = 0; i0 < n; i0 += GATHER_TILE) {
+        Py_ssize_t width = n - i0 < GATHER_TILE ? n - i0 : GATHER_TILE;
+        for (Py_ssize_t j = 0; j < count; j++)
+            for (Py_ssize_t t = 0; t < width; t++) {
+                t0[t * count + j] = load_word(c0[j] + 8 * (i0 + t));
+                t1[t * count + j] = load_word(c1[j] + 8 * (i0 + t));
+            }
+        for (Py_ssize_t t = 0; t < width; t++) {
+            Py_ssize_t i = i0 + t;
+            const uint64_t *a0 = t0 + t * count, *a1 = t1 + t * count;
+            for (Py_ssize_t g = 0; g < groups; g++) {
+                const uint64_t *b = pt + (g * n + i) * count;
+                uint64_t r0 = 0, r1 = 0;
+                for (Py_ssize_t lo = 0; lo < count; lo += run) {
+                    Py_ssize_t hi = lo + run < count ? lo + run : count;
+                    u128 s0 = 0, s1 = 0;
+                    for (Py_ssize_t j = lo; j < hi; j++) {
+                        s0 += (u128)a0[j] * b[j];
+                        s1 += (u128)a1[j] * b[j];
+                    }
+                    r0 += redc(s0, q, qneg);
+                    r1 += redc(s1, q, qneg);
+                    r0 = r0 >= q ? r0 - q : r0;
+                    r1 = r1 >= q ? r1 - q : r1;
+                }
+                out[g * 2 * n + i] = r0;
+                out[g * 2 * n + n + i] = r1;
+            }
+        }
+    }
+}
+
+PyDoc_STRVAR(mac_gather_doc,
+             "mac_gather(out, blobs, offsets, plaintexts, groups, count, n, modulus)\n\n"
+             "out[g][c][i] = sum over j < count of word i of vector c of blobs[j] * plaintexts[g][i][j] mod\n"
+             "modulus, where vector c of blob j is the n little-endian words at byte offset offsets[2j + c].\n"
+             "out (groups, 2, n) native words; blobs a sequence of count bytes objects; offsets (count, 2)\n"
+             "native int64; plaintexts (groups, n, count) in Montgomery form. Every vector must lie inside\n"
+             "its blob (checked) and hold words below the modulus. Releases the GIL.");
+
+static PyObject *mac_gather(PyObject *self, PyObject *args) {
+    Py_buffer out, offs, pt;
+    PyObject *blobs_obj, *seq = NULL, *result = NULL;
+    Py_ssize_t groups, count, n;
+    unsigned long long q;
+    const unsigned char **c0 = NULL, **c1 = NULL;
+    uint64_t *tile = NULL;
+    if (!PyArg_ParseTuple(args, "w*Oy*y*nnnK:mac_gather", &out, &blobs_obj, &offs, &pt, &groups, &count, &n, &q))
+        return NULL;
+    if (n <= 0 || groups < 1 || count < 1) {
+        PyErr_SetString(PyExc_ValueError, "need n > 0, groups > 0 and count > 0");
+        goto done;
+    }
+    if (check_modulus(q, 1) || check_size(&out, groups * 2 * n, "out") ||
+        check_size(&offs, 2 * count, "offsets") || check_size(&pt, groups * n * count, "plaintexts"))
+        goto done;
+    seq = PySequence_Fast(blobs_obj, "blobs must be a sequence of bytes");
+    if (!seq) goto done;
+    if (PySequence_Fast_GET_SIZE(seq) != count) {
+        PyErr_SetString(PyExc_ValueError, "blobs must hold count serializations");
+        goto done;
+    }
+    c0 = PyMem_Malloc(sizeof *c0 * (size_t)count);
+    c1 = PyMem_Malloc(sizeof *c1 * (size_t)count);
+    tile = PyMem_Malloc(sizeof *tile * 2 * GATHER_TILE * (size_t)count);
+    if (!c0 || !c1 || !tile) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const int64_t *o = offs.buf;
+    for (Py_ssize_t j = 0; j < count; j++) {
+        PyObject *blob = PySequence_Fast_GET_ITEM(seq, j);
+        if (!PyBytes_Check(blob)) { /* immutable: stays valid (seq holds a reference) without the GIL */
+            PyErr_SetString(PyExc_TypeError, "blobs must be bytes");
+            goto done;
+        }
+        Py_ssize_t len = PyBytes_GET_SIZE(blob);
+        const unsigned char *base = (const unsigned char *)PyBytes_AS_STRING(blob);
+        for (int c = 0; c < 2; c++) {
+            int64_t at = o[2 * j + c];
+            if (at < 0 || at > (int64_t)len || (int64_t)len - at < 8 * (int64_t)n) {
+                PyErr_Format(PyExc_ValueError, "vector %d of blob %zd lies outside its %zd bytes", c, j, len);
+                goto done;
+            }
+            (c ? c1 : c0)[j] = base + at;
+        }
+    }
+    Py_ssize_t run = (Py_ssize_t)(UINT64_MAX / q);
+    Py_BEGIN_ALLOW_THREADS
+    gather_core(out.buf, c0, c1, pt.buf, groups, count, n, q, run, tile);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyMem_Free(c0);
+    PyMem_Free(c1);
+    PyMem_Free(tile);
+    Py_XDECREF(seq);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&offs);
+    PyBuffer_Release(&pt);
+    return result;
+}
+
 PyDoc_STRVAR(add_mod_doc,
              "add_mod(out, values, modulus)\n\n"
              "out[i] = out[i] + values[i] mod modulus, in place (native uint64 words below the modulus).");
@@ -255,6 +374,7 @@ static PyObject *pack_planes(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"pack_planes", pack_planes, METH_VARARGS, pack_planes_doc},
     {"mac", mac, METH_VARARGS, mac_doc},
+    {"mac_gather", mac_gather, METH_VARARGS, mac_gather_doc},
     {"add_mod", add_mod, METH_VARARGS, add_mod_doc},
     {"to_montgomery", to_montgomery, METH_VARARGS, to_montgomery_doc},
     {NULL, NULL, 0, NULL},

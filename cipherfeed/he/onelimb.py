@@ -104,6 +104,23 @@ class OneLimbLayout:
             self._offsets[len(blob)] = starts
         return starts
 
+    def produced_offsets(self, blob: bytes) -> tuple[int, ...]:
+        """``offsets`` for a serialization this process's OpenFHE just produced from validated
+        material (never for received bytes): at a length already learned, only the structure is
+        rechecked (each vector's length word before it and its modulus after it), not every word
+        against the modulus. Safe because the words are OpenFHE's own reduced output, and no
+        reader relies on their range for memory safety (the kernel bounds-checks every vector
+        against its blob; a word out of range could only give a wrong sum). A new length is
+        scanned and fully checked, as ``offsets`` does."""
+        known = self._offsets.get(len(blob))
+        n = self.ring_dimension
+        if known is not None and all(
+            struct.unpack_from("<Q", blob, start - 8)[0] == n and struct.unpack_from("<Q", blob, start + 8 * n)[0] == q
+            for start, q in zip(known, self._expected, strict=True)
+        ):
+            return known
+        return self.offsets(blob)
+
     def read(self, blob: bytes, out: Words) -> None:
         """Copies the vectors into ``out`` (shape (vectors, n): c0 and c1 for one limb)."""
         for c, start in enumerate(self.offsets(blob)):

@@ -9,6 +9,7 @@ public data); it holds no key and draws no randomness.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,32 @@ def multiply_accumulate(
     if add is not None:
         _words(add, "add")
     _require().mac(out, ciphertexts, plaintexts, groups, count, ciphertexts.shape[2], n, modulus, add)
+
+
+def multiply_accumulate_blobs(
+    out: Words, blobs: Sequence[bytes], offsets: npt.NDArray[np.int64], plaintexts: Words, modulus: int
+) -> None:
+    """out[g, c, i] = sum_j word i of vector c of blobs[j] * plaintexts[g, i, j] mod modulus.
+
+    What ``multiply_accumulate`` computes, with ciphertext j's polynomials c0, c1 of this limb
+    read in place from its serialization ``blobs[j]``, at the byte offsets ``offsets[j]`` (any
+    alignment; each vector must lie inside its blob, which the kernel checks): no copy of the
+    ciphertexts and no transposition in between, and any number of them in one pass (the
+    products are reduced in runs short enough for 128 bits). ``plaintexts`` (groups, n, count)
+    in Montgomery form; every word below the modulus."""
+    groups, n, count = plaintexts.shape
+    if offsets.dtype != np.int64:
+        raise ValueError(f"offsets must be int64, got {offsets.dtype}")
+    if len(blobs) != count or offsets.shape != (count, 2):
+        raise ValueError(f"{len(blobs)} blobs and offsets {offsets.shape} for {count} plaintexts")
+    if out.shape != (groups, 2, n):
+        raise ValueError(f"out must be {(groups, 2, n)}, got {out.shape}")
+    for a, name in ((out, "out"), (offsets, "offsets"), (plaintexts, "plaintexts")):
+        if not a.flags.c_contiguous or not a.flags.aligned:
+            raise ValueError(f"{name} must be C-contiguous and aligned")
+    _words(out, "out")
+    _words(plaintexts, "plaintexts")
+    _require().mac_gather(out, list(blobs), offsets, plaintexts, groups, count, n, modulus)
 
 
 def add_mod(out: Words, values: Words, modulus: int) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -52,8 +53,6 @@ ROTATE_INPUTS_MAX_BLOCKS = 30
 # 2^l, while the diagonals' encoding error grows by 2^l: l = 4 balances them (largest error in u
 # 5.7e-6 with l = 0, 4.9e-7 with 4, 6.6e-7 with 6, 2.9e-6 with 8; R = 1 needs no lift: 1.5e-8).
 INPUT_LIFT_BITS = 4
-# Products summed per kernel call: count * q must stay below 2^64 (q0 < 2^58).
-KERNEL_CHUNK = 32
 
 
 class HistoryError(ValueError):
@@ -120,21 +119,17 @@ class HistoryProjector:
         self._moduli = limb_moduli(self.cc)
         n = params.ring_dimension
         self._layout, self._unit, self._fresh, self._fresh_zero = self._two_limb_reference()
-        columns = self.block_count * input_rotations
-        self._chunks = [(c, min(c + KERNEL_CHUNK, columns)) for c in range(0, columns, KERNEL_CHUNK)]
-        self._words: list[list[rnsmac.Words]] = [[], []]
+        self.columns = self.block_count * input_rotations  # the (block, input rotation) pairs
+        self._words: list[rnsmac.Words] = []
         self._plaintexts: list[list[list[openfhe.Plaintext]]] = []
         if not diagonals:
-            self._chunks = []
+            pass
         elif kernel == "native":
-            # Per limb and chunk of (block, input rotation) columns: (sums, n, columns) in Montgomery form.
-            self._words = [
-                [np.empty((self.sums, n, hi - lo), dtype=np.uint64) for lo, hi in self._chunks] for _ in range(2)
-            ]
+            # The processed database, once per model: per limb (sums, n, columns) in Montgomery form.
+            self._words = [np.empty((self.sums, n, self.columns), dtype=np.uint64) for _ in range(2)]
             list(pool.map(self._native_block, range(self.block_count)))
-            for limb, chunks in enumerate(self._words):
-                for words in chunks:
-                    rnsmac.to_montgomery(words, self._moduli[limb])
+            for limb, words in enumerate(self._words):
+                rnsmac.to_montgomery(words, self._moduli[limb])
         else:
             self._plaintexts = list(pool.map(self._encode, range(self.block_count)))
 
@@ -202,12 +197,10 @@ class HistoryProjector:
         polys = np.empty((4, n), dtype=np.uint64)
         for a, row in enumerate(self._encode(b)):
             column = b * self.input_rotations + a
-            chunk = column // KERNEL_CHUNK
-            offset = column - self._chunks[chunk][0]
             for q, pt in enumerate(row):
                 self._layout.read(serialize(self.cc.EvalMult(self._unit, pt)), polys)
                 for limb in (0, 1):
-                    self._words[limb][chunk][q, :, offset] = polys[limb]
+                    self._words[limb][q, :, column] = polys[limb]
 
     # -- projection --------------------------------------------------------------------------
 
@@ -215,23 +208,37 @@ class HistoryProjector:
         # A precomputation and a fast rotation: ~2.2 ms on two limbs, where EvalRotate takes ~5.
         return self.cc.EvalFastRotation(ct, step, self._order, self.cc.EvalFastRotationPrecompute(ct))
 
+    def _rotated(self, ct: openfhe.Ciphertext) -> list[openfhe.Ciphertext]:
+        """rot(E(w_b), a) for a < R (hoisted: one precomputation)."""
+        if self._input_lift > 1:
+            ct = self.cc.EvalMultNoCheck(ct, self._input_lift)
+        if self.input_rotations == 1:
+            return [ct]
+        pre = self.cc.EvalFastRotationPrecompute(ct)
+        return [ct] + [self.cc.EvalFastRotation(ct, a, self._order, pre) for a in range(1, self.input_rotations)]
+
     def _inputs(self, history: list[openfhe.Ciphertext]) -> list[list[openfhe.Ciphertext]]:
-        """rot(E(w_b), a) for a < R, per block (hoisted)."""
+        return list(self._pool.map(self._rotated, history))
 
-        def block(ct: openfhe.Ciphertext) -> list[openfhe.Ciphertext]:
-            if self._input_lift > 1:
-                ct = self.cc.EvalMultNoCheck(ct, self._input_lift)
-            if self.input_rotations == 1:
-                return [ct]
-            pre = self.cc.EvalFastRotationPrecompute(ct)
-            return [ct] + [self.cc.EvalFastRotation(ct, a, self._order, pre) for a in range(1, self.input_rotations)]
+    def _input_blobs(self, history: list[openfhe.Ciphertext]) -> tuple[list[bytes], openfhe.Ciphertext]:
+        """The rotated inputs' serializations, column by column (block-major), and the first
+        input: each block's rotations and serializations in one task, so that one core
+        serializes a block while the other still rotates another (no barrier in between)."""
 
-        return list(self._pool.map(block, history))
+        def block(ct: openfhe.Ciphertext) -> tuple[list[bytes], openfhe.Ciphertext]:
+            rotated = self._rotated(ct)
+            return [serialize(r) for r in rotated], rotated[0]
 
-    def _sums_native(self, inputs: list[list[openfhe.Ciphertext]], tag: str) -> list[openfhe.Ciphertext]:
-        template = serialize(inputs[0][0])
-        zero = self.cc.EvalSub(inputs[0][0], inputs[0][0])  # made by this context, under the tag
-        sums = self._sum_words(inputs)
+        done = list(self._pool.map(block, history))
+        return [blob for blobs, _ in done for blob in blobs], done[0][1]
+
+    def _sums_native(self, history: list[openfhe.Ciphertext], tag: str) -> Callable[[int], openfhe.Ciphertext]:
+        """The t_q summed as words; returns the function that loads t_q into a ciphertext, called
+        by ``_combine`` inside each Horner chain's task (the loads overlap the rotations)."""
+        blobs, first = self._input_blobs(history)
+        template = blobs[0]
+        zero = self.cc.EvalSub(first, first)  # made by this context, under the tag
+        sums = self._sum_words(blobs)
 
         def load(q: int) -> openfhe.Ciphertext:
             polys = np.stack([sums[0, q, 0], sums[1, q, 0], sums[0, q, 1], sums[1, q, 1]])
@@ -239,30 +246,23 @@ class HistoryProjector:
             ct.SetKeyTag(tag)
             return self.cc.EvalAdd(zero, ct)  # evaluates at full speed (see codec.vessel)
 
-        return list(self._pool.map(load, range(self.sums)))
+        return load
 
-    def _sum_words(self, inputs: list[list[openfhe.Ciphertext]]) -> rnsmac.Words:
-        """The t_q as words (limb, t_q, c0/c1, coefficient), summed by the kernel."""
+    def _sum_words(self, blobs: list[bytes]) -> rnsmac.Words:
+        """The t_q as words (limb, t_q, c0/c1, coefficient), summed by the kernel straight from
+        the inputs' serializations (one limb per core). The serializations are OpenFHE's output
+        from validated history ciphertexts, so only their structure is rechecked
+        (``OneLimbLayout.produced_offsets``)."""
+        if len(blobs) != self.columns:
+            raise HistoryError(f"{len(blobs)} rotated inputs for {self.columns} columns")
         n = self.params.ring_dimension
-        columns = [ct for row in inputs for ct in row]
-        words = [[np.empty((2, n, hi - lo), dtype=np.uint64) for lo, hi in self._chunks] for _ in range(2)]
-
-        def read(i: int) -> None:
-            polys = np.empty((4, n), dtype=np.uint64)
-            self._layout.read(serialize(columns[i]), polys)
-            chunk = i // KERNEL_CHUNK
-            offset = i - self._chunks[chunk][0]
-            for limb in (0, 1):
-                words[limb][chunk][0, :, offset] = polys[limb]
-                words[limb][chunk][1, :, offset] = polys[2 + limb]
-
-        list(self._pool.map(read, range(len(columns))))
+        starts = np.array([self._layout.produced_offsets(blob) for blob in blobs], dtype=np.int64)
+        # c0 and c1 of each limb: vectors (c0 l0, c0 l1, c1 l0, c1 l1)
+        offsets = [np.ascontiguousarray(starts[:, [limb, 2 + limb]]) for limb in (0, 1)]
         sums = np.empty((2, self.sums, 2, n), dtype=np.uint64)  # limb, t_q, c0/c1, coefficient
 
         def limb_sums(limb: int) -> None:
-            out = sums[limb]
-            for chunk, (ct_words, pt_words) in enumerate(zip(words[limb], self._words[limb], strict=True)):
-                rnsmac.multiply_accumulate(out, ct_words, pt_words, self._moduli[limb], out if chunk else None)
+            rnsmac.multiply_accumulate_blobs(sums[limb], blobs, offsets[limb], self._words[limb], self._moduli[limb])
 
         list(self._pool.map(limb_sums, (0, 1)))
         return sums
@@ -285,14 +285,15 @@ class HistoryProjector:
 
         return list(self._pool.map(one, range(self.sums)))
 
-    def _combine(self, sums: list[openfhe.Ciphertext]) -> openfhe.Ciphertext:
-        """sum_q rot(t_q, R q): Horner by the giant step per residue, then the baby levels."""
+    def _combine(self, sums: Callable[[int], openfhe.Ciphertext]) -> openfhe.Ciphertext:
+        """sum_q rot(t_q, R q): Horner by the giant step per residue, then the baby levels;
+        ``sums(q)`` gives t_q (each is asked for once, by the one chain it belongs to)."""
         p = self.params
         r = self.input_rotations
         residues = list(range(0, p.baby_steps, r))
 
         def horner(residue: int) -> openfhe.Ciphertext:
-            chain = [sums[(residue + g * p.baby_steps) // r] for g in range(p.giant_steps)]
+            chain = [sums((residue + g * p.baby_steps) // r) for g in range(p.giant_steps)]
             total = chain[-1]
             for partial in reversed(chain[:-1]):
                 total = self.cc.EvalAdd(partial, self._rotate(total, p.baby_steps))
@@ -306,11 +307,17 @@ class HistoryProjector:
             for offset, ct in at.items():
                 groups.setdefault(offset - offset % span, []).append((offset % span, ct))
 
-            def join(members: list[tuple[int, openfhe.Ciphertext]]) -> openfhe.Ciphertext:
-                parts = [ct if step == 0 else self._rotate(ct, step) for step, ct in members]
-                return self.cc.EvalAddMany(parts) if len(parts) > 1 else parts[0]
+            # Every member's rotation is its own task: one group of four (R = 4's last level)
+            # would otherwise be three rotations in a row on one core.
+            members = [(offset, step, ct) for offset, group in groups.items() for step, ct in group]
 
-            at = dict(zip(groups, self._pool.map(join, groups.values()), strict=True))
+            def rotate(member: tuple[int, int, openfhe.Ciphertext]) -> openfhe.Ciphertext:
+                return member[2] if member[1] == 0 else self._rotate(member[2], member[1])
+
+            parts: dict[int, list[openfhe.Ciphertext]] = {}
+            for (offset, _, _), part in zip(members, self._pool.map(rotate, members), strict=True):
+                parts.setdefault(offset, []).append(part)
+            at = {offset: self.cc.EvalAddMany(p) if len(p) > 1 else p[0] for offset, p in parts.items()}
         (total,) = at.values()
         return total
 
@@ -330,14 +337,14 @@ class HistoryProjector:
         before any rotation or rescale, so ``from_partials`` makes the one-projector E(u)."""
         if len(history) != self.block_count:
             raise HistoryError(f"{len(history)} history ciphertexts for {self.block_count} blocks")
-        inputs = self._inputs(history)
         n = self.params.ring_dimension
         if self.kernel == "native":
-            words = self._sum_words(inputs)  # (limb, q, c, n) -> (q, c, limb, n): c0 l0, c0 l1, c1 l0, c1 l1
+            words = self._sum_words(self._input_blobs(history)[0])
+            # (limb, q, c, n) -> (q, c, limb, n): c0 l0, c0 l1, c1 l0, c1 l1
             shares = np.ascontiguousarray(words.transpose(1, 2, 0, 3)).reshape(self.sums, 4, n)
         else:
             shares = np.empty((self.sums, 4, n), dtype=np.uint64)
-            for q, ct in enumerate(self._sums_openfhe(inputs, history[0].GetKeyTag())):
+            for q, ct in enumerate(self._sums_openfhe(self._inputs(history), history[0].GetKeyTag())):
                 self._layout.read(serialize(ct), shares[q])
         return shares.astype("<u8").tobytes()
 
@@ -360,7 +367,7 @@ class HistoryProjector:
         zero = self.cc.EvalSub(loaded[0], loaded[0])  # made by this context, under the tag
         sums = [self.cc.EvalAdd(zero, ct) for ct in loaded]  # evaluates at full speed (see codec.vessel)
         t1 = time.perf_counter()
-        profile = self._fold_real(self._combine(sums), tag)
+        profile = self._fold_real(self._combine(sums.__getitem__), tag)
         t2 = time.perf_counter()
         return profile, ProjectionTiming(0.0, 1e3 * (t1 - t0), 1e3 * (t2 - t1))
 
@@ -372,11 +379,17 @@ class HistoryProjector:
             raise HistoryError(f"{len(history)} history ciphertexts for {self.block_count} catalogue blocks")
         tag = history[0].GetKeyTag()
         t0 = time.perf_counter()
-        inputs = self._inputs(history)
-        t1 = time.perf_counter()
-        sums = self._sums_native(inputs, tag) if self.kernel == "native" else self._sums_openfhe(inputs, tag)
+        if self.kernel == "native":
+            # The input rotations overlap their serialization (inputs_ms is 0), the loads of the
+            # t_q the rotations of the sum over q (in rotations_ms).
+            t1 = t0
+            load = self._sums_native(history, tag)
+        else:
+            inputs = self._inputs(history)
+            t1 = time.perf_counter()
+            load = self._sums_openfhe(inputs, tag).__getitem__
         t2 = time.perf_counter()
-        profile = self._fold_real(self._combine(sums), tag)
+        profile = self._fold_real(self._combine(load), tag)
         t3 = time.perf_counter()
         return profile, ProjectionTiming(1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (t3 - t2))
 
