@@ -18,7 +18,8 @@ The evaluation, per history (``S`` slots, ``dp`` = 64 dimensions, ``B`` blocks):
 1. ``R`` input rotations per block (``R`` = 4 for up to ``ROTATE_INPUTS_MAX_BLOCKS`` blocks, else
    1): rot(E(w_b), a) for a < R, hoisted (one precomputation per block).
 2. ``dp / R`` sums t_q = sum_{b, a} rot(E(w_b), a) * rot(P_{b, a + R q}, a): 64 B products per
-   limb in one kernel pass, accumulated over *all* blocks before any rotation (rotation is linear).
+   limb in one kernel pass, accumulated over *all* blocks before any rotation (rotation is linear),
+   read by the kernel straight from the rotated inputs' serializations (``rnsmac.multiply_accumulate_blobs``).
 3. sum_q rot(t_q, R q): Horner by 16 per residue, then the baby-step levels (keys 16; 1, 2, 3;
    4, 8, 12): 63 rotations for R = 1, 15 for R = 4, whatever the catalogue size.
 4. The fold over the S / dp periods (radix 4, keys 64, 256, 1024: 9 rotations) and the real part
@@ -61,6 +62,9 @@ class HistoryError(ValueError):
 
 @dataclass(frozen=True)
 class ProjectionTiming:
+    """Wall time per phase. With the native kernel the input rotations run in the products'
+    tasks (inputs_ms is 0) and the t_q are loaded in the rotations' tasks."""
+
     inputs_ms: float
     products_ms: float
     rotations_ms: float
