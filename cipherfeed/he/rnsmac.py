@@ -23,6 +23,14 @@ except ImportError as exc:  # built by `pip install` when a C compiler is presen
     _rnsmac = None
     IMPORT_ERROR = str(exc)
 
+# The extension is built in place: a worktree updated without a rebuild keeps an older one, which
+# would fail deep inside a projection. Such a build counts as absent, and says why.
+FUNCTIONS = ("mac", "mac_gather", "add_mod", "to_montgomery", "pack_planes")
+if _rnsmac is not None and not all(hasattr(_rnsmac, name) for name in FUNCTIONS):
+    missing = [name for name in FUNCTIONS if not hasattr(_rnsmac, name)]
+    IMPORT_ERROR = f"the compiled kernel is older than _rnsmac.c (no {', '.join(missing)}): rerun scripts/bootstrap.sh"
+    _rnsmac = None
+
 Words = npt.NDArray[np.uint64]
 
 
