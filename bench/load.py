@@ -9,10 +9,18 @@ be taken from the services on the same cores); every response's digest is checke
 the run one answer per device is decrypted and compared with plaintext scoring.
 
 Reported per configuration: Scores/s over the window, Score latency p50/p99 (client side, the
-profile upload apart), errors by status, resident memory of every service process before the
-window (after a warm-up) and after it, and the load average next to them.
+profile upload apart), errors by status, the load average before and after, and the resident
+memory of every service process at three points: at the start (before this window's first
+Score), after the warm-up and at the end, with the growth from each of the first two to the end.
+The warm-up is one Score per device alone (keys fetched and installed), three timed ones alone,
+then ``--warmup-rounds`` Scores per device all at once, so that the heap has met the window's
+concurrency; growth after it is the sustained growth the target is about, growth from the start
+adds what the first Scores fill (installed key sets, a concurrent request's working set). RSS is
+also sampled every ``--rss-every`` seconds during the window, and Redis's (one server for every
+configuration: a cache filling by design up to its ``maxmemory``) is reported beside the services.
 
     python -m bench.load [--items 100000] [--clients 8] [--seconds 60] [--shards 1,2,3] [--paths direct,gateway]
+                         [--warmup-rounds 3] [--rss-every 5]
 """
 
 from __future__ import annotations
@@ -236,13 +244,37 @@ def start_gateway(mesh: Mesh, recommender_port: int) -> int:
     return port
 
 
+def rss_of(mesh: Mesh) -> dict[str, float]:
+    """MB resident per service process, and Redis's (the cache all configurations share)."""
+    rss = {s.name: rss_mb(s.proc.pid) for s in mesh.services}
+    if mesh.redis.process is not None:
+        rss["redis"] = rss_mb(mesh.redis.process.pid)
+    return rss
+
+
+def growth_pct(start: dict[str, float], end: dict[str, float]) -> dict[str, float]:
+    return {k: 100 * (end[k] - v) / v for k, v in start.items() if v and k in end}
+
+
+def run_concurrently(devices: list[Device], body: Any, seed: int) -> float:
+    """``body(device, rng)`` on one thread per device; the seconds they took together."""
+    threads = [threading.Thread(target=body, args=(d, np.random.default_rng(seed + i))) for i, d in enumerate(devices)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.monotonic() - t0
+
+
 def run_window(
     mesh: Mesh, devices: list[Device], model: Any, path: str, shards: int, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Warm-up, a few requests one at a time, then every device at once for ``args.seconds``."""
+    """Warm-up (alone, then all at once), then every device at once for ``args.seconds``."""
     rng = np.random.default_rng(shards)
     for d in devices:
         d.reset()
+    rss_start = rss_of(mesh)
     for d in devices:  # warm-up: keys fetched and installed in every recommender process
         d.score_once(rng, timed=False, path=path)
     sequential = []
@@ -251,26 +283,36 @@ def run_window(
         sequential.extend(d.latencies_ms)
         d.latencies_ms.clear()
         d.upload_ms.clear()
-    rss_before = {s.name: rss_mb(s.proc.pid) for s in mesh.services}
+
+    def warm(d: Device, local: np.random.Generator) -> None:  # the window's concurrency, untimed
+        for _ in range(args.warmup_rounds):
+            d.score_once(local, timed=False, path=path)
+
+    run_concurrently(devices, warm, 500 * shards)
+    rss_warm = rss_of(mesh)
     cpu_before = {s.name: cpu_seconds(s.proc.pid) for s in mesh.services}
     load_before = load_average()
     stop_at = time.monotonic() + args.seconds
+    series: list[tuple[float, dict[str, float]]] = []
+    sampling = threading.Event()
 
-    def drive(d: Device, seed: int) -> None:
-        local = np.random.default_rng(seed)
+    def sample() -> None:  # a few /proc reads every few seconds: nothing next to a Score
+        t0 = time.monotonic()
+        while not sampling.wait(args.rss_every):
+            series.append((round(time.monotonic() - t0, 1), rss_of(mesh)))
+
+    def drive(d: Device, local: np.random.Generator) -> None:
         while time.monotonic() < stop_at:
             d.score_once(local, timed=True, path=path)
 
-    threads = [threading.Thread(target=drive, args=(d, 1000 * shards + i)) for i, d in enumerate(devices)]
-    window0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    window = time.monotonic() - window0
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    window = run_concurrently(devices, drive, 1000 * shards)
+    sampling.set()
+    sampler.join()
     load_after = load_average()
     cpu_used = {s.name: cpu_seconds(s.proc.pid) - cpu_before[s.name] for s in mesh.services}
-    rss_after = {s.name: rss_mb(s.proc.pid) for s in mesh.services}
+    rss_end = rss_of(mesh)
     latencies = [x for d in devices for x in d.latencies_ms]
     uploads = [x for d in devices for x in d.upload_ms]
     errors: Counter[str] = Counter()
@@ -300,9 +342,10 @@ def run_window(
         "upload_profile_p50_ms": float(np.percentile(uploads, 50)) if uploads else float("nan"),
         "errors": dict(errors),
         "wrong_answers": wrong,
-        "rss_mb_before": rss_before,
-        "rss_mb_after": rss_after,
-        "rss_growth_pct": {k: 100 * (rss_after[k] - v) / v for k, v in rss_before.items() if v},
+        "warmup_rounds": args.warmup_rounds,
+        "rss_mb": {"start": rss_start, "warm": rss_warm, "end": rss_end},
+        "rss_growth_pct": {"after_warmup": growth_pct(rss_warm, rss_end), "from_start": growth_pct(rss_start, rss_end)},
+        "rss_mb_series": [{"t": t, **r} for t, r in series],
         "load_before": load_before,
         "load_after": load_after,
         # CPU seconds each service process spent in the window, per Score answered in it
@@ -359,24 +402,36 @@ def run_configuration(
         mesh.stop()
 
 
+def largest_service_growth(growth: dict[str, float]) -> float:
+    """The largest growth among the mesh's services (Redis, a cache by design, apart)."""
+    values = [v for k, v in growth.items() if k != "redis"]
+    return max(values) if values else float("nan")
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(
         f"{'shards':>6} {'path':>7} {'clients':>7} {'s':>4} {'Scores/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'p99/p50':>7} {'seq ms':>7} {'errors':>6} {'wrong':>5} {'max RSS +%':>10}  load before/after"
+        f"{'p99/p50':>7} {'seq ms':>7} {'errors':>6} {'wrong':>5} {'RSS +% warm':>11} {'from start':>10}"
+        "  load before/after"
     )
     for r in rows:
-        growth = max(r["rss_growth_pct"].values()) if r["rss_growth_pct"] else float("nan")
+        growth = r["rss_growth_pct"]
+        warm, start = largest_service_growth(growth["after_warmup"]), largest_service_growth(growth["from_start"])
         print(
             f"{r['shards']:>6} {r['path']:>7} {r['clients']:>7} {r['seconds']:>4.0f} {r['scores_per_s']:>9.2f} "
             f"{r['p50_ms']:>8.0f} {r['p99_ms']:>8.0f} {r['p99_over_p50']:>7.2f} {r['sequential_p50_ms']:>7.0f} "
-            f"{sum(r['errors'].values()):>6} {r['wrong_answers']:>5} {growth:>10.1f}  "
-            f"{r['load_before']} / {r['load_after']}"
+            f"{sum(r['errors'].values()):>6} {r['wrong_answers']:>5} "
+            f"{warm:>11.1f} {start:>10.1f}"
+            f"  {r['load_before']} / {r['load_after']}"
         )
-        for name in r["rss_mb_before"]:
-            cpu = r["cpu_s_per_score"].get(name, float("nan"))
+        rss = r["rss_mb"]
+        for name in rss["start"]:
+            cpu = r["cpu_s_per_score"].get(name)
             print(
-                f"{'':>8}{name:<12} RSS {r['rss_mb_before'][name]:8.1f} -> {r['rss_mb_after'][name]:8.1f} MB,"
-                f" CPU {1e3 * cpu:7.1f} ms/Score"
+                f"{'':>8}{name:<12} RSS {rss['start'][name]:8.1f} start -> {rss['warm'][name]:8.1f} warm -> "
+                f"{rss['end'][name]:8.1f} MB end ({growth['after_warmup'][name]:+.1f} % after warm-up, "
+                f"{growth['from_start'][name]:+.1f} % from start)"
+                + ("" if cpu is None else f", CPU {1e3 * cpu:.1f} ms/Score")
             )
         print(f"{'':>8}{'services':<12} CPU {1e3 * r['cpu_s_per_score_services']:7.1f} ms/Score")
 
@@ -389,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", default="1,2,3")
     parser.add_argument("--paths", default="direct,gateway", help="direct (gRPC) and/or gateway (HTTP, binary)")
     parser.add_argument("--queries-per-client", type=int, default=16, help="encrypted before the window")
+    parser.add_argument("--warmup-rounds", type=int, default=3, help="Scores per device, all at once, before it")
+    parser.add_argument("--rss-every", type=float, default=5.0, help="seconds between RSS samples in the window")
     parser.add_argument("--out", default="load")
     parser.add_argument("--keep", action="store_true", help="keep the services' logs (printed path)")
     args = parser.parse_args(argv)

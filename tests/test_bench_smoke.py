@@ -45,5 +45,8 @@ def test_load_benchmark_drives_a_sharded_mesh_of_processes(capsys):
     assert [r["path"] for r in rows] == ["direct", "gateway"]
     for row in rows:
         assert row["shards"] == 2 and row["scores"] >= 1 and not row["errors"] and row["wrong_answers"] == 0
-        assert set(row["rss_mb_after"]) == {"keyservice", "ledger", "shard-0", "shard-1", "coordinator", "gateway"}
+        services = {"keyservice", "ledger", "shard-0", "shard-1", "coordinator", "gateway", "redis"}
+        assert set(row["rss_mb"]) == {"start", "warm", "end"}
+        assert all(set(rss) == services for rss in row["rss_mb"].values())
+        assert set(row["rss_growth_pct"]["after_warmup"]) == set(row["rss_growth_pct"]["from_start"]) == services
     assert "coordinator" in capsys.readouterr().out
