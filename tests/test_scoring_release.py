@@ -129,3 +129,29 @@ def test_a_score_through_the_server_leaves_no_cycle_holding_material(client, col
         u = rng.standard_normal(64)
         client.score(u / np.linalg.norm(u), use_profile=use_profile)
     assert cyclic_garbage_holding_material() == []
+
+
+@pytest.fixture(scope="module")
+def two_shards(keyservice, redis_server, tmp_path_factory):
+    from tests.test_shard import Mesh
+
+    m = Mesh(synthetic_catalogue(17_000, seed=13), keyservice, redis_server, tmp_path_factory.mktemp("release"))
+    try:
+        running, _ = m.coordinator("coordinator", m.shards(2, "shard"))
+        m.device = m.client(running.port)
+        yield m
+    finally:
+        m.close()
+
+
+def test_a_sharded_score_leaves_no_cycle_holding_material(two_shards, collector_off):
+    """A coordinator (which rotates the query for its shards) and two shards, all in this process."""
+    device = two_shards.device
+    rng = np.random.default_rng(6)
+    u = rng.standard_normal(64)
+    device.score(u / np.linalg.norm(u))
+    assert cyclic_garbage_holding_material() == []
+    for use_profile in (False, True, False, True):
+        u = rng.standard_normal(64)
+        device.score(u / np.linalg.norm(u), use_profile=use_profile)
+    assert cyclic_garbage_holding_material() == []
