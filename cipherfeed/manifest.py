@@ -214,6 +214,8 @@ def decode(data: bytes, expected_sha256: bytes | None = None) -> Manifest:
         if isinstance(exc, ManifestError):
             raise
         raise ManifestError(f"manifest header is malformed: {exc}") from None
+    except RecursionError:  # nested deeper than the interpreter's limit: a hostile header
+        raise ManifestError("manifest header is nested too deeply") from None
     if not (0 <= n <= MAX_ITEMS and 0 <= creators <= max(n, 1)):
         raise ManifestError(f"manifest promises {n} items and {creators} creators")
     if template not in (TIKTOK_URL, SYNTHETIC_URL):

@@ -192,7 +192,7 @@ def decode_session(token: str, public_key: Callable[[int], bytes | None], audien
             key_version=int(d["kv"]),
             token_id=str(d["jti"]),
         )
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise OwnerAuthError("session token is malformed") from None
     if claims.payload() != payload:
         raise OwnerAuthError("session token is not in canonical form")

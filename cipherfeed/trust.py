@@ -93,6 +93,8 @@ def parse(data: bytes) -> TrustAnchors:
         d = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TrustError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise TrustError("not a trust file: nested too deeply") from None
     if not isinstance(d, dict):
         raise TrustError("a trust file is a JSON object")
     keys = set(d)

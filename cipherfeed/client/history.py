@@ -97,7 +97,7 @@ class HistoryStore:
             try:
                 record = json.loads(raw)
                 out.append(HistoryEntry(str(record["item_id"]), str(record["kind"]), int(record["unix"])))
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
                 raise HistoryError(f"{path}:{number}: malformed engagement record ({exc})") from None
         out.sort(key=lambda e: e.unix)  # stable: same-time entries keep their order
         return out[-MAX_ENTRIES:]

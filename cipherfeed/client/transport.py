@@ -348,7 +348,8 @@ class HttpChannel(grpc.Channel):
             else:
                 raise ValueError(f"unexpected content type {kind or 'none'}")
             return deserialize(data) if deserialize is not None else data
-        except (ValueError, DecodeError, json_format.ParseError) as exc:
+        # RecursionError: a hostile reply nested deeper than the interpreter's limit
+        except (ValueError, DecodeError, json_format.ParseError, RecursionError) as exc:
             raise HttpRpcError(_status(grpc.StatusCode.INTERNAL, f"gateway answer not decodable: {exc}"), 200) from None
 
     def _read(self, reply: httpx.Response) -> bytes:
@@ -376,7 +377,7 @@ class HttpChannel(grpc.Channel):
                 json_format.Parse(content, status, ignore_unknown_fields=True)
             else:
                 raise ValueError(kind)
-        except (ValueError, DecodeError, json_format.ParseError):
+        except (ValueError, DecodeError, json_format.ParseError, RecursionError):
             return _status(fallback, f"HTTP {http_status}: {content[:200].decode(errors='replace')}")
         if status.code == 0:  # a refusal that claims OK is not one
             status.code = fallback.value[0]

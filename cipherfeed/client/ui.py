@@ -146,7 +146,7 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b"{}"
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
             raise PageError("the body is not JSON") from None
         if not isinstance(body, dict):
             raise PageError("the body is a JSON object")
