@@ -570,7 +570,10 @@ class GatewayConfig:
     deadline_seconds: float = 30.0  # on every upstream call
     max_body_bytes: int = 48 * MiB  # a rotation key set (~11 MB, at most 32 MiB) as base64 JSON fits
     body_timeout_seconds: float = 60.0  # to receive a whole request body
-    max_concurrency: int = 64  # requests in progress; beyond it: 503
+    body_idle_seconds: float = 10.0  # longest wait for the next piece of a body (a minimum rate)
+    header_timeout_seconds: float = 10.0  # from a connection's opening (or its last answer) to its request's headers
+    max_concurrency: int = 64  # requests whose body arrived, in progress upstream; beyond it: 503
+    max_receiving: int = 256  # requests still sending their bodies; beyond it: 503
     cors_origins: tuple[str, ...] = ()  # origins allowed to call from a browser; none by default
     readiness_timeout_seconds: float = 2.0  # each upstream's health check behind /readyz
     http_cert_file: Path | None = None  # HTTPS on the listener (else plain HTTP, e.g. behind an ingress)
@@ -591,7 +594,10 @@ class GatewayConfig:
             deadline_seconds=_env_float("CIPHERFEED_GATEWAY_DEADLINE_SECONDS", cls.deadline_seconds),
             max_body_bytes=_env_int("CIPHERFEED_GATEWAY_MAX_BODY_BYTES", cls.max_body_bytes, 1),
             body_timeout_seconds=_env_float("CIPHERFEED_GATEWAY_BODY_TIMEOUT_SECONDS", cls.body_timeout_seconds),
+            body_idle_seconds=_env_float("CIPHERFEED_GATEWAY_BODY_IDLE_SECONDS", cls.body_idle_seconds),
+            header_timeout_seconds=_env_float("CIPHERFEED_GATEWAY_HEADER_TIMEOUT_SECONDS", cls.header_timeout_seconds),
             max_concurrency=_env_int("CIPHERFEED_GATEWAY_MAX_CONCURRENCY", cls.max_concurrency, 1),
+            max_receiving=_env_int("CIPHERFEED_GATEWAY_MAX_RECEIVING", cls.max_receiving, 1),
             cors_origins=tuple(o.strip() for o in origins.split(",") if o.strip()),
             readiness_timeout_seconds=_env_float(
                 "CIPHERFEED_GATEWAY_READINESS_TIMEOUT_SECONDS", cls.readiness_timeout_seconds
@@ -606,8 +612,10 @@ class GatewayConfig:
             raise ConfigError("CIPHERFEED_GATEWAY_CORS_ORIGINS: list the origins; '*' is not allowed")
         if (config.http_cert_file is None) != (config.http_key_file is None):
             raise ConfigError("CIPHERFEED_GATEWAY_HTTP_CERT_FILE and _HTTP_KEY_FILE go together")
-        if config.deadline_seconds <= 0 or config.body_timeout_seconds <= 0:
+        if min(config.deadline_seconds, config.body_timeout_seconds, config.body_idle_seconds) <= 0:
             raise ConfigError("gateway deadlines must be positive")
+        if config.header_timeout_seconds <= 0:
+            raise ConfigError("CIPHERFEED_GATEWAY_HEADER_TIMEOUT_SECONDS must be positive")
         return config
 
     def to_env(self) -> dict[str, str]:
@@ -621,7 +629,10 @@ class GatewayConfig:
             "CIPHERFEED_GATEWAY_DEADLINE_SECONDS": str(self.deadline_seconds),
             "CIPHERFEED_GATEWAY_MAX_BODY_BYTES": str(self.max_body_bytes),
             "CIPHERFEED_GATEWAY_BODY_TIMEOUT_SECONDS": str(self.body_timeout_seconds),
+            "CIPHERFEED_GATEWAY_BODY_IDLE_SECONDS": str(self.body_idle_seconds),
+            "CIPHERFEED_GATEWAY_HEADER_TIMEOUT_SECONDS": str(self.header_timeout_seconds),
             "CIPHERFEED_GATEWAY_MAX_CONCURRENCY": str(self.max_concurrency),
+            "CIPHERFEED_GATEWAY_MAX_RECEIVING": str(self.max_receiving),
             "CIPHERFEED_GATEWAY_CORS_ORIGINS": ",".join(self.cors_origins),
             "CIPHERFEED_GATEWAY_READINESS_TIMEOUT_SECONDS": str(self.readiness_timeout_seconds),
             "CIPHERFEED_GRPC_MAX_MESSAGE_BYTES": str(self.limits.max_message_bytes),

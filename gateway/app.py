@@ -80,7 +80,10 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.upstreams = Upstreams.from_config(config)
         self.openapi = openapi.document(self.table.routes)
-        self._in_flight = 0  # API requests in progress (one event loop: no lock needed)
+        # (one event loop: no lock needed) requests still sending their bodies, and those whose
+        # body arrived: a slow body holds a receiving slot, never one of the upstream's
+        self._receiving = 0
+        self._in_flight = 0
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes
@@ -93,9 +96,22 @@ class Gateway:
         chunks: list[bytes] = []
         size = 0
 
+        stream = request.stream().__aiter__()
+        idle = self.config.body_idle_seconds
+
         async def read() -> None:
             nonlocal size
-            async for chunk in request.stream():
+            while True:
+                # each piece within body_idle_seconds of the last (a minimum rate: one byte now
+                # and then cannot hold a slot for the whole body timeout)
+                try:
+                    chunk = await asyncio.wait_for(stream.__anext__(), idle)
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise self._body_late(
+                        f"no part of the rest of the request body arrived within {idle:g} s"
+                    ) from None
                 size += len(chunk)
                 if size > limit:
                     raise self._too_large(size)
@@ -104,29 +120,26 @@ class Gateway:
         try:
             await asyncio.wait_for(read(), self.config.body_timeout_seconds)
         except asyncio.TimeoutError:
-            raise GatewayError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                errors.Reason.FIELD_INVALID,
-                f"the request body did not arrive within {self.config.body_timeout_seconds:g} s",
-                {"field": "body"},
-                http=408,
+            raise self._body_late(
+                f"the request body did not arrive within {self.config.body_timeout_seconds:g} s"
             ) from None
         return b"".join(chunks)
 
-    def _overloaded(self) -> Response:
-        """At the concurrency limit: 503 with a Status and Retry-After, before reading anything."""
-        status = rich_status(
-            grpc.StatusCode.UNAVAILABLE,
-            errors.Reason.RETRY.value,
-            f"the gateway is handling {self.config.max_concurrency} requests; retry shortly",
-            {"limit": str(self.config.max_concurrency)},
-            retry_after=1.0,
+    @staticmethod
+    def _body_late(message: str) -> GatewayError:
+        return GatewayError(
+            grpc.StatusCode.DEADLINE_EXCEEDED, errors.Reason.FIELD_INVALID, message, {"field": "body"}, http=408
         )
-        response = self._status_response(status, False, None, {})
-        self.metrics.observe(
-            UNMATCHED, response.status_code, grpc.StatusCode.UNAVAILABLE.name, 0.0, 0, len(response.body)
+
+    @staticmethod
+    def _overloaded(limit: int, what: str) -> GatewayError:
+        """At a concurrency limit: 503 with a Status and Retry-After (a RetryInfo)."""
+        message = f"the gateway is {what} {limit} requests; retry shortly"
+        error = GatewayError(grpc.StatusCode.UNAVAILABLE, errors.Reason.RETRY, message)
+        error.status = rich_status(
+            grpc.StatusCode.UNAVAILABLE, errors.Reason.RETRY.value, message, {"limit": str(limit)}, retry_after=1.0
         )
-        return response
+        return error
 
     def _too_large(self, size: int) -> GatewayError:
         limit = self.config.max_body_bytes
@@ -158,15 +171,12 @@ class Gateway:
         started = time.perf_counter()
         label, grpc_code, request_bytes = UNMATCHED, "", 0
         binary = False
-        if self._in_flight >= self.config.max_concurrency:
-            return self._overloaded()
-        self._in_flight += 1
-        self.metrics.in_flight.inc()
         try:
             try:
                 match = self._match(request)
                 label = match.route.name
-                request_binary = transcode.is_binary_request(request.headers.get("content-type"))
+                content_type = request.headers.get("content-type")
+                request_binary = transcode.is_binary_request(content_type)
                 binary = transcode.wants_binary(request.headers.get("accept"), bool(request_binary))
                 if request_binary is None:
                     raise GatewayError(
@@ -176,7 +186,7 @@ class Gateway:
                         {"field": "content-type"},
                         http=415,
                     )
-                body = await self._read_body(request)
+                body = await self._receive(request)
                 request_bytes = len(body)
                 try:
                     query = parse_qsl(
@@ -191,7 +201,15 @@ class Gateway:
                 bearer = _bearer(request.headers.get("authorization")) if match.route.has_owner_auth else None
                 message = transcode.build_request(match, query, body, request_binary, bearer)
                 deadline = _deadline(request.headers.get("grpc-timeout"), self.config.deadline_seconds)
-                response = await self._call(match.route, message.SerializeToString(), binary, deadline)
+                if self._in_flight >= self.config.max_concurrency:
+                    raise self._overloaded(self.config.max_concurrency, "handling")
+                self._in_flight += 1
+                self.metrics.in_flight.inc()
+                try:
+                    response = await self._call(match.route, message.SerializeToString(), binary, deadline)
+                finally:
+                    self._in_flight -= 1
+                    self.metrics.in_flight.dec()
                 grpc_code = "OK"
             except GatewayError as exc:
                 grpc_code = grpc.StatusCode.UNKNOWN.name
@@ -211,9 +229,6 @@ class Gateway:
             grpc_code = grpc.StatusCode.INTERNAL.name
             status = rich_status(grpc.StatusCode.INTERNAL, errors.Reason.INTERNAL.value, "internal error")
             response = self._status_response(status, binary, 500, {})
-        finally:
-            self._in_flight -= 1
-            self.metrics.in_flight.dec()
         self.metrics.observe(
             label,
             response.status_code,
@@ -223,6 +238,20 @@ class Gateway:
             len(response.body),
         )
         return response
+
+    async def _receive(self, request: Request) -> bytes:
+        """The body, read in a receiving slot of its own (503 when all are taken)."""
+        if not _has_body(request):
+            return b""
+        if self._receiving >= self.config.max_receiving:
+            raise self._overloaded(self.config.max_receiving, "receiving the bodies of")
+        self._receiving += 1
+        self.metrics.receiving.inc()
+        try:
+            return await self._read_body(request)
+        finally:
+            self._receiving -= 1
+            self.metrics.receiving.dec()
 
     async def _call(self, route: ApiRoute, payload: bytes, binary: bool, deadline: float) -> Response:
         upstream = self.upstreams[route.upstream]
@@ -260,6 +289,11 @@ class Gateway:
     @staticmethod
     def _summary(states: dict[str, str]) -> tuple[bool, dict[str, str]]:
         return all(s == "SERVING" for s in states.values()), states
+
+
+def _has_body(request: Request) -> bool:
+    declared = request.headers.get("content-length")
+    return "transfer-encoding" in request.headers or (declared is not None and declared.strip() not in ("", "0"))
 
 
 class _UpstreamFailure(Exception):

@@ -50,8 +50,15 @@ class GatewayMetrics:
             buckets=_SIZE_BUCKETS,
             registry=self.registry,
         )
+        self.receiving = Gauge(
+            "cipherfeed_gateway_requests_receiving",
+            "Requests whose body is still arriving",
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
-            "cipherfeed_gateway_requests_in_flight", "Requests being handled now", registry=self.registry
+            "cipherfeed_gateway_requests_in_flight",
+            "Requests whose body arrived, being handled now",
+            registry=self.registry,
         )
 
     def observe(

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import socket
 import sys
 from typing import Any
 
+import h11
 import uvicorn
 from grpc_health.v1 import health, health_pb2
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cipherfeed import heap, logs
 from cipherfeed.config import ConfigError, GatewayConfig
@@ -49,6 +53,50 @@ class _Server(uvicorn.Server):
                 self.health_port.stop(grace=0)
 
 
+class HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's headers, counted from the
+    connection's opening or its previous answer. uvicorn starts no timer when a connection opens
+    (its keep-alive timer runs only after a response, and any byte cancels it), so a client could
+    hold sockets open without a byte, or trickle a header a byte at a time, for ever."""
+
+    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the request's headers are in
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._arm()  # the next request's headers get the same deadline
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self.transport.close()
+
+
 def uvicorn_config(config: GatewayConfig) -> uvicorn.Config:
     ssl: dict[str, Any] = {}
     if config.http_cert_file is not None and config.http_key_file is not None:
@@ -61,8 +109,11 @@ def uvicorn_config(config: GatewayConfig) -> uvicorn.Config:
         lifespan="on",
         access_log=False,  # query strings may carry owner proofs: never logged
         server_header=False,
-        # a backstop only: the gateway refuses API requests past max_concurrency itself, with a Status
-        limit_concurrency=config.max_concurrency + 32,
+        http=functools.partial(HeaderTimeoutProtocol, header_timeout=config.header_timeout_seconds),  # type: ignore[arg-type]
+        # No connection limit here: uvicorn counts every open connection against it, so idle
+        # sockets locked every client out with its text/plain 503. The gateway refuses API
+        # requests past its own limits with a Status; idle connections go after header_timeout.
+        limit_concurrency=None,
         timeout_keep_alive=5,
         timeout_graceful_shutdown=10,
         log_config=None,

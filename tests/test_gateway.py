@@ -45,8 +45,11 @@ KS = "cipherfeed.v1.KeyService"
 RC = "cipherfeed.v1.Recommender"
 
 
-def start_gateway(recommender: int, keyservice: int, ledger: int, **overrides) -> tuple[subprocess.Popen, int]:
-    """A gateway process as ``cipherfeed serve gateway`` runs it, on an ephemeral port."""
+def start_gateway(
+    recommender: int, keyservice: int, ledger: int, log_path: Path | None = None, **overrides
+) -> tuple[subprocess.Popen, int]:
+    """A gateway process as ``cipherfeed serve gateway`` runs it, on an ephemeral port (its log
+    to ``log_path`` when given)."""
     config = GatewayConfig(
         port=0,
         recommender_target=f"127.0.0.1:{recommender}",
@@ -56,7 +59,7 @@ def start_gateway(recommender: int, keyservice: int, ledger: int, **overrides) -
         tls=mesh_pki().tls("gateway"),
         **overrides,
     )
-    proc = start_service("gateway", config.to_env())
+    proc = start_service("gateway", config.to_env(), log_path=log_path)
     for conn in psutil.Process(proc.pid).net_connections(kind="tcp"):  # it printed that it listens
         if conn.status == psutil.CONN_LISTEN:
             return proc, int(conn.laddr.port)
@@ -534,19 +537,24 @@ def test_the_served_openapi_document_is_valid_and_lists_every_route(mesh):
     assert doc["components"]["schemas"]["cipherfeed.v1.KeyRecord"]["properties"]["createdUnix"]["type"] == "string"
 
 
-def test_requests_past_the_concurrency_limit_get_503_and_retry_after(mesh, recommender, keyservice):
-    proc, port = start_gateway(recommender[0], keyservice[0], mesh.ledger_port, max_concurrency=1)
+def test_requests_past_the_receiving_limit_get_503_and_retry_after(mesh, recommender, keyservice):
+    # (the upstream limit, max_concurrency: tests/test_gateway_hardening.py)
+    proc, port = start_gateway(recommender[0], keyservice[0], mesh.ledger_port, max_receiving=1)
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as held:
             # one request in progress: its body has not arrived yet
-            held.sendall(b"POST /v1/signin:nonce HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n")
-            gauge = "cipherfeed_gateway_requests_in_flight 1.0"
+            held.sendall(
+                b"POST /v1/signin:nonce HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 8\r\n\r\n"
+            )
+            gauge = "cipherfeed_gateway_requests_receiving 1.0"
             probes = 0
             while gauge not in http.get("/metrics").text:  # the gauge is the condition, not a timer
                 probes += 1
                 assert probes < 10_000, "the held request never reached the gateway"
-            r = http.get("/v1/params")
+            assert http.get("/v1/params").status_code == 200  # no body: needs no receiving slot
+            r = http.post("/v1/signin:nonce", json={})
             assert assert_status(r, 503, "RETRY")["code"] == 14 and r.headers["retry-after"] == "1"
             held.sendall(b"{}      ")
             reply = b""
