@@ -13,19 +13,28 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import grpc
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 
+from cipherfeed import errors
 from gateway.routes import Descriptor, Match, Route
-from gateway.status import invalid
+from gateway.status import GatewayError, invalid
 
 JSON = "application/json"
 PROTOBUF = "application/x-protobuf"
 BINARY_TYPES = frozenset({PROTOBUF, "application/protobuf", "application/vnd.google.protobuf"})
 JSON_TYPES = frozenset({JSON})
 MAX_QUERY_FIELDS = 256
+# json.loads builds every object, array and value of a body before json_format can refuse it: an
+# 8 MiB body of "{}," cost 209 MiB. Objects, arrays and separators ({ [ , :) are counted first,
+# in C (bytes.count), and a body with more than this is refused unparsed. Counting them inside
+# strings too only errs toward refusing; the big fields of real requests (ciphertexts, keys) are
+# base64, which has none of these characters. So a JSON body's parse costs a few times its size
+# plus at most this many containers and values (about 0.3 KB each: ~20 MiB).
+MAX_JSON_TOKENS = 65_536
 _ = error_details_pb2  # ErrorInfo and RetryInfo in the default pool: details print with their @type
 
 
@@ -195,6 +204,16 @@ def build_request(
         else:
             if body.lstrip(b" \t\r\n")[:1] != b"{":  # json_format would take [] as an empty message
                 raise invalid("the JSON body must be an object", "body")
+            tokens = sum(body.count(c) for c in (b"{", b"[", b",", b":"))
+            if tokens > MAX_JSON_TOKENS:
+                raise GatewayError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    errors.Reason.SIZE_LIMIT,
+                    f"the JSON body has {tokens} objects, arrays and separators; the limit is {MAX_JSON_TOKENS}"
+                    " (send large requests as application/x-protobuf)",
+                    {"field": "body", "limit": str(MAX_JSON_TOKENS)},
+                    http=413,
+                )
             try:
                 json_format.Parse(body.decode("utf-8"), target)
             except UnicodeDecodeError:
