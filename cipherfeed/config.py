@@ -574,6 +574,7 @@ class GatewayConfig:
     header_timeout_seconds: float = 10.0  # from a connection's opening (or its last answer) to its request's headers
     max_concurrency: int = 64  # requests whose body arrived, in progress upstream; beyond it: 503
     max_receiving: int = 256  # requests still sending their bodies; beyond it: 503
+    allowed_hosts: tuple[str, ...] = ()  # Host header values accepted (421 otherwise); none: any
     cors_origins: tuple[str, ...] = ()  # origins allowed to call from a browser; none by default
     readiness_timeout_seconds: float = 2.0  # each upstream's health check behind /readyz
     http_cert_file: Path | None = None  # HTTPS on the listener (else plain HTTP, e.g. behind an ingress)
@@ -585,6 +586,7 @@ class GatewayConfig:
     @classmethod
     def from_env(cls) -> GatewayConfig:
         origins = os.environ.get("CIPHERFEED_GATEWAY_CORS_ORIGINS", "")
+        hosts = os.environ.get("CIPHERFEED_GATEWAY_ALLOWED_HOSTS", "")
         config = cls(
             host=_env_str("CIPHERFEED_GATEWAY_HOST", cls.host),
             port=_env_int("CIPHERFEED_GATEWAY_PORT", cls.port, 0),
@@ -598,6 +600,7 @@ class GatewayConfig:
             header_timeout_seconds=_env_float("CIPHERFEED_GATEWAY_HEADER_TIMEOUT_SECONDS", cls.header_timeout_seconds),
             max_concurrency=_env_int("CIPHERFEED_GATEWAY_MAX_CONCURRENCY", cls.max_concurrency, 1),
             max_receiving=_env_int("CIPHERFEED_GATEWAY_MAX_RECEIVING", cls.max_receiving, 1),
+            allowed_hosts=tuple(h.strip() for h in hosts.split(",") if h.strip()),
             cors_origins=tuple(o.strip() for o in origins.split(",") if o.strip()),
             readiness_timeout_seconds=_env_float(
                 "CIPHERFEED_GATEWAY_READINESS_TIMEOUT_SECONDS", cls.readiness_timeout_seconds
@@ -634,6 +637,7 @@ class GatewayConfig:
             "CIPHERFEED_GATEWAY_MAX_CONCURRENCY": str(self.max_concurrency),
             "CIPHERFEED_GATEWAY_MAX_RECEIVING": str(self.max_receiving),
             "CIPHERFEED_GATEWAY_CORS_ORIGINS": ",".join(self.cors_origins),
+            "CIPHERFEED_GATEWAY_ALLOWED_HOSTS": ",".join(self.allowed_hosts),
             "CIPHERFEED_GATEWAY_READINESS_TIMEOUT_SECONDS": str(self.readiness_timeout_seconds),
             "CIPHERFEED_GRPC_MAX_MESSAGE_BYTES": str(self.limits.max_message_bytes),
             **self.tls.to_env(),

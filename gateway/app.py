@@ -18,10 +18,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, request_response
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cipherfeed import errors
 from cipherfeed.config import GatewayConfig
@@ -40,6 +41,20 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 OPENAPI_PATH = "/openapi.json"
 MAX_READY_WAIT = 60.0  # seconds /readyz?wait= may hold a request
 API_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+# The explorer's pages: its meta CSP as a header (a meta tag cannot set frame-ancestors), framing
+# refused, nothing sniffed, no referrer, its own browsing context and resources.
+EXPLORER_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src *; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+PAGE_HEADERS = {
+    "Content-Security-Policy": EXPLORER_CSP,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
 _TIMEOUT = re.compile(r"^([0-9]{1,8})([HMSmun])$")  # gRPC's grpc-timeout format, as Envoy passes it on
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~+/=")
@@ -178,7 +193,9 @@ class Gateway:
                 content_type = request.headers.get("content-type")
                 request_binary = transcode.is_binary_request(content_type)
                 binary = transcode.wants_binary(request.headers.get("accept"), bool(request_binary))
-                if request_binary is None:
+                if request_binary is None or (content_type is None and _has_body(request)):
+                    # an unlabelled body is refused too: read as JSON it let a cross-origin
+                    # no-cors fetch (a "simple" request, no preflight) reach the API
                     raise GatewayError(
                         grpc.StatusCode.INVALID_ARGUMENT,
                         errors.Reason.FIELD_INVALID,
@@ -224,6 +241,13 @@ class Gateway:
                 grpc_code = grpc.StatusCode.INVALID_ARGUMENT.name
                 status = transcode.invalid("the path is not UTF-8 once percent-decoded", "path").status
                 response = self._status_response(status, binary, 400, {})
+            except ClientDisconnect:  # the client went away mid-body: its choice, not our error
+                grpc_code = grpc.StatusCode.CANCELLED.name
+                gone = "the client closed the connection before its body arrived"
+                status = rich_status(
+                    grpc.StatusCode.CANCELLED, errors.Reason.FIELD_INVALID.value, gone, {"field": "body"}
+                )
+                response = self._status_response(status, binary, 499, {})
         except Exception:  # a bug here must not take the gateway down or leak its details
             log.exception("unexpected error handling %s", label)
             grpc_code = grpc.StatusCode.INTERNAL.name
@@ -291,6 +315,43 @@ class Gateway:
         return all(s == "SERVING" for s in states.values()), states
 
 
+class _AllowedHosts:
+    """Requests whose Host is not listed get 421 with a Status: behind a shared ingress, a Host
+    header is what redirects (``/explorer`` → ``/explorer/``) and absolute links are built from."""
+
+    def __init__(self, app: ASGIApp, hosts: Sequence[str]) -> None:
+        self.app = app
+        self.hosts = frozenset(h.lower() for h in hosts)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+            if host not in self.hosts and host.rsplit(":", 1)[0] not in self.hosts:
+                message = "this Host is not served here"
+                status = rich_status(
+                    grpc.StatusCode.INVALID_ARGUMENT, errors.Reason.FIELD_INVALID.value, message, {"field": "host"}
+                )
+                body = transcode.encode_status(status, False)
+                await Response(body, 421, API_HEADERS, transcode.JSON)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _with_headers(app: ASGIApp, headers: dict[str, str]) -> ASGIApp:
+    """``app`` with ``headers`` added to every response it starts (StaticFiles sets none)."""
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *raw]}
+            await send(message)
+
+        await app(scope, receive, send_with_headers)
+
+    return wrapped
+
+
 def _has_body(request: Request) -> bool:
     declared = request.headers.get("content-length")
     return "transfer-encoding" in request.headers or (declared is not None and declared.strip() not in ("", "0"))
@@ -335,9 +396,14 @@ def create_app(config: GatewayConfig, routes: Sequence[ApiRoute] | None = None) 
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route(OPENAPI_PATH, openapi_json, methods=["GET"]),
-        Mount("/explorer", app=StaticFiles(directory=STATIC_DIR / "explorer", html=True, check_dir=False)),
+        Mount(
+            "/explorer",
+            app=_with_headers(StaticFiles(directory=STATIC_DIR / "explorer", html=True, check_dir=False), PAGE_HEADERS),
+        ),
     ]
     middleware = []
+    if config.allowed_hosts:  # a Host outside the list: 421 (it would name the redirects' target)
+        middleware.append(Middleware(_AllowedHosts, hosts=config.allowed_hosts))
     if config.cors_origins:
         middleware.append(
             Middleware(

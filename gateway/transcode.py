@@ -45,7 +45,8 @@ def media_type(header: str | None) -> str | None:
 
 
 def is_binary_request(content_type: str | None) -> bool | None:
-    """True for a protobuf body, False for JSON (also when unlabelled), None for anything else."""
+    """True for a protobuf body, False for JSON (or no Content-Type: the caller refuses a body
+    without one), None for anything else."""
     kind = media_type(content_type)
     if kind is None or kind in JSON_TYPES:
         return False

@@ -371,7 +371,9 @@ def test_json_and_binary_bodies_give_the_answer_direct_grpc_gives(mesh, client, 
     # original proto names are accepted on input as well as lowerCamelCase
     items = {"item_ids": [], "indices": [4, 2]}
     a = mesh.http.post("/v1/items:batchGet", json=items)
-    b = mesh.http.post("/v1/items:batchGet", content=json.dumps({"indices": [4, 2]}))
+    b = mesh.http.post(
+        "/v1/items:batchGet", content=json.dumps({"indices": [4, 2]}), headers={"Content-Type": "application/json"}
+    )
     c = mesh.http.post(
         "/v1/items:batchGet",
         content=recommender_pb2.GetItemsRequest(indices=[4, 2]).SerializeToString(),
@@ -437,8 +439,10 @@ def test_each_error_class_has_its_http_status(mesh, client, token, query, tiktok
     assert assert_status(r, 405, "ROUTE_NOT_FOUND")["code"] == 12 and r.headers["allow"] == "POST"
     assert_status(http.post("/v1/score", content=b"a=b", headers={"Content-Type": "application/x-www-form-urlencoded"}),
                   415, "FIELD_INVALID")  # fmt: skip
+    assert_status(http.post("/v1/score", content=b"{}", headers=h), 415, "FIELD_INVALID")  # a body with no type
     for bad in (b"{", b"[]", b'{"nope": 1}', b'{"key": {"keyId": 5}}', b"\xff\xfe", b'{"key": {}, "key": {}}'):
-        assert_status(http.post("/v1/score", content=bad, headers=h), 400, "FIELD_INVALID")
+        assert_status(http.post("/v1/score", content=bad, headers={**h, "Content-Type": "application/json"}), 400,
+                      "FIELD_INVALID")  # fmt: skip
     assert_status(http.post("/v1/score", content=b"\xff\xff\xff", headers=binary_in_json_out), 400, "FIELD_INVALID")
     assert_status(http.get("/v1/log/inclusion/abc"), 400, "FIELD_INVALID")
     assert_status(http.get("/v1/log/consistency", params={"bogus": 1}), 400, "FIELD_INVALID")

@@ -7,6 +7,7 @@ gateway answering at all while it is attacked.
 from __future__ import annotations
 
 import base64
+import re
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from gateway.app import EXPLORER_CSP
 from tests.test_gateway import start_gateway, stop
 
 
@@ -180,3 +182,70 @@ def test_object_heavy_json_is_refused_before_it_is_parsed(gateway):
         big = {"key": {"keyId": "0" * 64}, "queryCiphertext": base64.b64encode(b"\x01" * (8 << 20)).decode()}
         r = http.post("/v1/score", json=big)
         assert r.status_code == 503 and reason(r) == "DEPENDENCY_UNAVAILABLE"
+
+
+def test_a_client_that_drops_its_body_is_cancelled_not_an_internal_error(tmp_path):
+    dead = free_port()
+    log = tmp_path / "gateway.log"
+    proc, port = start_gateway(dead, dead, dead, log_path=log)
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(
+                    b"POST /v1/signin:nonce HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 100\r\n\r\n{"
+                )
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            cancelled = (
+                'cipherfeed_gateway_requests_total{grpc_code="CANCELLED",route="POST /v1/signin:nonce",status="499"}'
+            )
+            wait_for_metric(http, cancelled, 3)
+            assert 'grpc_code="INTERNAL"' not in http.get("/metrics").text
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert "unexpected error" not in text and "Traceback" not in text, text[-2000:]
+
+
+def test_a_body_without_content_type_is_refused(gateway):
+    # read as JSON, an unlabelled body let a cross-origin no-cors fetch (a CORS "simple" request,
+    # never preflighted) reach the API
+    _, port = gateway
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        r = http.post("/v1/signin:nonce", content=b"{}")
+        assert r.status_code == 415 and reason(r) == "FIELD_INVALID"
+        r = http.post("/v1/signin:nonce", content=b"{}", headers={"content-type": "text/plain"})
+        assert r.status_code == 415
+        r = http.post("/v1/signin:nonce")  # no body at all needs no type: served (its upstream is down)
+        assert r.status_code == 503 and reason(r) == "DEPENDENCY_UNAVAILABLE"
+
+
+def test_explorer_pages_carry_security_headers(gateway):
+    _, port = gateway
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        for path in ("/explorer/", "/explorer/explorer.js", "/explorer/style.css"):
+            r = http.get(path)
+            assert r.status_code == 200, path
+            assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+            assert "script-src 'self'" in r.headers["content-security-policy"]
+            assert r.headers["x-frame-options"] == "DENY"
+            assert r.headers["x-content-type-options"] == "nosniff"
+            assert r.headers["referrer-policy"] == "no-referrer"
+            assert r.headers["cross-origin-opener-policy"] == "same-origin"
+        # the page's own meta CSP is the header's, but for frame-ancestors (a meta tag cannot set it)
+        meta = re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', http.get("/explorer/").text)
+        assert meta is not None and f"{meta.group(1)}; frame-ancestors 'none'" == EXPLORER_CSP
+
+
+def test_allowed_hosts_refuse_another_host():
+    dead = free_port()
+    proc, port = start_gateway(dead, dead, dead, allowed_hosts=("127.0.0.1", "gateway.test"))
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            r = http.get("/explorer", headers={"host": "evil.example"})  # was: 307 to http://evil.example/explorer/
+            assert r.status_code == 421 and reason(r) == "FIELD_INVALID"
+            r = http.get("/explorer", headers={"host": "gateway.test"})
+            assert r.status_code == 307 and r.headers["location"] == "http://gateway.test/explorer/"
+            assert http.get("/healthz").status_code == 200  # Host 127.0.0.1:<port>
+    finally:
+        stop(proc)
