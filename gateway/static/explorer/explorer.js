@@ -13,6 +13,7 @@ import { parseTrust } from "./trust.js";
 const TRUST_KEY = "cipherfeed.explorer.trust";
 const SEEN_KEY = "cipherfeed.explorer.seen"; // the last checkpoint verified here, per log
 const CHAIN_KEY = "cipherfeed.explorer.chain";
+const DEFAULT_CHAIN = "http://127.0.0.1:8545";
 const MAX_ANCHORS_SHOWN = 20;
 const LOG_PAGE = 25;
 const MODEL_SCAN_PAGES = 8; // model versions are looked for in the newest 8 x 256 leaves
@@ -376,17 +377,25 @@ async function onVerifyReceipt() {
   }
 }
 
-async function refresh() {
+// confirmed: the user clicked (refresh, pin). Only then is the chain node kept for later visits:
+// a link's ?chain= must never replace the node the user chose without their say, since the anchor
+// check is only as good as the node (an operator's node can fake the pinned chain id and events).
+async function refresh(confirmed) {
   if (!state.trust) return;
-  localStorage.setItem(CHAIN_KEY, $("chain-url").value);
+  if (confirmed === true) localStorage.setItem(CHAIN_KEY, $("chain-url").value);
   const cp = await showCheckpoint();
   await Promise.all([showAnchors(cp), showModel(cp), showLog()]);
   document.body.dataset.ready = "true";
 }
 
 async function main() {
+  const storedChain = localStorage.getItem(CHAIN_KEY) || DEFAULT_CHAIN;
   $("gateway-url").value = params.get("api") || location.origin;
-  $("chain-url").value = params.get("chain") || localStorage.getItem(CHAIN_KEY) || "http://127.0.0.1:8545";
+  $("chain-url").value = params.get("chain") || storedChain;
+  // a link that names another node or gateway than this browser's: shown, not used until confirmed
+  const unconfirmed = [];
+  if (params.get("chain") && params.get("chain") !== storedChain) unconfirmed.push(`chain node ${params.get("chain")}`);
+  if (params.get("api") && params.get("api") !== location.origin) unconfirmed.push(`gateway ${params.get("api")}`);
   if (!window.isSecureContext || !crypto.subtle) {
     setStatus("trust-status", "failed", "this page needs a secure context (https, or http on localhost) for WebCrypto; nothing can be verified here");
     return;
@@ -396,14 +405,14 @@ async function main() {
     if (f) $("trust-input").value = await f.text();
   });
   $("trust-pin").addEventListener("click", async () => {
-    if (await pinTrust($("trust-input").value, true)) await refresh();
+    if (await pinTrust($("trust-input").value, true)) await refresh(true);
   });
   $("trust-unpin").addEventListener("click", () => {
     localStorage.removeItem(TRUST_KEY);
     state.trust = null;
     setStatus("trust-status", "none", "no trust file pinned");
   });
-  $("refresh").addEventListener("click", refresh);
+  $("refresh").addEventListener("click", () => refresh(true));
   $("log-older").addEventListener("click", () => showLog(state.logEnd > BigInt(LOG_PAGE) ? state.logEnd - BigInt(LOG_PAGE) : 0n));
   $("log-newer").addEventListener("click", () => {
     const next = state.logEnd + BigInt(LOG_PAGE);
@@ -411,7 +420,10 @@ async function main() {
   });
   $("receipt-verify").addEventListener("click", onVerifyReceipt);
   const saved = localStorage.getItem(TRUST_KEY);
-  if (saved && (await pinTrust(saved, false))) await refresh();
+  if (saved && (await pinTrust(saved, false))) {
+    if (unconfirmed.length === 0) await refresh(false);
+    else setStatus("checkpoint-status", "none", `this link names ${unconfirmed.join(" and ")}, not the ones this browser uses: check them and press refresh to verify with them`);
+  }
   else setStatus("trust-status", "none", "no trust file pinned: load or paste the operator's trust file and compare its fingerprint with the one published out of band");
   document.body.dataset.loaded = "true";
 }
