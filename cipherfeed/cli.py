@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -74,10 +75,20 @@ def device_history(client: RecommenderClient, user: str) -> tuple[list[Engagemen
     return history_store.engagements(entries), seeded
 
 
+def printable(text: str) -> str:
+    """``text`` with every control, format (bidi overrides, zero-width), separator-line and
+    unassigned character replaced by '?': a manifest's strings are the recommender's, and raw they
+    could drive the terminal (ANSI/OSC sequences: titles, clipboard writes, erased lines)."""
+    return "".join(
+        "?" if unicodedata.category(ch)[0] == "C" or unicodedata.category(ch) in ("Zl", "Zp") else ch for ch in text
+    )
+
+
 def print_feed(items: list, out: TextIO = sys.stdout) -> None:
     print(f"{'#':>2}  {'creator':<28} {'video id':<20} url", file=out)
     for n, item in enumerate(items, 1):
-        print(f"{n:>2}  {item.creator_id[:28]:<28} {item.item_id:<20} {item.url}", file=out)
+        creator, item_id, url = printable(item.creator_id), printable(item.item_id), printable(item.url)
+        print(f"{n:>2}  {creator[:28]:<28} {item_id:<20} {url}", file=out)
 
 
 def recommend(
@@ -168,7 +179,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         entries = store.entries(args.user)
         for e in entries:
             stamp = datetime.fromtimestamp(e.unix, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
-            print(f"{stamp}  {e.kind:<7}  {e.item_id}")
+            print(f"{stamp}  {printable(e.kind):<7}  {printable(e.item_id)}")
         print(f"{len(entries)} engagements of {args.user} in {store.path(args.user)}", file=sys.stderr)
         return 0
     if args.history_command == "clear":

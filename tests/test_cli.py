@@ -130,3 +130,26 @@ def test_serve_starts_a_service_that_answers(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_the_feed_table_never_prints_a_manifest_s_control_characters():
+    # a hostile recommender's manifest: an OSC title set, an OSC 52 clipboard write and a line
+    # erase in a creator id, an SGR sequence in an item id, a bidi override; all reached the
+    # terminal raw through print_feed
+    import io
+
+    from cipherfeed import manifest
+    from cipherfeed.cli import print_feed
+
+    evil = "\x1b]0;pwned\x07\x1b]52;c;ZWNobyBwd25lZA==\x07\x1b[2K\rinnocent\u202e\x9b"
+    data = manifest.encode(
+        "v" * 64, ["1", "2\x1b[31mRED"], np.array([0, 0]), [evil], ["nick"], np.array([0, 0]), np.array([0.0, 0.0])
+    )
+    decoded = manifest.decode(data)
+    out = io.StringIO()
+    print_feed([decoded.item(0), decoded.item(1)], out)
+    text = out.getvalue()
+    assert not any((ord(ch) < 0x20 and ch != "\n") or 0x7F <= ord(ch) < 0xA0 or ch == "\u202e" for ch in text), repr(
+        text
+    )
+    assert "innocent" in text and "[31mRED" in text  # the printable rest is kept
