@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench import authz, gateway, history, keys, ledger, load, ownerauth, scoring
+from bench import authz, gateway, gateway_memory, history, keys, ledger, load, ownerauth, scoring
 from bench.common import RESULTS
 
 
@@ -18,6 +18,7 @@ from bench.common import RESULTS
         (ledger, ["--appends", "400", "--batch", "100", "--leaves", "300", "--anchors", "2"]),
         (ownerauth, ["--n", "3"]),
         (gateway, ["--items", "100", "--reps", "2"]),
+        (gateway_memory, ["--mib", "1"]),
     ],
 )
 def test_benchmark_runs_and_writes_json(module, args, capsys):
