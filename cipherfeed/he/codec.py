@@ -24,6 +24,7 @@ again, as a second line.
 
 Kinds are registered per (object type, context, level): ``MaterialCodec.register_ciphertext``
 adds a ciphertext of any context and level with one call; ``register`` takes any reference makers.
+The device checks the server's score ciphertexts the same way (``cipherfeed.he.scorecheck``).
 """
 
 from __future__ import annotations
@@ -168,8 +169,9 @@ class StructureTemplate:
             and np.array_equal(self.fixed, other.fixed)
         )
 
-    def mismatch(self, data: Buffer, what: str) -> str | None:
-        """Why ``data`` is not an instance of this layout, or None if it is."""
+    def mismatch(self, data: Buffer, what: str, tag: bytes | None = None) -> str | None:
+        """Why ``data`` is not an instance of this layout, or None if it is. With ``tag`` every tag
+        slot must hold exactly it (the caller knows the tag), else any one lowercase-hex tag."""
         if len(data) != self.length:
             return f"{what} is {len(data)} bytes"
         view = np.frombuffer(data, np.uint8)
@@ -178,8 +180,12 @@ class StructureTemplate:
             where = int(self.fixed_at[int(np.argmax(differs))])
             return f"{what} was not made with the mesh's crypto parameters (byte {where} is not the mesh's)"
         mv = memoryview(data).cast("B")
-        tag = bytes(mv[self.tags[0] : self.tags[0] + self.tag_length])
-        if not TAG_PATTERN.fullmatch(tag) or any(bytes(mv[t : t + self.tag_length]) != tag for t in self.tags[1:]):
+        found = bytes(mv[self.tags[0] : self.tags[0] + self.tag_length])
+        if tag is not None and found != tag:
+            return f"{what} does not carry the expected key tag"
+        if not (tag is not None or TAG_PATTERN.fullmatch(found)) or any(
+            bytes(mv[t : t + self.tag_length]) != found for t in self.tags[1:]
+        ):
             return f"{what} carries a malformed or inconsistent key tag"
         for i, run in enumerate(self.runs):
             words = np.frombuffer(data, "<u8", run.words, run.start)
@@ -203,11 +209,11 @@ class KindTemplates:
     what: str
     variants: tuple[StructureTemplate, ...]
 
-    def check(self, data: Buffer) -> StructureTemplate:
+    def check(self, data: Buffer, tag: bytes | None = None) -> StructureTemplate:
         """The variant ``data`` is an instance of; MaterialError unless there is one."""
         reasons = []
         for variant in self.variants:
-            reason = variant.mismatch(data, self.what)
+            reason = variant.mismatch(data, self.what, tag)
             if reason is None:
                 return variant
             reasons.append(reason)
@@ -370,10 +376,11 @@ class MaterialCodec:
                 self._templates[name] = found
             return found
 
-    def check(self, kind: KindKey, data: Buffer) -> StructureTemplate:
+    def check(self, kind: KindKey, data: Buffer, tag: bytes | None = None) -> StructureTemplate:
         """MaterialError unless ``data`` is, byte for byte outside tags and coefficients, one of the
-        mesh's own serializations of ``kind``, with every coefficient below its modulus."""
-        return self.template(kind).check(data)
+        mesh's own serializations of ``kind``, with every coefficient below its modulus (and, when
+        given, exactly ``tag`` in every tag slot)."""
+        return self.template(kind).check(data, tag)
 
     def warm_up(self) -> None:
         """Learns every template now, so that no request pays for it."""

@@ -14,7 +14,13 @@ from cipherfeed.he import globalkeys
 from cipherfeed.he.codec import MaterialCodec, MaterialError
 from cipherfeed.he.globalkeys import EVAL_KEY_LOCK
 
-__all__ = ["EVAL_KEY_LOCK", "KeyMaterial", "install", "remove", "validate"]
+__all__ = ["EVAL_KEY_LOCK", "KeyMaterial", "install", "installed_tag", "remove", "validate"]
+
+
+def installed_tag(key_id: str, version: int) -> str:
+    """The tag a recommender files a client's rotation keys under and sets on its query, so the tag
+    every score ciphertext it returns carries (the device checks it: ``scorecheck``)."""
+    return f"{key_id}:{version}"
 
 
 @dataclass(frozen=True)

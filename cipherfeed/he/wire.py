@@ -128,30 +128,41 @@ def pack(blob: bytes, vector_lengths: tuple[int, ...], runs: list[tuple[int, int
     return b"".join(out)
 
 
-def unpack(data: bytes) -> bytes:
+def unpack(data: bytes, limit: int | None = None) -> bytes:
+    """The blob ``pack`` was given. With ``limit``, WireError before anything is allocated for an
+    output that would exceed ``limit`` bytes (what the headers promise is added up first)."""
     try:
         if not data.startswith(MAGIC):
             raise WireError("not a packed ciphertext")
         pos = len(MAGIC)
         (count,) = struct.unpack_from("<I", data, pos)
         pos += 4
-        parts = []
+        segments: list[tuple[int, int, int, int]] = []  # (raw start, raw length, words, bits)
+        total = 0
         for _ in range(count):
             raw_len, n, bits = struct.unpack_from("<IIB", data, pos)
             pos += 9
             if not 22 <= bits < 64 or n > 1 << 24:
                 raise WireError("bad segment header")
-            parts.append(data[pos : pos + raw_len])
-            pos += raw_len
             size = _packed_size(n, bits)
-            if pos + size > len(data):
+            if pos + raw_len + size > len(data):
                 raise WireError("truncated segment")
-            parts.append(_unpack_words(data[pos : pos + size], n, bits).astype("<u8").tobytes())
-            pos += size
+            segments.append((pos, raw_len, n, bits))
+            pos += raw_len + size
+            total += raw_len + 8 * n
+            if limit is not None and total > limit:
+                raise WireError(f"unpacks to more than {limit} bytes")
         (tail,) = struct.unpack_from("<I", data, pos)
         pos += 4
         if pos + tail != len(data):
             raise WireError("trailing or missing bytes")
+        if limit is not None and total + tail > limit:
+            raise WireError(f"unpacks to more than {limit} bytes")
+        parts = []
+        for start, raw_len, n, bits in segments:
+            parts.append(data[start : start + raw_len])
+            words = start + raw_len
+            parts.append(_unpack_words(data[words : words + _packed_size(n, bits)], n, bits).astype("<u8").tobytes())
         parts.append(data[pos:])
         return b"".join(parts)
     except struct.error as exc:

@@ -192,7 +192,7 @@ class KeyResolver:
         """The OpenFHE tag holding usable rotation keys for ``ref``, installing them if needed.
         ``checked`` is a (status, version) this request already obtained from ``usable_version``."""
         status, version = checked or self.usable_version(ref)
-        tag = f"{ref.key_id}:{version}"
+        tag = keymap.installed_tag(ref.key_id, version)
         if self.installed.touch(tag):
             return tag, version
         lock = self._fetch_lock(tag)
