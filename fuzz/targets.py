@@ -332,6 +332,72 @@ def _mutated_target(kind: str) -> Callable[[bytes], None]:
     return run
 
 
+# --- the device's check of score ciphertexts (cipherfeed/he/scorecheck.py) --------------------
+#
+# A hostile recommender's answer as the SDK reads it: the packed blob unpacked (bounded), checked
+# against the score templates and, if accepted, deserialized and decrypted. The input is a mode
+# byte and a mutation program: mode 0 takes the rest as the packed blob itself; mode 1 mutates a
+# valid score serialization of either layout (``mutate_material``'s edits) and packs it as the
+# server does; mode 2 packs first and flips, cuts or extends the packed bytes (its framing).
+
+_SCORES: list[Any] = []  # (checker, secret key, tag, [(serialization, other key pair's)] per layout)
+_SCORE_TAG = "5e" * 32 + ":1"  # the tag a recommender scores under (keymap.installed_tag)
+
+
+def _scores() -> Any:
+    if not _SCORES:
+        from cipherfeed.he import scorecheck
+        from cipherfeed.he.params import MESH_PARAMS
+
+        checker = scorecheck.for_params(MESH_PARAMS)
+        mine, other = (scorecheck.score_layouts(checker.codec, _SCORE_TAG) for _ in range(2))
+        _SCORES.append((checker, mine[0], list(zip(mine[1], other[1], strict=True))))
+    return _SCORES[0]
+
+
+def he_scores(data: bytes) -> None:
+    import atheris
+
+    from cipherfeed.he import wire
+    from cipherfeed.he.codec import MaterialError
+
+    checker, secret, layouts = _scores()
+    if not data:
+        return
+    mode, program = data[0] % 3, data[1:]
+    if mode == 0:
+        packed = program
+    else:
+        fdp = atheris.FuzzedDataProvider(program[:2])
+        blob, other = layouts[fdp.ConsumeIntInRange(0, len(layouts) - 1)]
+        template = checker.templates(len(_SCORE_TAG)).check(blob, _SCORE_TAG.encode())
+        if mode == 1:
+            packed = wire.pack(mutate_material(program[2:], blob, other, template), (checker.params.ring_dimension,))
+        else:
+            packed = bytearray(wire.pack(blob, (checker.params.ring_dimension,)))
+            edits = atheris.FuzzedDataProvider(program[2:])
+            for _ in range(edits.ConsumeIntInRange(1, 4)):
+                op = edits.ConsumeIntInRange(0, 2)
+                if op == 0 and packed:
+                    packed[edits.ConsumeIntInRange(0, min(len(packed), 64) - 1)] ^= edits.ConsumeIntInRange(1, 255)
+                elif op == 1:
+                    del packed[edits.ConsumeIntInRange(0, len(packed)) :]
+                else:
+                    packed += edits.ConsumeBytes(edits.ConsumeIntInRange(1, 64)) or b"\x00"
+            packed = bytes(packed)
+    with contextlib.suppress(MaterialError):
+        ct = checker.load(packed, _SCORE_TAG)
+        checker.codec.cc.Decrypt(secret, ct)  # as the SDK does with what it accepts
+
+
+def he_scores_seeds() -> list[bytes]:
+    from cipherfeed.he import wire
+
+    checker, _, layouts = _scores()
+    programs = [bytes([mode]) + p for mode in (1, 2) for p in _program_seeds()]
+    return programs + [b"\x00" + wire.pack(blob, (checker.params.ring_dimension,)) for blob, _ in layouts]
+
+
 def _program_seeds() -> list[bytes]:
     return [bytes(range(i, i + 64)) for i in range(0, 192, 32)] + [bytes(64)]
 
@@ -348,5 +414,6 @@ TARGETS: dict[str, Target] = {
     "wire": Target(wire_unpack, wire_seeds, ("cipherfeed.he.wire",)),
     "he_query": Target(he_query, lambda: [_he_pair()[0]], ("cipherfeed.he.codec",), 50_000),
     "he_public_key": Target(he_public_key, lambda: [_he_pair()[1]], ("cipherfeed.he.codec",), 50_000),
+    "he_scores": Target(he_scores, he_scores_seeds, ("cipherfeed.he.scorecheck", "cipherfeed.he.wire"), 50_000),
     "ledger_entries": Target(ledger_entries, ledger_entry_seeds, ("cipherfeed.receipts", "services.ledger.servicer")),
 }
