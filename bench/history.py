@@ -33,8 +33,8 @@ from cipherfeed.client.sdk import encrypt_history, encrypt_query
 from cipherfeed.config import GrpcLimits, MiB, RedisConfig, TlsConfig, default_dataset_path
 from cipherfeed.devredis import LocalRedis
 from cipherfeed.grpcutil import channel
-from cipherfeed.he import packing, wire
-from cipherfeed.he.keymap import KeyMaterial
+from cipherfeed.he import packing, scorecheck, wire
+from cipherfeed.he.keymap import KeyMaterial, installed_tag
 from cipherfeed.he.params import MESH_PARAMS
 from cipherfeed.v1 import common_pb2, keyservice_pb2_grpc
 from services.recommender.artifact import ModelArtifact
@@ -63,10 +63,11 @@ def catalogue(n: int) -> tuple[ModelArtifact, str]:
     return synthetic_catalogue(n, seed=n), "synthetic"
 
 
-def decrypt(keys: keystore.ClientKeys, core: RecommenderCore, blobs: list[bytes], n: int) -> np.ndarray:
+def decrypt(keys: keystore.ClientKeys, core: RecommenderCore, blobs: list[bytes], n: int, tag: str) -> np.ndarray:
     decrypted = []
-    for blob in blobs:
-        pt = keys.cc.Decrypt(keys.secret_key, core.codec.load_scores(wire.unpack(blob)))
+    checker = scorecheck.for_params(MESH_PARAMS)
+    for blob in blobs:  # checked as the device checks them
+        pt = keys.cc.Decrypt(keys.secret_key, checker.load(blob, tag))
         pt.SetLength(MESH_PARAMS.slots)
         decrypted.append(np.asarray(pt.GetCKKSPackedValue()))
     return packing.unpack_scores(decrypted, n, MESH_PARAMS.slots, core.scorer.tail_fold, MESH_PARAMS.padded_dim)
@@ -117,7 +118,7 @@ def run_size(
         inline.append(core.score(ref, query).server_millis)
         inline_cpu.append(1e3 * (time.process_time() - cpu))
     assert result is not None and not result.from_cache
-    got = decrypt(keys, core, result.ciphertexts, n)
+    got = decrypt(keys, core, result.ciphertexts, n, installed_tag(ref.key_id, ref.version))
     want = packing.plaintext_scores(
         model.embeddings, history_interest(model.embeddings, weights), model.popularity, model.popularity_weight
     )

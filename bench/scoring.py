@@ -27,8 +27,8 @@ from cipherfeed.client.sdk import RecommenderClient, encrypt_query
 from cipherfeed.config import ClientConfig, GrpcLimits, MiB, RedisConfig, ScoreRateLimit, TlsConfig
 from cipherfeed.devredis import LocalRedis
 from cipherfeed.grpcutil import channel, start_server
-from cipherfeed.he import packing, wire
-from cipherfeed.he.keymap import KeyMaterial
+from cipherfeed.he import packing, scorecheck
+from cipherfeed.he.keymap import KeyMaterial, installed_tag
 from cipherfeed.he.params import MESH_PARAMS
 from cipherfeed.v1 import common_pb2, keyservice_pb2_grpc, recommender_pb2_grpc
 from services.recommender.core import KeyLimits, RecommenderCore
@@ -118,8 +118,9 @@ def run_size(
 
     # Correctness of what was timed.
     decrypted = []
-    for blob in result.ciphertexts:
-        pt = keys.cc.Decrypt(keys.secret_key, core.codec.load_scores(wire.unpack(blob)))
+    checker, tag = scorecheck.for_params(MESH_PARAMS), installed_tag(ref.key_id, ref.version)
+    for blob in result.ciphertexts:  # checked as the device checks them
+        pt = keys.cc.Decrypt(keys.secret_key, checker.load(blob, tag))
         pt.SetLength(MESH_PARAMS.slots)
         decrypted.append(np.asarray(pt.GetCKKSPackedValue()))
     got = packing.unpack_scores(decrypted, n, MESH_PARAMS.slots, core.scorer.tail_fold, MESH_PARAMS.padded_dim)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from enum import Enum
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,9 +27,9 @@ from cipherfeed.client.transport import open_channel
 from cipherfeed.config import ClientConfig
 from cipherfeed.errors import Reason
 from cipherfeed.grpcutil import reason_of
-from cipherfeed.he import packing, wire
-from cipherfeed.he.codec import MaterialCodec, ciphertext_sha256, serialize
-from cipherfeed.he.keymap import KeyMaterial
+from cipherfeed.he import packing, scorecheck
+from cipherfeed.he.codec import MaterialError, ciphertext_sha256, serialize
+from cipherfeed.he.keymap import KeyMaterial, installed_tag
 from cipherfeed.he.params import HEParams, ParameterError, build_context, context_fingerprint
 from cipherfeed.manifest import CatalogueItem, Manifest, ManifestError
 from cipherfeed.manifest import decode as decode_manifest
@@ -44,6 +45,31 @@ from cipherfeed.v1 import (
 
 class ClientError(RuntimeError):
     """The server's answer cannot be trusted or used."""
+
+
+class Refusal(str, Enum):
+    """Which of the device's checks a server's answer failed (``ResponseRefused.reason``)."""
+
+    QUERY_MISMATCH = "QUERY_MISMATCH"  # the answer names another query
+    RESPONSE_HASH_MISMATCH = "RESPONSE_HASH_MISMATCH"  # response_sha256 is not over the ciphertexts received
+    RECEIPT_MISMATCH = "RECEIPT_MISMATCH"  # the receipt id does not hash what was sent and received
+    MODEL_MISMATCH = "MODEL_MISMATCH"  # scored by another model than the one pinned
+    KEY_VERSION_MISMATCH = "KEY_VERSION_MISMATCH"  # scored under another version of the key than this device holds
+    LAYOUT_INVALID = "LAYOUT_INVALID"  # slots, items per ciphertext, item count or tail fold
+    COUNT_INVALID = "COUNT_INVALID"  # not one score ciphertext per block of the layout
+    CIPHERTEXT_INVALID = "CIPHERTEXT_INVALID"  # a score ciphertext is not the mesh's (``scorecheck``)
+
+
+class ResponseRefused(ClientError):
+    """A server's answer failed the device's checks; nothing of it was decrypted or kept. Raised
+    for a broken or hostile server, never a signal or a large allocation: every field is checked
+    before anything sized by it is allocated, and every score ciphertext before OpenFHE reads it.
+    ``block`` is the index of the score ciphertext refused, if one was."""
+
+    def __init__(self, message: str, reason: Refusal, block: int | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.block = block
 
 
 KEYSERVICE = keyservice_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
@@ -124,7 +150,7 @@ class RecommenderClient:
         self.stub = recommender_pb2_grpc.RecommenderStub(self._channel)
         self.keyservice = keyservice_pb2_grpc.KeyServiceStub(self._keyservice_channel)
         self._params: HEParams | None = None
-        self._codec: MaterialCodec | None = None
+        self._scores: scorecheck.ScoreChecker | None = None
         self.keys: ClientKeys | None = None
         self.account: LocalAccount | None = None  # owns the registered key; never sent or logged
         self.session: keyservice_pb2.SessionToken | None = None
@@ -169,7 +195,7 @@ class RecommenderClient:
         if self._params is None:
             response = self.stub.GetParams(recommender_pb2.GetParamsRequest(), timeout=self._deadline)
             self._params = params_from_proto(response.params)
-            self._codec = MaterialCodec(self._params)
+            self._scores = scorecheck.for_params(self._params)
         return self._params
 
     def model_info(self) -> common_pb2.ModelVersion:
@@ -345,7 +371,7 @@ class RecommenderClient:
             request = recommender_pb2.ScoreRequest(key=key, profile_ref=ref, model_version=pin_model)
             self._authorize(RECOMMENDER, "Score", key.key_id, request)
             try:
-                return self._decrypt(self.stub.Score(request, timeout=self._deadline), query_sha, 0)
+                return self._decrypt(self.stub.Score(request, timeout=self._deadline), query_sha, 0, pin_model)
             except grpc.RpcError as exc:
                 if reason_of(exc) != Reason.PROFILE_NOT_FOUND or attempt:  # expired: upload again
                     raise
@@ -380,7 +406,7 @@ class RecommenderClient:
         key = self._key_ref()
         request = recommender_pb2.ScoreRequest(key=key, profile_ref=profile_ref, model_version=pin_model)
         self._authorize(RECOMMENDER, "Score", key.key_id, request)
-        return self._decrypt(self.stub.Score(request, timeout=self._deadline), expected, 0)
+        return self._decrypt(self.stub.Score(request, timeout=self._deadline), expected, 0, pin_model)
 
     def score_history(self, weights: np.ndarray, pin_model: str = "") -> EncryptedScores:
         """Scores a history, uploading it only when these weights were not uploaded already (or
@@ -402,39 +428,30 @@ class RecommenderClient:
         key = self._key_ref()
         request = recommender_pb2.ScoreRequest(key=key, query_ciphertext=query, model_version=pin_model)
         response = self.stub.Score(self._authorize(RECOMMENDER, "Score", key.key_id, request), timeout=self._deadline)
-        return self._decrypt(response, hashlib.sha256(query).digest(), len(query))
+        return self._decrypt(response, hashlib.sha256(query).digest(), len(query), pin_model)
 
     def _decrypt(
-        self, response: recommender_pb2.ScoreResponse, query_sha256: bytes, query_bytes: int
+        self, response: recommender_pb2.ScoreResponse, query_sha256: bytes, query_bytes: int, pin_model: str = ""
     ) -> EncryptedScores:
+        """The decrypted scores of ``response``, or ResponseRefused: every field is checked before
+        anything sized by it is allocated, every score ciphertext before OpenFHE sees it."""
         keys = self._require_keys()
         blobs = list(response.score_ciphertexts)
         if response.query_sha256 != query_sha256:
-            raise ClientError("server's receipt names another query")
+            raise ResponseRefused("server's receipt names another query", Refusal.QUERY_MISMATCH)
         if response.response_sha256 != ciphertext_sha256(blobs):
-            raise ClientError("server's response hash does not match the ciphertexts received")
-        layout = response.layout
-        p = self.params()
-        if layout.slots != p.slots or layout.items_per_ciphertext != p.items_per_ciphertext:
-            raise ClientError("server's score layout does not match the parameter set")
-        if len(blobs) != packing.block_count(layout.item_count, layout.items_per_ciphertext):
-            raise ClientError(f"{len(blobs)} score ciphertexts for {layout.item_count} items")
-        fold = max(1, layout.tail_fold)
-        expected = packing.tail_fold(layout.item_count, p.slots, p.padded_dim, p.giant_steps)
-        if fold != expected:
-            raise ClientError(f"server's tail fold {fold} is not the layout's {expected} for {layout.item_count} items")
-        assert self._codec is not None
-        decrypted = []
-        for blob in blobs:
-            try:
-                ct = self._codec.load_scores(wire.unpack(blob))
-            except wire.WireError as exc:
-                raise ClientError(f"score ciphertext is not decodable: {exc}") from None
-            pt = keys.cc.Decrypt(keys.secret_key, ct)
-            pt.SetLength(p.slots)
-            decrypted.append(np.asarray(pt.GetCKKSPackedValue()))
+            raise ResponseRefused(
+                "server's response hash does not match the ciphertexts received", Refusal.RESPONSE_HASH_MISMATCH
+            )
+        if pin_model and response.model_version != pin_model:
+            raise ResponseRefused("server answered for another model than the one pinned", Refusal.MODEL_MISMATCH)
+        if self.key_version and response.key_version != self.key_version:  # it could not be decrypted here
+            raise ResponseRefused(
+                f"server scored under key version {response.key_version}; this device holds {self.key_version}",
+                Refusal.KEY_VERSION_MISMATCH,
+            )
         receipt = None
-        if response.receipt_id:
+        if response.receipt_id:  # pure hashing: checked before any decryption
             receipt = Receipt(
                 query_sha256=query_sha256.hex(),
                 response_sha256=response.response_sha256.hex(),
@@ -444,7 +461,44 @@ class RecommenderClient:
                 unix_millis=response.receipt_unix_millis,
             )
             if receipt.receipt_id != response.receipt_id:
-                raise ClientError("the server's receipt id does not match what was sent and received")
+                raise ResponseRefused(
+                    "the server's receipt id does not match what was sent and received", Refusal.RECEIPT_MISMATCH
+                )
+        layout = response.layout
+        p = self.params()
+        if layout.slots != p.slots or layout.items_per_ciphertext != p.items_per_ciphertext:
+            raise ResponseRefused("server's score layout does not match the parameter set", Refusal.LAYOUT_INVALID)
+        known = self._manifest  # the catalogue size is public: the manifest of that model says it
+        if layout.item_count == 0 or (
+            known is not None
+            and known.model_version == response.model_version
+            and known.item_count != layout.item_count
+        ):
+            raise ResponseRefused(f"server's layout has {layout.item_count} items", Refusal.LAYOUT_INVALID)
+        if len(blobs) != packing.block_count(layout.item_count, layout.items_per_ciphertext):
+            raise ResponseRefused(
+                f"{len(blobs)} score ciphertexts for {layout.item_count} items", Refusal.COUNT_INVALID
+            )
+        fold = max(1, layout.tail_fold)
+        expected = packing.tail_fold(layout.item_count, p.slots, p.padded_dim, p.giant_steps)
+        if fold != expected:
+            raise ResponseRefused(
+                f"server's tail fold {fold} is not the layout's {expected} for {layout.item_count} items",
+                Refusal.LAYOUT_INVALID,
+            )
+        assert self._scores is not None
+        tag = installed_tag(self.key_id or "", response.key_version)  # the tag the server scored under
+        loaded = []
+        for i, blob in enumerate(blobs):  # all of them before any decryption
+            try:
+                loaded.append(self._scores.load(blob, tag))
+            except MaterialError as exc:
+                raise ResponseRefused(f"score ciphertext {i}: {exc}", Refusal.CIPHERTEXT_INVALID, block=i) from None
+        decrypted = []
+        for ct in loaded:
+            pt = keys.cc.Decrypt(keys.secret_key, ct)
+            pt.SetLength(p.slots)
+            decrypted.append(np.asarray(pt.GetCKKSPackedValue()))
         return EncryptedScores(
             model_version=response.model_version,
             scores=packing.unpack_scores(decrypted, layout.item_count, p.slots, fold, p.padded_dim),

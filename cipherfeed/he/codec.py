@@ -451,13 +451,3 @@ class MaterialCodec:
             return openfhe.DeserializeEvalKeyMapString(data, openfhe.BINARY)
         except Exception as exc:
             raise MaterialError(f"{Kind.ROTATION_KEYS.value} does not deserialize: {type(exc).__name__}") from None
-
-    def load_scores(self, data: bytes) -> openfhe.Ciphertext:
-        """Client side: a score ciphertext from the server (checked against the context too)."""
-        try:
-            ct = openfhe.DeserializeCiphertextString(data, openfhe.BINARY)
-        except Exception as exc:
-            raise MaterialError(f"score ciphertext does not deserialize: {type(exc).__name__}") from None
-        if context_fingerprint(ct.GetCryptoContext()) != self.fingerprint:
-            raise MaterialError("score ciphertext belongs to another crypto context")
-        return ct
