@@ -230,6 +230,60 @@ def saved_receipt_seeds() -> list[bytes]:
     return [json.dumps(asdict(receipt), sort_keys=True, indent=2).encode() + b"\n", b"[" * 5000, b"1" * 5000]
 
 
+# --- the catalogue manifest (cipherfeed/manifest.py): from the recommender, untrusted -----------
+
+
+def manifest(data: bytes) -> None:
+    """A manifest as the device decodes it; an accepted one is internally consistent: every item's
+    creator exists and its display fields can be built."""
+    from cipherfeed.manifest import ManifestError, decode
+
+    try:
+        m = decode(data)
+    except ManifestError:
+        return
+    assert len(m.creator_of) == len(m.posted_unix) == len(m.popularity) == m.item_count
+    for index in range(min(m.item_count, 64)):
+        m.item(index)
+
+
+def manifest_seeds() -> list[bytes]:
+    import numpy as np
+
+    from cipherfeed.manifest import encode
+
+    ids = [str(7_000_000_000_000_000_000 + i) for i in range(5)]
+    creators = ["alice", "bob"]
+    small = encode("m1", ids, np.array([0, 1, 0, 1, 1]), creators, ["Alice", "Bob"], np.arange(5), np.ones(5))
+    strings = encode("m2", ["a", "b"], np.array([0, 0]), ["c"], ["C"], np.arange(2), np.zeros(2))
+    return [small, strings]
+
+
+# --- sign-in messages (cipherfeed/siwe.py): EIP-4361 text from anyone who signs in --------------
+
+
+def siwe_message(data: bytes) -> None:
+    """A sign-in message as the key service parses it; an accepted one keeps its address checksum
+    shape and a chain id in range."""
+    from cipherfeed.siwe import SiweError, parse
+
+    try:
+        message = parse(data.decode("utf-8", "replace"))
+    except SiweError:
+        return
+    assert message.address.startswith("0x") and len(message.address) == 42
+    assert message.chain_id > 0
+
+
+def siwe_seeds() -> list[bytes]:
+    return [
+        b"localhost wants you to sign in with your Ethereum account:\n"
+        b"0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed\n\nSign in to cipherfeed.\n\n"
+        b"URI: grpcs://localhost\nVersion: 1\nChain ID: 31337\nNonce: abcdefgh12345678\n"
+        b"Issued At: 2026-12-02T07:00:00Z\nExpiration Time: 2026-12-02T07:05:00Z"
+    ]
+
+
 # --- valid HE material, mutated (bit flips, splices, length-field and coefficient edits) -----
 #
 # The input is a mutation program applied to a valid serialization, not the serialization itself:
@@ -415,5 +469,7 @@ TARGETS: dict[str, Target] = {
     "he_query": Target(he_query, lambda: [_he_pair()[0]], ("cipherfeed.he.codec",), 50_000),
     "he_public_key": Target(he_public_key, lambda: [_he_pair()[1]], ("cipherfeed.he.codec",), 50_000),
     "he_scores": Target(he_scores, he_scores_seeds, ("cipherfeed.he.scorecheck", "cipherfeed.he.wire"), 50_000),
+    "manifest": Target(manifest, manifest_seeds, ("cipherfeed.manifest",)),
+    "siwe_message": Target(siwe_message, siwe_seeds, ("cipherfeed.siwe",)),
     "ledger_entries": Target(ledger_entries, ledger_entry_seeds, ("cipherfeed.receipts", "services.ledger.servicer")),
 }
