@@ -41,7 +41,7 @@ from services.keyservice.envelope import MasterKey
 from services.keyservice.integrity import check_key_store
 from services.keyservice.store import KeyStore
 from services.ledger.anchor import compiled_contract
-from services.ledger.integrity import check_chain, check_store, unique_leaves
+from services.ledger.integrity import LedgerIntegrity, check_chain, check_store, unique_leaves
 from services.ledger.store import LedgerStore
 
 CLIENTS = 2
@@ -226,37 +226,49 @@ def fault_mesh(tiktok_model, tmp_path_factory, postgres_server):
         mesh.down()
 
 
-def check_everything_after(fm: FaultMesh, load: Load) -> None:
-    """The invariants of the module docstring, for the receipts ``load`` was given."""
+def wait_receipts_delivered(
+    device: RecommenderClient, trust: trustfile.TrustAnchors, chain_url: str, load: Load, state: Path
+) -> None:
+    """No wrong answer and no refusal in ``load``; every receipt it was given verified down to its
+    anchor, trusting only ``trust``; the recommender's spool drained with nothing quarantined."""
     assert not load.wrong, load.wrong
     assert not load.refused, load.refused
-    device = fm.devices[0].client
+    assert load.receipts
     ledger = ledger_pb2_grpc.LedgerStub(device.ledger_channel())
-    chain = Web3Chain(fm.chain_url)
+    chain = Web3Chain(chain_url)
     pending = {r.receipt_id: r for r in load.receipts}
 
     def all_verified() -> bool:
         for receipt_id, receipt in list(pending.items()):
             try:
-                fetch_and_verify(receipt_id, ledger, fm.trust, chain, 10, receipt)
+                fetch_and_verify(receipt_id, ledger, trust, chain, 10, receipt)
             except Exception:  # not yet delivered, checkpointed or anchored
                 return False
             del pending[receipt_id]
         return True
 
     wait_until(all_verified, 120, f"{len(pending)} acknowledged receipts in the log, signed and anchored")
-    spool = sqlite3.connect(fm.state / "recommender" / "receipt-spool.db")
+    spool = sqlite3.connect(state / "recommender" / "receipt-spool.db")
     try:
         wait_until(lambda: spool.execute("SELECT COUNT(*) FROM spool").fetchone()[0] == 0, 60, "the spool drained")
         assert spool.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0] == 0
     finally:
         spool.close()
 
+
+def check_log_holds_each_once(store: LedgerStore, trust: trustfile.TrustAnchors, load: Load) -> LedgerIntegrity:
+    """Every acknowledged receipt is one leaf of the log, exactly once; the store's own check."""
+    counts = unique_leaves(store, [bytes.fromhex(r.receipt_id) for r in load.receipts])
+    assert set(counts.values()) == {1}, "an acknowledged receipt is not in the log exactly once"
+    return check_store(store, trust.verifiers, trust.log_origin)
+
+
+def check_everything_after(fm: FaultMesh, load: Load) -> None:
+    """The invariants of the module docstring, for the receipts ``load`` was given."""
+    wait_receipts_delivered(fm.devices[0].client, fm.trust, fm.chain_url, load, fm.state)
     store = LedgerStore(fm.postgres.dsn, serving=False)
     try:
-        counts = unique_leaves(store, [bytes.fromhex(r.receipt_id) for r in load.receipts])
-        assert set(counts.values()) == {1}, "an acknowledged receipt is not in the log exactly once"
-        report = check_store(store, fm.trust.verifiers, fm.trust.log_origin)
+        report = check_log_holds_each_once(store, fm.trust, load)
         w3 = Web3(Web3.HTTPProvider(fm.chain_url))
         contract = w3.eth.contract(address=fm.trust.anchor_contract, abi=compiled_contract()["abi"])
         check_chain(store, contract, report)

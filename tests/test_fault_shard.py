@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import sqlite3
 import threading
 from dataclasses import replace
 
@@ -27,11 +26,9 @@ import numpy as np
 import pytest
 
 from cipherfeed import trust as trustfile
-from cipherfeed.cli import Web3Chain
 from cipherfeed.client.interest import Engagement, history_weights
 from cipherfeed.client.ranking import rank_feed
 from cipherfeed.client.sdk import RECOMMENDER, RecommenderClient, encrypt_history
-from cipherfeed.client.verify import fetch_and_verify
 from cipherfeed.config import ClientConfig, GrpcLimits
 from cipherfeed.devredis import LocalRedis
 from cipherfeed.errors import Reason
@@ -39,13 +36,12 @@ from cipherfeed.grpcutil import error_info_of
 from cipherfeed.he.codec import ciphertext_sha256
 from cipherfeed.he.packing import plaintext_scores
 from cipherfeed.mesh import MeshOptions, ProcessMesh
-from cipherfeed.v1 import ledger_pb2_grpc, recommender_pb2
-from services.ledger.integrity import check_store, unique_leaves
+from cipherfeed.v1 import recommender_pb2
 from services.ledger.store import LedgerStore
 from services.recommender.artifact import ModelArtifact
 from services.recommender.server import serve as serve_recommender
 from tests.conftest import recommender_config
-from tests.test_fault import PER_PHASE, Device, Load, wait_until
+from tests.test_fault import PER_PHASE, Device, Load, check_log_holds_each_once, wait_receipts_delivered, wait_until
 
 SHARD_DEADLINE = 5.0  # the coordinator's per-shard deadline (CIPHERFEED_SHARD_DEADLINE_SECONDS)
 CLIENT_DEADLINE = 120.0  # the devices': a hang would end in DEADLINE_EXCEEDED, not UNAVAILABLE
@@ -201,35 +197,11 @@ def refused_by_the_missing_shard(call) -> None:
 def check_receipts(sm: ShardedMesh, load: Load) -> None:
     """Every acknowledged receipt verified to its anchor and in the log exactly once; the
     coordinator's spool drained with nothing quarantined; the ledger's store consistent."""
-    assert not load.wrong, load.wrong
-    assert not load.refused, load.refused
-    assert load.receipts
-    ledger = ledger_pb2_grpc.LedgerStub(sm.devices[0].client.ledger_channel())
-    chain = Web3Chain(sm.chain_url)
-    pending = {r.receipt_id: r for r in load.receipts}
-
-    def all_verified() -> bool:
-        for receipt_id, receipt in list(pending.items()):
-            try:
-                fetch_and_verify(receipt_id, ledger, sm.trust, chain, 10, receipt)
-            except Exception:  # not yet delivered, checkpointed or anchored
-                return False
-            del pending[receipt_id]
-        return True
-
-    wait_until(all_verified, 120, f"{len(pending)} acknowledged receipts in the log, signed and anchored")
     state = sm.mesh.options.state_dir
-    spool = sqlite3.connect(state / "recommender" / "receipt-spool.db")
-    try:
-        wait_until(lambda: spool.execute("SELECT COUNT(*) FROM spool").fetchone()[0] == 0, 60, "the spool drained")
-        assert spool.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0] == 0
-    finally:
-        spool.close()
+    wait_receipts_delivered(sm.devices[0].client, sm.trust, sm.chain_url, load, state)
     store = LedgerStore(f"sqlite:///{state / 'ledger' / 'ledger.db'}", serving=False)
     try:
-        counts = unique_leaves(store, [bytes.fromhex(r.receipt_id) for r in load.receipts])
-        assert set(counts.values()) == {1}, "an acknowledged receipt is not in the log exactly once"
-        report = check_store(store, sm.trust.verifiers, sm.trust.log_origin)
+        report = check_log_holds_each_once(store, sm.trust, load)
     finally:
         store.close()
     assert report.ok, report.problems
