@@ -161,6 +161,18 @@ def log_format() -> str:
     return _env_choice("CIPHERFEED_LOG_FORMAT", "text", ("text", "json"))
 
 
+def shutdown_deadline() -> float:
+    """``CIPHERFEED_SHUTDOWN_DEADLINE_SECONDS`` (default 25): how long a service may take to stop
+    after SIGTERM before it ends itself (``cipherfeed.shutdown``); keep it under the orchestrator's
+    grace period (Kubernetes: ``terminationGracePeriodSeconds``)."""
+    from cipherfeed.shutdown import DEFAULT_DEADLINE
+
+    value = _env_float("CIPHERFEED_SHUTDOWN_DEADLINE_SECONDS", DEFAULT_DEADLINE)
+    if not 0 < value <= 3600:  # also refuses nan and inf
+        raise ConfigError(f"CIPHERFEED_SHUTDOWN_DEADLINE_SECONDS={value}: expected seconds in (0, 3600]")
+    return value
+
+
 def _env_port(name: str) -> int | None:
     """A TCP port, or None when unset or empty (the feature it enables is off); 0: an ephemeral port."""
     raw = os.environ.get(name)

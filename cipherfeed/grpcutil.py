@@ -4,6 +4,8 @@ mutual-TLS channels with raised limits."""
 from __future__ import annotations
 
 import collections
+import contextlib
+import faulthandler
 import functools
 import logging
 import signal
@@ -23,9 +25,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from cipherfeed import errors, heap, logs, policy
+from cipherfeed import errors, heap, logs, policy, shutdown
 from cipherfeed import tls as mtls
-from cipherfeed.config import GrpcLimits, TlsConfig
+from cipherfeed.config import GrpcLimits, TlsConfig, shutdown_deadline
 from cipherfeed.healthport import HealthPort, health_listen
 
 log = logging.getLogger(__name__)
@@ -234,6 +236,9 @@ class RequestDecodingInterceptor(grpc.ServerInterceptor):
         return handler._replace(request_deserializer=None, **{kind: decoded})
 
 
+STOP_SETTLE_SECONDS = 5.0  # after the grace: cancelled calls finish, listeners close
+
+
 @dataclass
 class RunningServer:
     server: grpc.Server
@@ -243,9 +248,13 @@ class RunningServer:
     health_port: HealthPort | None = None  # plaintext grpc.health.v1 alone, for kubelet probes
 
     def stop(self, grace: float = 5.0) -> None:
+        """NOT_SERVING, then calls in flight get ``grace`` seconds before they are cancelled. The
+        wait has a deadline too: a handler that ignores its cancellation keeps its thread, not the
+        stop (the process's exit is bounded by ``cipherfeed.shutdown``)."""
         for name in (*self.service_names, ""):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.server.stop(grace).wait()
+        if not self.server.stop(grace).wait(grace + STOP_SETTLE_SECONDS):
+            log.warning("the server had not stopped %.0f s after its %.0f s grace", STOP_SETTLE_SECONDS, grace)
         if self.health_port is not None:  # last: probes see NOT_SERVING while the main port drains
             self.health_port.stop()
 
@@ -309,34 +318,36 @@ def start_server(
     )
 
 
-def wait_for_shutdown(running: RunningServer) -> None:
-    """Blocks until SIGINT or SIGTERM, then drains: NOT_SERVING first, then a graceful stop."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    log.info("shutting down")
-    running.stop()
-
-
 def run_service(name: str, start: Callable[[], tuple[RunningServer, Any]]) -> int:
-    """A service's ``main``: start it, say so on stdout once serving (tests and supervisors read
-    that line instead of polling), drain on SIGINT/SIGTERM, close its core. Configuration and
-    start-up errors exit with status 2 and a one-line message."""
+    """A service process's ``main``: start it, say so on stdout once serving (tests and supervisors
+    read that line instead of polling), then on SIGINT/SIGTERM drain within a deadline and close
+    its core (``cipherfeed.shutdown``: a second signal, or the deadline, ends the process at once).
+    Configuration and start-up errors exit with status 2 and a one-line message. A signal during
+    start-up ends the process at once (the default action): that is a crash, which every store
+    recovers from."""
     from cipherfeed.config import ConfigError
 
     heap.limit_arenas(1)  # multi-MB key material is handled on many threads (see cipherfeed.heap)
+    # `kill -USR1 <pid>` writes every thread's stack to the log (stderr): what a stuck service waits on.
+    with contextlib.suppress(ValueError, OSError):  # io.UnsupportedOperation: a stderr with no fd (pytest's)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         logs.configure(name)
+        deadline = shutdown_deadline()
         running, core = start()
     except (ConfigError, ValueError, OSError, RuntimeError) as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return 2
+    signals = shutdown.SignalWait()  # before the line below: a supervisor may signal right after it
     if running.health_port is not None:
         log.info("%s health (grpc.health.v1 alone, plaintext) on port %d", name, running.health_port.port)
     print(f"{name} listening on port {running.port}", flush=True)
-    wait_for_shutdown(running)
+    received = signals.wait()
+    signals.close()
+    shutdown.begin_bounded_stop(received, deadline)
+    running.stop()
     core.close()
+    log.info("%s stopped", name)
     return 0
 
 

@@ -52,4 +52,4 @@ class HealthPort:
         return cls(server=server, port=port)
 
     def stop(self, grace: float = 1.0) -> None:
-        self.server.stop(grace).wait()
+        self.server.stop(grace).wait(grace + 5.0)  # bounded: a stop never waits on a stuck probe

@@ -257,7 +257,9 @@ def behind_the_back(dsn: str, sql: str, params: tuple) -> None:
             db.execute(sql.replace("?", "%s"), params)
 
 
-def start_ledger_process(tmp_path: Path, port: int, dsn: str | None = None) -> subprocess.Popen:
+def start_ledger_process(
+    tmp_path: Path, port: int, dsn: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     return start_service(
         "services.ledger.server",
         {
@@ -269,6 +271,7 @@ def start_ledger_process(tmp_path: Path, port: int, dsn: str | None = None) -> s
             "CIPHERFEED_CHECKPOINT_EVERY": "1000000000",
             "CIPHERFEED_STATE_DIR": str(tmp_path),
             **mesh_pki().env("ledger"),
+            **(env or {}),
         },
     )
 
@@ -307,6 +310,64 @@ def test_crash_between_append_and_checkpoint_loses_nothing(tmp_path, ledger_dsn)
         # A bound, not a speed check: the graceful stop (5 s grace, then the core's final
         # checkpoint) took over 10 s at load averages of 20-30 on two cores.
         proc.wait(timeout=60)
+
+
+# Loaded by the ledger process (PYTHONPATH) as sitecustomize: the first time its main thread waits
+# on a threading.Event with no timeout while a Python SIGTERM handler is installed, a SIGTERM lands
+# while that thread holds the Event's lock, as a real one does when the kernel delivers it between
+# two of the thread's bytecodes inside Event.wait(). It happened under load: the ledger's handler
+# called Event.set(), which waits for that same lock, and the process never exited.
+SIGNAL_INSIDE_EVENT_WAIT = """
+import os, signal, threading
+_wait = threading.Event.wait
+_fired = []
+def wait(self, timeout=None):
+    handler = signal.getsignal(signal.SIGTERM)
+    if timeout is None and not _fired and threading.current_thread() is threading.main_thread() \\
+            and callable(handler):
+        _fired.append(True)
+        with self._cond:
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(100))  # bytecodes: the Python handler runs between them
+    return _wait(self, timeout)
+threading.Event.wait = wait
+"""
+
+
+def test_sigterm_at_the_worst_moment_of_the_wait_stops_the_ledger_and_keeps_what_it_acknowledged(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SIGNAL_INSIDE_EVENT_WAIT)
+    dsn = f"sqlite:///{tmp_path / 'ledger.db'}"
+    port = free_port()
+    proc = start_ledger_process(tmp_path, port, dsn, {"PYTHONPATH": str(site)})
+    receipts = [Receipt("ab" * 32, "cd" * 32, "ef" * 32, "01" * 32, 1, i) for i in range(50)]
+    try:
+        with mesh_pki().channel(port, "ledger", "recommender") as ch:
+            request = ledger_pb2.AppendBatchRequest(
+                entries=[
+                    ledger_pb2.AppendRequest(receipt=ledger_pb2.Receipt(**dataclasses.asdict(r))) for r in receipts
+                ]
+            )
+            acked = ledger_pb2_grpc.LedgerStub(ch).AppendBatch(request, timeout=30).appended
+        proc.terminate()
+        # A bound, not a speed check: the stop has a 25 s deadline; before, this process never exited.
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    proc = start_ledger_process(tmp_path, port, dsn)
+    try:
+        with mesh_pki().channel(port, "ledger", "recommender") as ch:
+            stub = ledger_pb2_grpc.LedgerStub(ch)
+            assert stub.GetCheckpoint(ledger_pb2.GetCheckpointRequest(), timeout=10).size == len(acked)
+            for r, a in zip(receipts, acked, strict=True):
+                bundle = stub.GetReceipt(ledger_pb2.GetReceiptRequest(receipt_id=r.receipt_id), timeout=10)
+                assert bundle.leaf_index == a.leaf_index
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
 
 
 def test_append_is_idempotent_within_a_batch_concurrently_and_across_a_restart(tmp_path, ledger_dsn):
