@@ -258,7 +258,7 @@ def behind_the_back(dsn: str, sql: str, params: tuple) -> None:
 
 
 def start_ledger_process(
-    tmp_path: Path, port: int, dsn: str | None = None, env: dict[str, str] | None = None
+    tmp_path: Path, port: int, dsn: str | None = None, env: dict[str, str] | None = None, log_path: Path | None = None
 ) -> subprocess.Popen:
     return start_service(
         "services.ledger.server",
@@ -273,6 +273,7 @@ def start_ledger_process(
             **mesh_pki().env("ledger"),
             **(env or {}),
         },
+        log_path=log_path,
     )
 
 
@@ -368,6 +369,47 @@ def test_sigterm_at_the_worst_moment_of_the_wait_stops_the_ledger_and_keeps_what
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0
+
+
+# sitecustomize for a ledger whose stop never finishes: the main thread's first Thread.join blocks
+# forever (core.close() joins the log's threads; nothing before the stop joins a thread there).
+JOIN_HANGS = """
+import threading
+_join = threading.Thread.join
+def join(self, timeout=None):
+    if threading.current_thread() is threading.main_thread():
+        threading.Event().wait()
+    return _join(self, timeout)
+threading.Thread.join = join
+"""
+
+
+def test_a_stop_that_hangs_ends_at_its_deadline_with_the_stacks_logged_or_at_a_second_signal(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(JOIN_HANGS)
+    log = tmp_path / "ledger.log"
+    env = {"PYTHONPATH": str(site), "CIPHERFEED_SHUTDOWN_DEADLINE_SECONDS": "3"}
+    proc = start_ledger_process(tmp_path, free_port(), env=env, log_path=log)
+    try:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 1  # the watchdog's exit, not a clean stop
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "stopping on SIGTERM" in text
+    assert "Thread 0x" in text and "in join" in text  # where it hung, for the operator
+    proc = start_ledger_process(tmp_path, free_port(), env={"PYTHONPATH": str(site)})  # default deadline: 25 s
+    try:
+        proc.terminate()
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1)  # stuck in its stop (this bounds nothing: the next line decides)
+        proc.send_signal(signal.SIGINT)  # an operator's second Ctrl-C
+        assert proc.wait(timeout=20) == -signal.SIGINT
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_append_is_idempotent_within_a_batch_concurrently_and_across_a_restart(tmp_path, ledger_dsn):
