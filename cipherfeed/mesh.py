@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from cipherfeed.config import REPO_ROOT, GrpcLimits, LedgerConfig, TlsConfig
 from cipherfeed.meshproc import READY_ANVIL, Child, ChildFailed
+from cipherfeed.shutdown import SIGNALS, SignalWait
 
 if TYPE_CHECKING:
     import grpc
@@ -392,13 +392,14 @@ class ProcessMesh:
         if child.ready is not READY_ANVIL:
             self.wait_healthy(name)
 
-    def supervise(self, stop: threading.Event, check_every: float = 1.0) -> None:
-        """Until ``stop`` is set: a child that exited is reported and started again on its port."""
+    def supervise(self, stop_requested: Callable[[float], bool], check_every: float = 1.0) -> None:
+        """Until ``stop_requested`` (which waits up to the seconds it is given) says so: a child that
+        exited is reported and started again on its port."""
         restarts: dict[str, int] = {}
-        while not stop.wait(check_every):
+        while not stop_requested(check_every):
             for name in self.order:
                 child = self.children[name]
-                if child.alive or stop.is_set():
+                if child.alive:
                     continue
                 restarts[name] = restarts.get(name, 0) + 1
                 code = child.proc.returncode if child.proc is not None else None
@@ -436,15 +437,18 @@ def mesh_up(
     options: MeshOptions, out: TextIO | None = None, on_ready: Callable[[ProcessMesh], None] | None = None
 ) -> int:
     """``cipherfeed mesh up``: returns 0 after a clean stop on SIGINT/SIGTERM, 1 if the mesh failed."""
-    stop = threading.Event()
+    # The signal reaches the supervising loop through a wakeup socket (``SignalWait``), never
+    # through a lock taken in the handler: an Event.set() there deadlocks when the signal lands
+    # while this thread is inside that Event's wait (see cipherfeed.shutdown).
+    signals = SignalWait()
     starting = True
 
     def on_signal(_signum: int, _frame: object) -> None:
-        stop.set()
         if starting:  # interrupt the start-up where it is; ``down`` stops what was started
             raise KeyboardInterrupt
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in SIGNALS:  # over SignalWait's own handler: the wakeup socket still gets the signal
+        signal.signal(sig, on_signal)
     mesh = ProcessMesh(options, out)
     status = 0
     try:
@@ -452,7 +456,7 @@ def mesh_up(
         starting = False
         if on_ready is not None:
             on_ready(mesh)
-        mesh.supervise(stop)
+        mesh.supervise(lambda seconds: signals.wait_for(seconds) is not None)
         mesh.say("== stopping the mesh")
     except MeshError as exc:
         mesh.say(f"cipherfeed mesh: {exc}")
@@ -462,8 +466,7 @@ def mesh_up(
     finally:
         starting = False
         mesh.down()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signals.close()
     return status
 
 

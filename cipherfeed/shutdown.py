@@ -48,8 +48,22 @@ class SignalWait:
 
     def wait(self) -> signal.Signals:
         """Blocks until SIGINT or SIGTERM (other signals' bytes, if any, are skipped)."""
+        received = self._receive(None)
+        assert received is not None  # no timeout: only a signal ends the wait
+        return received
+
+    def wait_for(self, seconds: float) -> signal.Signals | None:
+        """As ``wait``, for at most ``seconds``: None if no SIGINT or SIGTERM came by then."""
+        return self._receive(seconds)
+
+    def _receive(self, timeout: float | None) -> signal.Signals | None:
+        self._reader.settimeout(timeout)
         while True:
-            for number in self._reader.recv(64):
+            try:
+                received = self._reader.recv(64)
+            except TimeoutError:
+                return None
+            for number in received:
                 if number in SIGNALS:
                     return signal.Signals(number)
 
