@@ -277,16 +277,11 @@ class CoordinatorCore(RecommenderCore):
         """Puts the query's rotations (made with the client's keys) into ``request``; returns the
         key version used."""
         assert self.rotator is not None
-        version = checked[1]
-        for _ in range(3):  # the keys may be evicted between resolve and use: resolve again
-            tag, version = self.keys.resolve(common_pb2.KeyRef(key_id=ref.key_id, version=version), checked)
-            with self.installed.use(tag) as present:
-                if present:
-                    ct.SetKeyTag(tag)
-                    request.key.version = version
-                    request.query_rotations = self.rotator.rotation_words(ct, lifted).tobytes()
-                    return version
-        raise Unavailable("rotation keys were evicted repeatedly under load; retry", reason=Reason.RETRY)
+        with self.keys.holding(ref.key_id, checked) as (tag, version):
+            ct.SetKeyTag(tag)
+            request.key.version = version
+            request.query_rotations = self.rotator.rotation_words(ct, lifted).tobytes()
+        return version
 
     def _project(
         self,
@@ -311,18 +306,11 @@ class CoordinatorCore(RecommenderCore):
         shares_ms = 1e3 * (time.perf_counter() - t0)
         for i, answer in enumerate(answers):
             self._check_answer(i, answer.model_version, answer.first_block, self.shards.shards[i].blocks.blocks)
-        version = checked[1]
-        for _ in range(3):  # the keys may be evicted between resolve and use: resolve again
-            tag, version = self.keys.resolve(common_pb2.KeyRef(key_id=record.key_id, version=version), checked)
-            with self.installed.use(tag) as present:
-                if present:
-                    try:
-                        profile, timing = self.history.from_partials([a.partial_sums for a in answers], tag)
-                    except HistoryError as exc:
-                        raise ShardError(f"a shard's share is malformed ({exc}): retry") from None
-                    break
-        else:
-            raise Unavailable("rotation keys were evicted repeatedly under load; retry", reason=Reason.RETRY)
+        with self.keys.holding(record.key_id, checked) as (tag, version):
+            try:
+                profile, timing = self.history.from_partials([a.partial_sums for a in answers], tag)
+            except HistoryError as exc:
+                raise ShardError(f"a shard's share is malformed ({exc}): retry") from None
         log.info(
             "projected a %d-block history on %d shards for key %s v%d: shares %.1f ms, sums %.1f ms, rotations %.1f ms",
             len(blobs),

@@ -338,17 +338,10 @@ class RecommenderCore:
     ) -> tuple[HistoryRecord, openfhe.Ciphertext]:
         """E(u) for the serving model, with the client's keys installed (``blobs``: the
         validated ciphertexts ``loaded`` came from)."""
-        version = checked[1]
-        for _ in range(3):  # the keys may be evicted between resolve and use: resolve again
-            tag, version = self.keys.resolve(common_pb2.KeyRef(key_id=record.key_id, version=version), checked)
-            with self.installed.use(tag) as present:
-                if present:
-                    for ct in loaded:
-                        ct.SetKeyTag(tag)
-                    profile, timing = self.history.project(loaded)
-                    break
-        else:
-            raise Unavailable("rotation keys were evicted repeatedly under load; retry", reason=Reason.RETRY)
+        with self.keys.holding(record.key_id, checked) as (tag, version):
+            for ct in loaded:
+                ct.SetKeyTag(tag)
+            profile, timing = self.history.project(loaded)
         log.info(
             "projected a %d-block history for key %s v%d: inputs %.1f ms, products %.1f ms, rotations %.1f ms",
             len(loaded),
@@ -437,18 +430,13 @@ class RecommenderCore:
     ) -> tuple[list[bytes], OrderedDigest, ScoreTiming, int]:
         """This recommender's blocks scored, with the client's keys installed (``shipped``: the
         query's rotations as a coordinator made them)."""
-        version = checked[1]
-        for _ in range(3):  # the keys may be evicted between resolve and use: resolve again
-            tag, version = self.keys.resolve(common_pb2.KeyRef(key_id=ref.key_id, version=version), checked)
-            with self.installed.use(tag) as present:
-                if present:
-                    ct.SetKeyTag(tag)
-                    digest = OrderedDigest(self.scorer.block_count)  # hashed as the blocks come in
-                    blobs, timing = self.scorer.score(
-                        ct, finish=functools.partial(self._encode_scores, digest=digest), lifted=lifted, shipped=shipped
-                    )
-                    return blobs, digest, timing, version
-        raise Unavailable("rotation keys were evicted repeatedly under load; retry", reason=Reason.RETRY)
+        with self.keys.holding(ref.key_id, checked) as (tag, version):
+            ct.SetKeyTag(tag)
+            digest = OrderedDigest(self.scorer.block_count)  # hashed as the blocks come in
+            blobs, timing = self.scorer.score(
+                ct, finish=functools.partial(self._encode_scores, digest=digest), lifted=lifted, shipped=shipped
+            )
+        return blobs, digest, timing, version
 
     # -- a shard's blocks, for a coordinator (RecommenderShard) ---------------------------------
 
@@ -531,16 +519,11 @@ class RecommenderCore:
             self._check_query_size(blob)
         loaded = [self._load_history(self.blocks.first + i, blob) for i, blob in enumerate(ciphertexts)]
         started = time.perf_counter()
-        version = checked[1]
-        for _ in range(3):  # input rotations use the client's keys
-            tag, version = self.keys.resolve(common_pb2.KeyRef(key_id=ref.key_id, version=version), checked)
-            with self.installed.use(tag) as present:
-                if present:
-                    for ct in loaded:
-                        ct.SetKeyTag(tag)
-                    shares = self.history.partial_sums(loaded)
-                    return shares, 1e3 * (time.perf_counter() - started)
-        raise Unavailable("rotation keys were evicted repeatedly under load; retry", reason=Reason.RETRY)
+        with self.keys.holding(ref.key_id, checked) as (tag, _):  # input rotations use the client's keys
+            for ct in loaded:
+                ct.SetKeyTag(tag)
+            shares = self.history.partial_sums(loaded)
+        return shares, 1e3 * (time.perf_counter() - started)
 
     def _score_history(
         self, profile_ref: str, record: HistoryRecord, started: float, deadline: float | None = None

@@ -188,6 +188,20 @@ class KeyResolver:
             self.installed.remove_key(ref.key_id)
         return status, status.check_usable(ref.version)
 
+    @contextmanager
+    def holding(self, key_id: str, checked: tuple[KeyStatus, int], attempts: int = 3) -> Iterator[tuple[str, int]]:
+        """The client's rotation keys resolved, installed and held (the read lock) for the block:
+        yields their OpenFHE tag and version. They may be evicted between resolve and use, so they
+        are resolved again, up to ``attempts`` times, then UNAVAILABLE with reason RETRY."""
+        version = checked[1]
+        for _ in range(attempts):
+            tag, version = self.resolve(common_pb2.KeyRef(key_id=key_id, version=version), checked)
+            with self.installed.use(tag) as present:
+                if present:
+                    yield tag, version
+                    return
+        raise Unavailable("rotation keys were evicted repeatedly under load; retry", reason=Reason.RETRY)
+
     def resolve(self, ref: common_pb2.KeyRef, checked: tuple[KeyStatus, int] | None = None) -> tuple[str, int]:
         """The OpenFHE tag holding usable rotation keys for ``ref``, installing them if needed.
         ``checked`` is a (status, version) this request already obtained from ``usable_version``."""
